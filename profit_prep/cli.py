@@ -51,7 +51,13 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 def cmd_score(args: argparse.Namespace) -> int:
     from profit_prep.pipeline import ScoreConfig, format_summary, score
 
-    summary = score(config_from_args(ScoreConfig, args))
+    config = config_from_args(ScoreConfig, args)
+    if config.num_workers > 0 or config.ray_address:
+        from profit_prep.ray_pipeline import score_with_ray
+
+        summary = score_with_ray(config)
+    else:
+        summary = score(config)
     print(format_summary(summary))
     return 0
 
