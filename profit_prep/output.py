@@ -29,12 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
 from profit_prep.format import FORMAT_VERSION, SCHEMA
 
 MANIFEST = "manifest.json"
+# Per-row stat column -> the manifest count that sums it.
+_SUMMED = {
+    "n_tokens": "tokens",
+    "n_response": "response_tokens",
+    "n_kept": "kept_tokens",
+    "truncated": "truncated_rows",
+}
 REJECTED = "rejected.jsonl"
 
 
@@ -148,22 +156,18 @@ class OutputDir:
 
     def finalize(self, manifest: dict[str, Any], n_shards: int) -> dict[str, Any]:
         """Gather rejected rows, count, checksum, and write the manifest last."""
-        shards, counts = [], dict.fromkeys(
-            ("scored_rows", "tokens", "response_tokens", "kept_tokens", "truncated_rows"), 0
-        )
+        shards: list[dict[str, Any]] = []
+        counts = dict.fromkeys(["scored_rows", *_SUMMED.values()], 0)
         rejected_lines: list[str] = []
         for index in range(n_shards):
             name = shard_name(index)
             path = self.data / f"{name}.parquet"
-            stats = pq.read_table(path, columns=["n_tokens", "n_response", "n_kept", "truncated"])
+            stats = pq.read_table(path, columns=list(_SUMMED))
             counts["scored_rows"] += stats.num_rows
-            counts["tokens"] += int(pa.compute.sum(stats["n_tokens"]).as_py() or 0)
-            counts["response_tokens"] += int(pa.compute.sum(stats["n_response"]).as_py() or 0)
-            counts["kept_tokens"] += int(pa.compute.sum(stats["n_kept"]).as_py() or 0)
-            counts["truncated_rows"] += int(pa.compute.sum(stats["truncated"]).as_py() or 0)
-            shards.append(
-                {"file": f"data/{name}.parquet", "rows": stats.num_rows, "sha256": sha256_file(path)}
-            )
+            for column, key in _SUMMED.items():
+                counts[key] += int(pa.compute.sum(stats[column]).as_py() or 0)
+            file = f"data/{name}.parquet"
+            shards.append({"file": file, "rows": stats.num_rows, "sha256": sha256_file(path)})
             rejected_lines += (self.rejected / f"{name}.jsonl").read_text().splitlines(True)
         atomic_write_bytes(self.path / REJECTED, "".join(rejected_lines).encode())
         counts["rejected_rows"] = len(rejected_lines)
@@ -202,7 +206,9 @@ def verify(path: str | Path) -> list[str]:
             continue
         meta = pq.read_metadata(file)
         if meta.num_rows != shard["rows"]:
-            problems.append(f"{shard['file']}: {meta.num_rows} rows, manifest says {shard['rows']}")
+            problems.append(
+                f"{shard['file']}: {meta.num_rows} rows, manifest says {shard['rows']}"
+            )
         names = set(meta.schema.to_arrow_schema().names)
         missing = [f.name for f in SCHEMA if f.name not in names]
         if missing:

@@ -181,7 +181,9 @@ def open_source(
             try:
                 data = json.loads(p.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(f"{p}: not valid JSON ({exc}); use .jsonl for one row per line")
+                raise InputError(
+                    f"{p}: not valid JSON ({exc}); use .jsonl for one row per line"
+                ) from None
             if isinstance(data, dict):
                 lists = [k for k, v in data.items() if isinstance(v, list)]
                 if len(lists) != 1:

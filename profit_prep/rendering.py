@@ -32,10 +32,11 @@ from profit_prep.errors import InputError, RowError
 # For tokenizers with no chat template: a readable plain-text layout, trained on the answer + EOS.
 PLAIN_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
-    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}"
+    "{% if m['role'] == 'assistant' %}Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n"
+    "{% else %}{{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
+    # Ends on a newline, not a space: BPE would glue a space to the answer's first word.
+    "{% if add_generation_prompt %}Assistant:\n{% endif %}"
 )
 
 

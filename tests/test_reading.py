@@ -1,0 +1,147 @@
+"""Sources and formats: every input kind reads the same rows, every format maps to messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from profit_prep.errors import InputError, RowError
+from profit_prep.reading import FieldMap, detect_format, open_source, to_messages
+from tests.conftest import DEMO_GSM8K, GSM8K, need_shared, write_jsonl
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6"},
+]
+
+
+def test_jsonl_ranges_equal_whole_read(tmp_path: Path) -> None:
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(23)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    source = open_source(path)
+    assert len(source) == 23
+    pieces = [r for start in range(0, 23, 5) for r in source.read(start, start + 5)]
+    assert [r.data for r in pieces] == rows
+    assert [r.example_id for r in pieces] == [str(i) for i in range(23)]
+
+
+def test_jsonl_bad_lines_become_row_errors_not_crashes(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"a": 1}\n{broken\n\n[1, 2]\n{"a": "\xff\xfe"}\n{"a": 2}\n')
+    rows = open_source(path).read(0, 100)
+    assert len(rows) == 5  # the blank line is layout, not a row
+    assert [r.error is None for r in rows] == [True, False, False, False, True]
+    assert rows[1].error.startswith("malformed JSON")
+    assert "not an object" in rows[2].error
+    assert "UTF-8" in rows[3].error
+
+
+def test_id_field(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "x7", "v": 1}, {"v": 2}])
+    rows = open_source(path, id_field="id").read(0, 2)
+    assert rows[0].example_id == "x7" and rows[0].error is None
+    assert "id field 'id'" in rows[1].error
+
+
+def test_json_parquet_and_saved_dataset_read_the_same_rows(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [json.loads(line) for line in DEMO_GSM8K.read_text().splitlines()[:12]]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    for name in ("d.json", "d.parquet", "saved", "saved_dict"):
+        source = open_source(tmp_path / name)
+        assert [r.data for r in source.read(3, 9)] == rows[3:9], name
+
+
+def test_missing_input_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        open_source(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="unknown file type"):
+        open_source(tmp_path / "x.csv")
+
+
+def test_messages_format_keeps_system_and_tool_turns() -> None:
+    tool_chat = CHAT + [{"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]
+    assert to_messages({"messages": tool_chat}, "messages", FieldMap()) == tool_chat
+
+
+def test_sharegpt_roles_map_to_chat_roles() -> None:
+    row = {
+        "conversations": [
+            {"from": "system", "value": "s"},
+            {"from": "human", "value": "h"},
+            {"from": "function_call", "value": "call()"},
+            {"from": "observation", "value": "result"},
+            {"from": "gpt", "value": "g"},
+        ]
+    }
+    assert detect_format(row, FieldMap()) == "sharegpt"
+    roles = [m["role"] for m in to_messages(row, "sharegpt", FieldMap())]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+
+
+def test_alpaca_joins_instruction_and_input() -> None:
+    row = {"instruction": "Translate", "input": "bonjour", "output": "hello", "system": "S"}
+    assert detect_format(row, FieldMap()) == "alpaca"
+    assert to_messages(row, "alpaca", FieldMap()) == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Translate\n\nbonjour"},
+        {"role": "assistant", "content": "hello"},
+    ]
+
+
+def test_prompt_completion_strings_and_message_lists() -> None:
+    row = {"prompt": "p", "completion": "c"}
+    assert detect_format(row, FieldMap()) == "prompt_completion"
+    assert [m["content"] for m in to_messages(row, "prompt_completion", FieldMap())] == ["p", "c"]
+    row = {"prompt": CHAT[:4], "completion": CHAT[4:]}
+    assert to_messages(row, "prompt_completion", FieldMap()) == CHAT
+
+
+def test_mapped_fields_on_real_gsm8k() -> None:
+    path = need_shared(GSM8K)
+    fields = FieldMap(prompt_field="question", response_field="answer")
+    rows = open_source(path).read(0, 50)
+    for row in rows:
+        assert detect_format(row.data, fields) == "fields"
+        messages = to_messages(row.data, "fields", fields)
+        assert messages[0] == {"role": "user", "content": row.data["question"]}
+        assert messages[1] == {"role": "assistant", "content": row.data["answer"]}
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"messages": [{"role": "user", "content": "q"}]}, "ends on a user turn"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+         "empty assistant response"),
+        ({"messages": [{"role": "wizard", "content": "q"}]}, "unknown role 'wizard'"),
+        ({"messages": [{"role": "user", "content": None}]}, "content must be a string, got null"),
+        ({"messages": [{"role": "user", "content": ["a"]}]}, "content must be a string, got list"),
+        ({"messages": "hello"}, "must be a list"),
+        ({"messages": []}, "empty conversation"),
+    ],
+)
+def test_unusable_rows_raise_row_error_with_reason(row: dict, reason: str) -> None:
+    with pytest.raises(RowError, match=reason):
+        to_messages(row, "messages", FieldMap())
+
+
+def test_missing_field_is_a_row_error() -> None:
+    with pytest.raises(RowError, match="missing field 'output'"):
+        to_messages({"instruction": "x"}, "alpaca", FieldMap())
+
+
+def test_undetectable_format_names_the_columns() -> None:
+    with pytest.raises(InputError, match=r"\['x', 'y'\]"):
+        detect_format({"x": 1, "y": 2}, FieldMap())

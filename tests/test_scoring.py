@@ -1,0 +1,59 @@
+"""The transformers scorer against an independent oracle: one plain forward + log_softmax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from profit_prep.scoring import TransformersScorer, length_batches
+
+
+def oracle_logprobs(model_dir: Path, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    """What a user would write: full logits, log_softmax, gather the next token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for seq in sequences:
+            ids = torch.tensor(seq, dtype=torch.long)[None]
+            logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            gold = logp[:-1].gather(1, ids[0, 1:, None])[:, 0].numpy()
+            out.append(np.concatenate([[np.nan], gold]).astype(np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sequences() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 49152, size=n).astype(np.int32) for n in (5, 64, 17, 130, 2, 33)]
+
+
+def test_matches_oracle_per_row_and_batched(tiny_model_dir: Path, sequences) -> None:
+    expected = oracle_logprobs(tiny_model_dir, sequences)
+    for budget in (1, 512, 100_000):  # one row per call, small batches, everything at once
+        scorer = TransformersScorer(tiny_model_dir, max_batch_tokens=budget)
+        got = scorer.score(sequences)
+        for g, e in zip(got, expected):
+            assert g.dtype == np.float32 and len(g) == len(e)
+            assert np.isnan(g[0])
+            np.testing.assert_allclose(g[1:], e[1:], atol=1e-5, rtol=0)
+
+
+def test_chunked_lm_head_equals_unchunked(tiny_model_dir: Path, sequences) -> None:
+    whole = TransformersScorer(tiny_model_dir).score(sequences)
+    chunked = TransformersScorer(tiny_model_dir, logits_budget_mb=1)  # 16-position chunks
+    assert chunked.chunk < 130
+    for a, b in zip(whole, chunked.score(sequences)):
+        np.testing.assert_allclose(a[1:], b[1:], atol=1e-6, rtol=0)
+
+
+def test_length_batches_cover_every_row_within_budget() -> None:
+    lengths = [5, 300, 17, 17, 200, 1, 64, 64, 64]
+    batches = length_batches(lengths, 400)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 400
