@@ -110,6 +110,7 @@ class OutputDir:
         run_file = self.path / "run.json"
         if run_file.exists() and not overwrite:
             previous = json.loads(run_file.read_text())
+            self._remove_temporaries()
             if previous != params:
                 changed = sorted(
                     k for k in set(previous) | set(params) if previous.get(k) != params.get(k)
@@ -131,6 +132,14 @@ class OutputDir:
         self.data.mkdir(parents=True, exist_ok=True)
         self.rejected.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_file, params)
+
+    def _remove_temporaries(self) -> None:
+        """Drop half-written files a killed run left behind (never visible as shards)."""
+        for folder in (self.data, self.rejected, self.path):
+            for tmp in folder.glob(".part-*") if folder.exists() else []:
+                tmp.unlink(missing_ok=True)
+            for tmp in folder.glob(".*.json*.*") if folder.exists() else []:
+                tmp.unlink(missing_ok=True)
 
     # -- shards -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,12 @@ class Renderer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template or resolve_template(tokenizer, None)[0]
         self.max_length = max_length
+        specials = sorted(
+            {t.content for t in tokenizer.added_tokens_decoder.values() if t.content},
+            key=len,
+            reverse=True,
+        )
+        self.special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def _text(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
         try:
@@ -146,9 +153,13 @@ class Renderer:
 
     def render(self, messages: list[dict[str, Any]]) -> Rendered:
         full, spans = self.response_spans(messages)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int32)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        protected = self._content_with_special_text(messages, full)
+        if protected:
+            ids, offsets = self._tokenize_protected(full, protected)
+        else:  # the common case: exactly the trainer's own tokenization of the rendered text
+            enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+            ids = np.asarray(enc["input_ids"], dtype=np.int32)
+            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
         mask = np.zeros(len(ids), dtype=bool)
         for s, e in spans:
@@ -167,3 +178,62 @@ class Renderer:
                 )
             raise RowError("no response tokens after rendering")
         return Rendered(ids, mask, truncated, n_original)
+
+    # Text such as "<|im_start|>" inside a message is data, not markup: tokenized as a special
+    # token it would let a row forge turns and shift the response spans.
+
+    def _content_with_special_text(
+        self, messages: list[dict[str, Any]], full: str
+    ) -> list[tuple[int, int]]:
+        """Character ranges of message contents that contain special-token strings."""
+        if self.special_pattern is None:
+            return []
+        ranges, cursor = [], 0
+        for i, m in enumerate(messages):
+            content = m["content"]
+            pos = full.find(content, cursor) if content else -1
+            if pos < 0 and content.strip():
+                content = content.strip()  # templates that trim (Llama 3) render it stripped
+                pos = full.find(content, cursor)
+            if pos >= 0:
+                cursor = pos + len(content)
+            if not self.special_pattern.search(m["content"]):
+                continue
+            if pos < 0:
+                raise RowError(
+                    f"message {i} contains special-token text that the chat template altered, "
+                    "so it cannot be kept as plain text"
+                )
+            ranges.append((pos, pos + len(content)))
+        return ranges
+
+    def _tokenize_protected(
+        self, full: str, protected: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize like the tokenizer does (special tokens first, then the text between them),
+        except that special-token strings inside ``protected`` ranges stay text."""
+        assert self.special_pattern is not None
+
+        def inside(s: int, e: int) -> bool:
+            return any(a <= s and e <= b for a, b in protected)
+
+        cuts = [m for m in self.special_pattern.finditer(full) if not inside(*m.span())]
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        cursor = 0
+        for match in [*cuts, None]:
+            stop = match.start() if match else len(full)
+            if stop > cursor:
+                enc = self.tokenizer(
+                    full[cursor:stop],
+                    add_special_tokens=False,
+                    split_special_tokens=True,
+                    return_offsets_mapping=True,
+                )
+                ids += enc["input_ids"]
+                offsets += [(a + cursor, b + cursor) for a, b in enc["offset_mapping"]]
+            if match:
+                ids.append(self.tokenizer.convert_tokens_to_ids(match.group()))
+                offsets.append(match.span())
+                cursor = match.end()
+        return np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)

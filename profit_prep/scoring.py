@@ -130,9 +130,39 @@ class TransformersScorer:
         lengths = [len(s) for s in sequences]
         with torch.inference_mode():
             for batch in length_batches(lengths, self.max_batch_tokens):
-                for i, lp in zip(batch, self._score_batch([sequences[i] for i in batch])):
+                for i, lp in zip(batch, self._score_or_split([sequences[i] for i in batch])):
                     out[i] = lp
         return out
+
+    def _score_or_split(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        """Score a batch; out of memory, split it in half (then shrink LM-head chunks) and retry.
+
+        A run must not die on one oversized batch: it loses hours of GPU work otherwise.
+        """
+        try:
+            return self._score_batch(sequences)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.release_memory()
+            if len(sequences) > 1:
+                half = len(sequences) // 2
+                return self._score_or_split(sequences[:half]) + self._score_or_split(
+                    sequences[half:]
+                )
+            if self.chunk > 16:
+                self.chunk //= 2  # stays smaller: the next long row would fail the same way
+                return self._score_or_split(sequences)
+            raise InputError(
+                f"out of memory scoring one row of {len(sequences[0])} tokens on {self.device}; "
+                "lower --max-length or use a larger device"
+            ) from exc
+
+    def release_memory(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _score_batch(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -163,6 +193,18 @@ class TransformersScorer:
             result.append(np.concatenate([[np.nan], flat[offset : offset + n]]).astype(np.float32))
             offset += n
         return result
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, or a CPU allocation failure (which torch reports as a RuntimeError)."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
 
 
 def default_num_threads() -> int:

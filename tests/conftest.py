@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
 ALPACA = SHARED_DATA / "alpaca_en_demo.json"
 DEMO_GSM8K = REPO / "profit_prep" / "data" / "gsm8k_demo.jsonl"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# Filled by tests/test_reliability.py, printed at the end of the run.
+RELIABILITY: Counter[str] = Counter()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if RELIABILITY:
+        terminalreporter.write_sep("=", "reliability")
+        for name, count in sorted(RELIABILITY.items()):
+            terminalreporter.write_line(f"{name}: {count}")
 
 
 def need_shared(path: Path) -> Path:

@@ -119,6 +119,12 @@ TEXT = st.text(
     min_size=1,
     max_size=40,
 ).map(str.strip).filter(bool)
+# ... sometimes with special-token strings inside, which must stay text (issue: forged turns).
+TEXT = st.lists(
+    st.one_of(TEXT, st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])),
+    min_size=1,
+    max_size=4,
+).map("".join)
 
 
 @st.composite
@@ -136,7 +142,7 @@ def conversations(draw: st.DrawFn) -> list[dict[str, str]]:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(conversation=conversations())
 def test_property_masked_tokens_decode_to_assistant_texts(
