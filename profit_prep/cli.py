@@ -86,6 +86,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     summary = score(config)
     print(format_summary(summary))
+    from profit_prep.report import write_report
+
+    print(f"report      {write_report(args.out)}")
     return 0
 
 
@@ -106,6 +109,74 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     manifest.get("chat_template", {}).pop("text", None)
     print(json.dumps(manifest, indent=2))
     return 0
+
+
+def _rule_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"strategy": args.strategy, "tau": args.tau, "tau_low": args.tau_low,
+            "tau_high": args.tau_high}
+
+
+def _use_color(choice: str) -> bool:
+    import os
+
+    if choice != "auto":
+        return choice == "always"
+    plain = os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb"
+    return sys.stdout.isatty() and not plain
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from profit_prep.inspection import load_flat, load_output_tokenizer, render_examples
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
+    flat = load_flat(args.out, **_rule_args(args))
+    tokenizer = load_output_tokenizer(args.out, args.tokenizer)
+    try:
+        for block in render_examples(flat, tokenizer, row=args.row, grep=args.grep,
+                                     limit=args.limit, color=_use_color(args.color)):
+            print(block)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `profit-prep inspect OUT | head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from profit_prep.inspection import compute_stats, format_stats, load_flat, load_output_tokenizer
+
+    flat = load_flat(args.out, **_rule_args(args))
+    stats = compute_stats(flat, load_output_tokenizer(args.out, args.tokenizer))
+    print(json.dumps(stats, indent=2, ensure_ascii=False) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from profit_prep.report import write_report
+
+    if args.examples < 1 or args.per_page < 1:
+        raise InputError("--examples and --per-page must be at least 1")
+    path = write_report(args.out, args.html, examples=args.examples, seed=args.seed,
+                        per_page=args.per_page, tokenizer_path=args.tokenizer,
+                        **_rule_args(args))
+    print(f"report      {path}")
+    return 0
+
+
+def _add_view_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by inspect, stats and report: the output, a tokenizer, a new mask rule."""
+    from profit_prep.masks import STRATEGIES
+
+    p.add_argument("out", help="a finished profit-prep output directory")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer folder to decode tokens (default: the manifest's)")
+    g = p.add_argument_group("re-threshold (default: the stored loss_mask)")
+    g.add_argument("--strategy", choices=STRATEGIES, help="mask rule to apply instead")
+    g.add_argument("--tau", type=float, help="threshold for higher/lower")
+    g.add_argument("--tau-low", type=float, help="lower threshold for middle")
+    g.add_argument("--tau-high", type=float, help="upper threshold for middle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("manifest", help="print an output's manifest")
     p.add_argument("out")
     commands["manifest"] = cmd_manifest
+
+    p = sub.add_parser("inspect", help="print examples with masked tokens marked")
+    _add_view_arguments(p)
+    p.add_argument("--row", metavar="ID", help="show the example with this example_id")
+    p.add_argument("--limit", type=int, default=5, help="examples to show (default: 5)")
+    p.add_argument("--grep", metavar="TEXT", help="only examples whose text contains TEXT")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="ANSI colours (default: auto, when stdout is a terminal)")
+    commands["inspect"] = cmd_inspect
+
+    p = sub.add_parser("stats", help="token counts, threshold sweep, histograms, top tokens")
+    _add_view_arguments(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    commands["stats"] = cmd_stats
+
+    p = sub.add_parser("report", help="write a self-contained HTML report with plots")
+    _add_view_arguments(p)
+    p.add_argument("--html", metavar="FILE", help="report file (default: OUT/report.html)")
+    p.add_argument("--examples", type=int, default=200,
+                   help="examples to include, a seeded random sample (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--per-page", type=int, default=20, help="examples per page (default: 20)")
+    commands["report"] = cmd_report
 
     parser.set_defaults(_commands=commands)
     return parser

@@ -1,0 +1,387 @@
+"""A self-contained HTML report of an output: statistics, plots and browsable masked examples.
+
+One file, nothing fetched at view time: plots are inline SVG (matplotlib, Agg backend), CSS and
+JavaScript are inline. Examples are a seeded random sample (``examples``, default 200) so the file
+stays small for large outputs; the page shows them ``per_page`` (default 20) at a time.
+
+Example:
+    >>> write_report("demo-out", "demo-out/report.html")  # doctest: +SKIP
+    PosixPath('demo-out/report.html')
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from profit_prep.inspection import (
+    Flat,
+    compute_stats,
+    describe_rule,
+    example_stats,
+    load_flat,
+    load_output_tokenizer,
+    token_strings,
+)
+from profit_prep.output import atomic_write_bytes
+
+PROB_BUCKETS = 10  # kept-token colour classes p0 .. p9
+
+CSS = """
+:root { --fg:#1d2330; --muted:#6b7280; --line:#e5e7eb; --bad:#b91c1c; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg);
+       margin: 0 auto; max-width: 1200px; padding: 20px 28px 60px; background: #fafafa; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; }
+.meta { color: var(--muted); margin: 0 0 16px; } code { font-size: 12.5px; }
+.cards { display: flex; flex-wrap: wrap; gap: 10px; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; }
+.card b { display: block; font-size: 19px; } .card span { color: var(--muted); font-size: 12px; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(340px, 1fr)); gap: 12px; }
+figure.plot { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 8px;
+              padding: 6px; } figure.plot svg { width: 100%; height: auto; display: block; }
+figure.plot figcaption { color: var(--muted); font-size: 12px; padding: 2px 6px; }
+.tables { display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: 12px; }
+table { border-collapse: collapse; background: #fff; width: 100%; font-size: 13px; }
+th, td { border-bottom: 1px solid var(--line); padding: 3px 8px; text-align: left; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.controls { position: sticky; top: 0; background: #fafafa; padding: 8px 0; z-index: 2;
+            display: flex; gap: 10px; align-items: center; flex-wrap: wrap;
+            border-bottom: 1px solid var(--line); }
+.controls button { padding: 3px 10px; } .controls input[type=search] { width: 220px; }
+.example { background: #fff; border: 1px solid var(--line); border-radius: 8px; margin: 12px 0;
+           padding: 8px 12px; }
+.example h3 { font-size: 13px; margin: 0 0 6px; font-weight: 600; }
+.example h3 .st { color: var(--muted); font-weight: 400; }
+.text { white-space: pre-wrap; word-break: break-word; margin: 0;
+        font: 13px/1.6 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.prompt { color: #9ca3af; } body.hide-prompt .prompt { display: none; }
+.tok { border-radius: 2px; box-shadow: inset -1px 0 0 rgba(0, 0, 0, .10); } /* token edges */
+.tok:hover { outline: 1px solid #111; }
+.p0 { background: #fecaca; } .p1 { background: #fed7aa; } .p2 { background: #fde68a; }
+.p3 { background: #fef08a; } .p4 { background: #fef9c3; } .p5 { background: #ecfccb; }
+.p6 { background: #d9f99d; } .p7 { background: #bbf7d0; } .p8 { background: #a7f3d0; }
+.p9 { background: #d1fae5; }
+.tok.masked { background: var(--bad); color: #fff; text-decoration: line-through;
+              text-decoration-thickness: 1px; }
+.legend span { padding: 0 5px; margin-right: 2px; }
+.note { color: var(--muted); font-size: 12.5px; }
+"""
+
+JS = """
+(function () {
+  var perPage = PER_PAGE, page = 0;
+  var all = Array.prototype.slice.call(document.querySelectorAll('.example'));
+  var shown = all;
+  var q = document.getElementById('filter'), info = document.getElementById('pageinfo');
+  function render() {
+    var pages = Math.max(1, Math.ceil(shown.length / perPage));
+    page = Math.min(Math.max(page, 0), pages - 1);
+    all.forEach(function (el) { el.hidden = true; });
+    shown.slice(page * perPage, (page + 1) * perPage).forEach(function (el) { el.hidden = false; });
+    info.textContent = 'page ' + (page + 1) + ' of ' + pages + ' (' + shown.length +
+      ' example' + (shown.length === 1 ? '' : 's') + ')';
+    document.body.dataset.page = String(page + 1);
+  }
+  document.getElementById('prev').onclick = function () { page--; render(); };
+  document.getElementById('next').onclick = function () { page++; render(); };
+  q.oninput = function () {
+    var needle = q.value.toLowerCase();
+    shown = all.filter(function (el) {
+      return !needle || el.textContent.toLowerCase().indexOf(needle) >= 0;
+    });
+    page = 0; render();
+  };
+  document.getElementById('onlymasked').onchange = function (e) {
+    document.body.classList.toggle('hide-prompt', e.target.checked);
+  };
+  render();
+  document.body.dataset.ready = '1';
+})();
+"""
+
+# Runs first: any later script error or console.error lands in a DOM attribute, so a headless
+# browser's --dump-dom (and a person with devtools closed) can see it.
+ERROR_HOOK = """
+window.__errors = [];
+function __record(msg) {
+  window.__errors.push(String(msg));
+  document.documentElement.setAttribute('data-js-errors', window.__errors.join(' | '));
+}
+window.onerror = function (msg, src, line) { __record(msg + ' @' + line); };
+var __consoleError = console.error;
+console.error = function () { __record(Array.prototype.join.call(arguments, ' '));
+                              __consoleError.apply(console, arguments); };
+"""
+
+
+def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` distinct example indices out of ``n`` (all when ``n <= k``), seeded, in order.
+
+    >>> sample_indices(5, 10, 0).tolist()
+    [0, 1, 2, 3, 4]
+    >>> len(sample_indices(1000, 3, 0))
+    3
+    """
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def _svg(fig: Any) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML
+
+
+def make_plots(stats: dict[str, Any]) -> dict[str, str]:
+    """Three inline SVG plots: probability histogram, sweep curve, per-example distribution."""
+    # Figure objects, not pyplot: no global backend or figure state (safe in notebooks/threads).
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    # Text as text (smaller SVG); a fixed hash salt keeps ids stable between runs.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "profit-prep",
+                                "font.size": 9, "axes.spines.top": False,
+                                "axes.spines.right": False}):
+        plots = {}
+        hist = stats["probability_histogram"]
+        edges = np.array(hist["edges"])
+        fig = Figure(figsize=(5.2, 3.0))
+        ax = fig.subplots()
+        tau = stats["rule"].get("tau") if stats["rule"]["strategy"] in ("higher", "lower") else None
+        colours = ["#b91c1c" if tau is not None and hi <= tau + 1e-12 else "#2563eb"
+                   for hi in edges[1:]]
+        ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color=colours,
+               edgecolor="white", linewidth=0.5)
+        if tau is not None:
+            ax.axvline(tau, color="#111", linestyle="--", linewidth=1)
+            ax.text(tau, ax.get_ylim()[1] * 0.95, f" tau={tau:g}", va="top", fontsize=8)
+        ax.set_xlabel("p(token) under the reference model")
+        ax.set_ylabel("response tokens")
+        ax.set_xlim(0, 1)
+        plots["probability_histogram"] = _svg(fig)
+
+        points = stats["threshold_sweep"]["points"]
+        fig = Figure(figsize=(5.2, 3.0))
+        ax = fig.subplots()
+        taus = [pt["tau"] for pt in points]
+        ax.plot(taus, [100 * pt["masked_fraction"] for pt in points], marker="o", color="#b91c1c")
+        for pt in points:
+            ax.annotate(f"{pt['masked_fraction']:.0%}", (pt["tau"], 100 * pt["masked_fraction"]),
+                        textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+        if tau is not None:
+            ax.axvline(tau, color="#111", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xticks(taus, [f"{t:g}" for t in taus], rotation=45)
+        ax.minorticks_off()
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("tau (keep p >= tau)")
+        ax.set_ylabel("masked response tokens (%)")
+        plots["sweep"] = _svg(fig)
+
+        per = stats["per_example_masked_fraction"]["histogram"]
+        edges = 100 * np.array(per["edges"])
+        fig = Figure(figsize=(5.2, 3.0))
+        ax = fig.subplots()
+        ax.bar(edges[:-1], per["counts"], width=np.diff(edges), align="edge", color="#7c3aed",
+               edgecolor="white", linewidth=0.5)
+        ax.set_xlabel("masked share of an example's response tokens (%)")
+        ax.set_ylabel("examples")
+        ax.set_xlim(0, 100)
+        plots["per_example"] = _svg(fig)
+    return plots
+
+
+# -- examples --------------------------------------------------------------------------------
+
+
+def _prob_title(p: float, masked: bool, top1: str | None) -> str:
+    text = f"p={p:.4f}" if np.isfinite(p) else "p=n/a"
+    if masked:
+        text += " · masked"
+        if top1 is not None:
+            text += f" · top-1: {top1!r}"
+    return text
+
+
+def example_html(flat: Flat, i: int, tokenizer: Any) -> str:
+    """One example: prompt runs greyed, response tokens coloured by p, masked ones marked."""
+    s = flat.row(i)
+    pieces = token_strings(tokenizer, flat.input_ids[s])
+    # Slice before computing: the whole-output properties would cost O(all tokens) per example.
+    probs = np.exp(flat.logprobs[s].astype(np.float64))
+    resp = flat.response[s]
+    masked = resp & ~flat.keep[s]
+    top1 = token_strings(tokenizer, flat.top1[s][masked]) if flat.top1 is not None else None
+    buckets = np.clip((np.nan_to_num(probs, nan=0.0) * PROB_BUCKETS).astype(int), 0,
+                      PROB_BUCKETS - 1)
+    parts: list[str] = []
+    prompt_run: list[str] = []
+    k = 0
+    for j, text in enumerate(pieces):
+        if not resp[j]:
+            prompt_run.append(text)  # prompt tokens: one span per run keeps the file small
+            continue
+        if prompt_run:
+            parts.append(f'<span class="prompt">{html.escape("".join(prompt_run))}</span>')
+            prompt_run = []
+        if masked[j]:
+            alt = top1[k] if top1 is not None else None
+            k += 1
+            shown = html.escape(text.replace("\n", "↵\n") or "∅")
+            title = html.escape(_prob_title(float(probs[j]), True, alt), quote=True)
+            parts.append(f'<span class="tok masked" title="{title}">{shown}</span>')
+        else:
+            title = _prob_title(float(probs[j]), False, None)
+            parts.append(f'<span class="tok p{buckets[j]}" title="{title}">'
+                         f"{html.escape(text)}</span>")
+    if prompt_run:
+        parts.append(f'<span class="prompt">{html.escape("".join(prompt_run))}</span>')
+    st = example_stats(flat, i)
+    trunc = " · truncated" if flat.truncated[i] else ""
+    eid = html.escape(flat.example_ids[i], quote=True)
+    return (
+        f'<section class="example" id="ex-{eid}" data-masked="{st["masked_fraction"]:.4f}">'
+        f"<h3>example {html.escape(flat.example_ids[i])} <span class=\"st\">· source row "
+        f"{int(flat.source_index[i])} · {st['tokens']} tokens · {st['response']} response · "
+        f"{st['kept']} kept · {st['masked_fraction']:.1%} masked{trunc}</span></h3>"
+        f'<pre class="text">{"".join(parts)}</pre></section>'
+    )
+
+
+# -- page ------------------------------------------------------------------------------------
+
+
+def _table(head: list[str], rows: list[list[Any]], numeric: set[int]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="n">{html.escape(str(v))}</td>' if c in numeric
+                         else f"<td>{html.escape(str(v))}</td>" for c, v in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def build_html(
+    flat: Flat,
+    tokenizer: Any,
+    *,
+    out: str | Path = "",
+    examples: int = 200,
+    seed: int = 0,
+    per_page: int = 20,
+) -> str:
+    """The report page as one HTML string."""
+    stats = compute_stats(flat, tokenizer)
+    plots = make_plots(stats)
+    picked = sample_indices(flat.n_examples, examples, seed)
+    manifest = flat.manifest
+    model = manifest.get("model", {}).get("name", "?")
+    rule = f"{describe_rule(flat.rule)} ({stats['rule_source']})"
+    cards = [
+        (stats["examples"], "examples"), (stats["tokens"], "tokens"),
+        (stats["response_tokens"], "response tokens"), (stats["kept_tokens"], "kept"),
+        (f"{stats['masked_fraction']:.1%}", "masked (of response)"),
+    ]
+    per = stats["per_example_masked_fraction"]
+    quantiles = [[k, "n/a" if v is None else f"{v:.1%}"] for k, v in per["quantiles"].items()]
+
+    def top_rows(key: str) -> list[list[Any]]:
+        return [[repr(t["token"]), t["token_id"], t["count"]] for t in stats[key]]
+
+    sample_note = (
+        f"all {flat.n_examples} examples" if len(picked) == flat.n_examples else
+        f"{len(picked)} of {flat.n_examples} examples, a seeded random sample (seed {seed}), "
+        "in source order"
+    )
+    legend = "".join(f'<span class="tok p{b}">p&lt;{(b + 1) / PROB_BUCKETS:.1f}</span>'
+                     for b in range(PROB_BUCKETS))
+    body = f"""
+<h1>profit-prep report</h1>
+<p class="meta">output <code>{html.escape(str(out))}</code>
+ · model <code>{html.escape(model)}</code> · mask <code>{html.escape(rule)}</code></p>
+<div class="cards">{"".join(f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(k)}'
+                            '</span></div>' for v, k in cards)}</div>
+<h2>Plots</h2>
+<div class="plots">
+<figure class="plot" id="plot-probability">{plots["probability_histogram"]}
+<figcaption>Probability of response tokens (20 bins); red bars fall below tau.</figcaption></figure>
+<figure class="plot" id="plot-sweep">{plots["sweep"]}
+<figcaption>Masked share of response tokens if the mask were <code>higher</code> at each tau.
+</figcaption></figure>
+<figure class="plot" id="plot-per-example">{plots["per_example"]}
+<figcaption>Per-example masked share ({per["examples_with_response"]} examples with a response).
+</figcaption></figure>
+</div>
+<h2>Numbers</h2>
+<div class="tables">
+<div><h3>Threshold sweep (<code>higher</code>)</h3>{_table(
+    ["tau", "masked tokens", "masked %"],
+    [[f"{p['tau']:g}", p["masked_tokens"], f"{p['masked_fraction']:.1%}"]
+     for p in stats["threshold_sweep"]["points"]], {1, 2})}</div>
+<div><h3>Per-example masked share</h3>{_table(["quantile", "masked %"], quantiles, {1})}
+<p class="note">mean {"n/a" if per["mean"] is None else f"{per['mean']:.1%}"}</p></div>
+<div><h3>Most often masked</h3>{_table(["token", "id", "count"], top_rows("top_masked"), {1, 2})}
+</div>
+<div><h3>Most often kept</h3>{_table(["token", "id", "count"], top_rows("top_kept"), {1, 2})}</div>
+</div>
+<h2 id="examples">Examples</h2>
+<p class="note">Showing {html.escape(sample_note)}; {per_page} per page. Prompt tokens are grey,
+response tokens are coloured by probability, <span class="tok masked">masked</span> tokens are
+struck through in red; hover a token for its probability.</p>
+<p class="legend note">{legend}</p>
+<div class="controls">
+<button id="prev" type="button">&larr; prev</button><span id="pageinfo"></span>
+<button id="next" type="button">next &rarr;</button>
+<input id="filter" type="search" placeholder="filter examples by text">
+<label><input id="onlymasked" type="checkbox"> hide prompts</label>
+</div>
+<div id="example-list">{"".join(example_html(flat, int(i), tokenizer) for i in picked)}</div>
+"""
+    summary = {k: stats[k] for k in ("examples", "tokens", "response_tokens", "kept_tokens",
+                                     "masked_fraction")}
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>profit-prep report · {html.escape(str(out))}</title>"
+        f"<script>{ERROR_HOOK}</script><style>{CSS}</style></head>\n"
+        f"<body data-examples=\"{len(picked)}\" data-per-page=\"{per_page}\">{body}"
+        f"<script type=\"application/json\" id=\"stats\">"
+        f"{json.dumps(summary).replace('<', chr(92) + 'u003c')}</script>"
+        f"<script>{JS.replace('PER_PAGE', str(int(per_page)))}</script></body></html>\n"
+    )
+
+
+def write_report(
+    out: str | Path,
+    html_path: str | Path | None = None,
+    *,
+    examples: int = 200,
+    seed: int = 0,
+    per_page: int = 20,
+    tokenizer: Any | None = None,
+    tokenizer_path: str | Path | None = None,
+    strategy: str | None = None,
+    tau: float | None = None,
+    tau_low: float | None = None,
+    tau_high: float | None = None,
+) -> Path:
+    """Write the HTML report of output ``out`` (default ``OUT/report.html``) and return its path."""
+    flat = load_flat(out, strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high)
+    if tokenizer is None:
+        tokenizer = load_output_tokenizer(out, tokenizer_path)
+    target = Path(html_path) if html_path else Path(out) / "report.html"
+    page = build_html(flat, tokenizer, out=out, examples=examples, seed=seed, per_page=per_page)
+    atomic_write_bytes(target, page.encode())
+    target.chmod(0o644)  # the temporary file is private; a report is meant to be shared
+    return target

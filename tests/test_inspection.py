@@ -1,0 +1,261 @@
+"""`profit-prep stats` and `inspect` on a real scored output, checked against the Parquet itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from profit_prep.cli import main
+
+SWEEP = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+HEADER = re.compile(r"^─── example (\S+) \(source row \d+\) · (\d+) tokens · (\d+) response · "
+                    r"(\d+) kept · ([\d.]+)% masked", re.M)
+
+
+def read_rows(out: Path) -> pd.DataFrame:
+    """Every row of the output, in shard order, read by pandas (not by the code under test)."""
+    files = sorted((out / "data").glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def row_arrays(row: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ids = np.asarray(row["input_ids"], dtype=np.int64)
+    resp = np.asarray(row["response_mask"], dtype=bool)
+    p = np.exp(np.asarray(row["logprobs"], dtype=np.float64))
+    loss = np.asarray(row["loss_mask"], dtype=bool)
+    return ids, resp, p, loss
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_stats_json_matches_a_direct_computation(scored_output: Path, smollm2_tokenizer,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "stats", str(scored_output), "--json")
+    assert code == 0
+    stats = json.loads(out)
+    rows = read_rows(scored_output)
+
+    tokens = response = kept = 0
+    masked_ids: Counter[int] = Counter()
+    kept_ids: Counter[int] = Counter()
+    resp_probs: list[np.ndarray] = []
+    per_example: list[float] = []
+    for _, row in rows.iterrows():
+        ids, resp, p, loss = row_arrays(row)
+        tokens += len(ids)
+        response += int(resp.sum())
+        kept += int(loss.sum())
+        masked = resp & ~loss
+        masked_ids.update(ids[masked].tolist())
+        kept_ids.update(ids[loss].tolist())
+        resp_probs.append(p[resp])
+        if resp.any():
+            per_example.append(masked.sum() / resp.sum())
+    probs = np.concatenate(resp_probs)
+
+    assert stats["examples"] == len(rows) == 24
+    assert (stats["tokens"], stats["response_tokens"], stats["kept_tokens"]) == (
+        tokens, response, kept)
+    assert stats["masked_fraction"] == pytest.approx(1 - kept / response)
+    assert stats["rule"] == {"strategy": "higher", "tau": 0.1}
+    # The stored mask is the paper's rule at tau = 0.1: the sweep's 0.1 point must agree with it.
+    for point, tau in zip(stats["threshold_sweep"]["points"], SWEEP, strict=True):
+        below = int((~(probs >= tau)).sum())
+        assert point["tau"] == tau
+        assert point["masked_tokens"] == below
+        assert point["masked_fraction"] == pytest.approx(below / response)
+    at_stored = next(p for p in stats["threshold_sweep"]["points"] if p["tau"] == 0.1)
+    assert at_stored["masked_tokens"] == response - kept
+
+    counts, edges = np.histogram(probs[np.isfinite(probs)], bins=20, range=(0, 1))
+    assert stats["probability_histogram"]["counts"] == counts.tolist()
+    assert stats["probability_histogram"]["edges"] == pytest.approx(edges.tolist())
+    assert sum(counts) == response
+
+    for key, counter in (("top_masked", masked_ids), ("top_kept", kept_ids)):
+        top = stats[key]
+        assert len(top) == min(20, len(counter))
+        assert [t["count"] for t in top] == [c for _, c in counter.most_common(20)]
+        for t in top:
+            assert t["count"] == counter[t["token_id"]]
+            assert t["token"] == smollm2_tokenizer.decode([t["token_id"]])
+
+    per = stats["per_example_masked_fraction"]
+    frac = np.array(per_example)
+    assert per["examples_with_response"] == len(frac)
+    assert per["mean"] == pytest.approx(frac.mean())
+    assert per["quantiles"]["median"] == pytest.approx(np.median(frac))
+    assert per["quantiles"]["min"] == pytest.approx(frac.min())
+    assert per["quantiles"]["max"] == pytest.approx(frac.max())
+    assert per["histogram"]["counts"] == np.histogram(frac, bins=20, range=(0, 1))[0].tolist()
+
+
+@pytest.mark.slow
+def test_stats_rethresholds_and_prints_text(scored_output: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rows = read_rows(scored_output)
+    response = masked = 0
+    for _, row in rows.iterrows():
+        _, resp, p, _ = row_arrays(row)
+        response += int(resp.sum())
+        masked += int((resp & ~(p >= 0.3)).sum())
+    code, out, _ = run_cli(capsys, "stats", str(scored_output), "--json", "--tau", "0.3")
+    stats = json.loads(out)
+    assert code == 0 and stats["rule_source"] == "re-thresholded"
+    assert stats["masked_tokens"] == masked
+    assert stats["kept_tokens"] == response - masked
+
+    code, out, _ = run_cli(capsys, "stats", str(scored_output))
+    assert code == 0
+    assert "threshold sweep" in out and "most often masked" in out
+    assert f"{response} response" in out
+
+
+def expected_brackets(row: pd.Series, tokenizer, tau: float) -> list[str]:
+    """The masked tokens of one row as the plain view shows them: ``[text]``, newlines as \\n."""
+    ids, resp, p, _ = row_arrays(row)
+    masked = resp & ~(p >= tau)
+    return [tokenizer.decode([int(i)]).replace("\n", "\\n") for i in ids[masked]]
+
+
+def check_plain_view(text: str, rows: pd.DataFrame, tokenizer, tau: float, n: int) -> None:
+    assert "\x1b[" not in text
+    heads = list(HEADER.finditer(text))
+    assert len(heads) == n
+    by_id = {str(r["example_id"]): r for _, r in rows.iterrows()}
+    for k, head in enumerate(heads):
+        end = heads[k + 1].start() if k + 1 < len(heads) else len(text)
+        block = text[head.end():end]
+        row = by_id[head.group(1)]
+        want = expected_brackets(row, tokenizer, tau)
+        assert re.findall(r"\[([^\]]*)\]", block) == want
+        _, resp, _, _ = row_arrays(row)
+        assert int(head.group(2)) == len(resp) and int(head.group(3)) == int(resp.sum())
+        assert int(head.group(4)) == int(resp.sum()) - len(want)
+    # Prompt text shows plainly, special tokens included.
+    assert "<|im_start|>user" in text
+
+
+@pytest.mark.slow
+def test_inspect_plain_marks_exactly_the_masked_tokens(scored_output: Path, smollm2_tokenizer,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rows = read_rows(scored_output)
+    code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--limit", "4")
+    assert code == 0
+    check_plain_view(out, rows, smollm2_tokenizer, 0.1, 4)
+    assert "(4 of 24 examples shown)" in out
+
+    # Re-thresholding: now every response token with p < 0.5 is bracketed.
+    code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--limit", "3", "--tau", "0.5",
+                           "--color", "never")
+    assert code == 0 and "higher tau=0.5 (re-thresholded)" in out
+    check_plain_view(out, rows, smollm2_tokenizer, 0.5, 3)
+
+
+@pytest.mark.slow
+def test_inspect_row_grep_and_errors(scored_output: Path, smollm2_tokenizer,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rows = read_rows(scored_output)
+    wanted = str(rows["example_id"].iloc[7])
+    code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--row", wanted)
+    assert code == 0 and [m.group(1) for m in HEADER.finditer(out)] == [wanted]
+
+    # --grep: exactly the examples whose decoded text contains the word (case-insensitive).
+    texts = {str(r["example_id"]): smollm2_tokenizer.decode(list(r["input_ids"]))
+             for _, r in rows.iterrows()}
+    hits = [i for i, t in texts.items() if "clips" in t.lower()]
+    assert hits
+    code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--grep", "CLIPS",
+                           "--limit", "50")
+    assert code == 0 and [m.group(1) for m in HEADER.finditer(out)] == hits
+
+    code, _, err = run_cli(capsys, "inspect", str(scored_output), "--row", "no-such-id")
+    assert code == 2 and err.strip().splitlines() == ["error: no example with id 'no-such-id' "
+                                                      "in this output"]
+    code, _, err = run_cli(capsys, "stats", str(scored_output), "--tau", "1.5")
+    assert code == 2 and err.startswith("error: tau must be a probability")
+    code, _, err = run_cli(capsys, "inspect", str(scored_output.parent / "missing"))
+    assert code == 2 and "not a profit-prep output" in err
+
+
+def run_in_pty(argv: list[str], timeout: float = 180) -> str:
+    """Run a command with its stdout on a pseudo-terminal; return what it wrote there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "TERM": "xterm-256color", "NO_COLOR": ""})
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:  # read as it comes: a full pty buffer would block the child
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data or time.monotonic() > deadline:
+            break
+        chunks.append(data)
+    os.close(master)
+    proc.wait(timeout=30)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_inspect_in_a_terminal_is_coloured(scored_output: Path) -> None:
+    from profit_prep.inspection import MASKED_STYLE, PROMPT_STYLE
+
+    text = run_in_pty([sys.executable, "-m", "profit_prep.cli", "inspect", str(scored_output),
+                       "--limit", "2"])
+    assert MASKED_STYLE in text and PROMPT_STYLE in text
+    assert re.search(r"\x1b\[38;5;\d+m", text)  # response tokens coloured by probability
+    assert "[token] = masked" not in text  # the plain legend is for pipes only
+    # --color never wins over the terminal.
+    text = run_in_pty([sys.executable, "-m", "profit_prep.cli", "inspect", str(scored_output),
+                       "--limit", "1", "--color", "never"])
+    assert "\x1b[" not in text and "───" in text
+
+
+def test_top1_column_is_shown_next_to_masked_tokens(tmp_path: Path, smollm2_dir: Path,
+                                                    smollm2_tokenizer,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A future ``top1_id`` column: the model's top-1 token follows each masked token."""
+    from profit_prep.format import ScoredExample, to_table
+    from profit_prep.output import OutputDir
+
+    tok = smollm2_tokenizer
+    ids = np.array(tok("Hello world, this is fine.")["input_ids"], dtype=np.int32)
+    n = len(ids)
+    resp = np.arange(n) >= 2
+    logprobs = np.log(np.where(np.arange(n) % 2 == 1, 0.05, 0.9)).astype(np.float32)
+    logprobs[0] = np.nan
+    loss = resp & (np.exp(logprobs) >= 0.1)
+    top1 = np.full(n, tok.convert_tokens_to_ids("!"), dtype=np.int32)
+    example = ScoredExample("ex-0", 0, ids, resp, logprobs, loss, False, n,
+                            extra={"top1_id": top1})
+    out = OutputDir(tmp_path / "out")
+    with out.open({"test": 1}):
+        out.write_shard(0, to_table([example]), [])
+        out.finalize({"tokenizer": {"path": str(smollm2_dir)},
+                      "mask": {"strategy": "higher", "tau": 0.1}}, 1)
+    code, text, _ = run_cli(capsys, "inspect", str(out.path), "--color", "never")
+    assert code == 0
+    p = np.exp(logprobs.astype(np.float64))
+    want = [f"{tok.decode([int(i)])}|!" for i in ids[resp & ~(p >= 0.1)]]
+    body = text[HEADER.search(text).end():]  # after the legend, which shows "[token]"
+    assert want and re.findall(r"\[([^\]]*)\]", body) == want

@@ -1,0 +1,173 @@
+"""The HTML report: self-contained, and rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from profit_prep.cli import main
+
+BROWSER_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--enable-logging=stderr", "--v=0",
+]
+EXAMPLES, PER_PAGE = 10, 4  # fewer than the 24 scored rows: sampling and pagination both apply
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("chromium is not installed (scripts/setup.sh --test installs it)")
+
+
+def run_browser(tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """One headless Chromium run with a fresh profile; console messages land on stderr."""
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    return subprocess.run(
+        [chromium(), *BROWSER_FLAGS, f"--user-data-dir={profile}", *extra, url],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def console_messages(stderr: str) -> list[str]:
+    """Page console output (errors, uncaught exceptions): the report itself logs nothing."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+class Dom(HTMLParser):
+    """The few facts the test needs from a DOM dump, gathered with the standard library."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root: dict[str, str | None] = {}
+        self.body: dict[str, str | None] = {}
+        self.examples: list[dict[str, str | None]] = []  # <section class="example"> attributes
+        self.masked_in: list[int] = []  # example index of each masked token span
+        self.masked_titles: list[str] = []
+        self.plot_shapes: dict[str, int] = {}  # figure id -> drawn shapes inside its <svg>
+        self._figure: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "html":
+            self.root = a
+        elif tag == "body":
+            self.body = a
+        elif tag == "section" and "example" in classes:
+            self.examples.append(a)
+        elif tag == "span" and classes == ["tok", "masked"]:
+            self.masked_in.append(len(self.examples) - 1)
+            self.masked_titles.append(a.get("title") or "")
+        elif tag == "figure" and "plot" in classes:
+            self._figure = a.get("id")
+            self.plot_shapes[self._figure or ""] = 0
+        elif tag in ("path", "rect", "use") and self._figure is not None:
+            self.plot_shapes[self._figure] += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "figure":
+            self._figure = None
+
+
+def parse_dom(text: str) -> Dom:
+    dom = Dom()
+    dom.feed(text)
+    return dom
+
+
+@pytest.fixture(scope="module")
+def report(scored_output: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("report") / "report.html"
+    assert main(["report", str(scored_output), "--html", str(path), "--examples", str(EXAMPLES),
+                 "--per-page", str(PER_PAGE)]) == 0
+    return path
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_and_escaped(report: Path) -> None:
+    text = report.read_text()
+    # Nothing to fetch at view time (SVG namespace URIs are names, not fetches).
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)
+    assert "<link" not in text and "@import" not in text and "url(http" not in text
+    assert text.count("<svg") == 3
+    # Token text is escaped: the chat template's special tokens never appear as raw tags.
+    assert "<|im_start|>" not in text and "&lt;|im_start|&gt;" in text
+    assert f"{EXAMPLES} of 24 examples, a seeded random sample (seed 0)" in text
+    assert f"{PER_PAGE} per page" in text
+    assert text.count('<section class="example"') == EXAMPLES
+    # The same seed gives the same sample.
+    from profit_prep.report import sample_indices
+
+    assert np.array_equal(sample_indices(24, EXAMPLES, 0), sample_indices(24, EXAMPLES, 0))
+
+
+@pytest.mark.slow
+def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
+    url = report.resolve().as_uri()
+    shot = tmp_path / "report.png"
+    run = run_browser(tmp_path, url, f"--screenshot={shot}", "--window-size=1280,2000")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert console_messages(run.stderr) == []
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2000)
+        pixels = np.asarray(img.convert("RGB"))
+    assert shot.stat().st_size > 30_000
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # text, plots, colours: not blank
+    assert (pixels.std(axis=(0, 1)) > 10).all()
+
+    run = run_browser(tmp_path, url, "--dump-dom")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert console_messages(run.stderr) == []
+    dom = parse_dom(run.stdout)
+    assert dom.body.get("data-ready") == "1"  # the page script ran to its end
+    assert "data-js-errors" not in dom.root
+    assert dom.body.get("data-page") == "1"
+    # Three plots, each drawn (bars, lines, axes are SVG paths).
+    assert set(dom.plot_shapes) == {"plot-probability", "plot-sweep", "plot-per-example"}
+    assert all(n > 10 for n in dom.plot_shapes.values()), dom.plot_shapes
+    # Pagination: the first PER_PAGE examples are visible, the rest hidden.
+    visible = [i for i, ex in enumerate(dom.examples) if "hidden" not in ex]
+    assert len(dom.examples) == EXAMPLES and visible == list(range(PER_PAGE))
+    # A masked token is shown on the visible page, with its probability on hover.
+    shown_masked = [t for i, t in zip(dom.masked_in, dom.masked_titles, strict=True)
+                    if i in visible]
+    assert shown_masked
+    for title in shown_masked:
+        p = float(re.fullmatch(r"p=([\d.]+) · masked", title).group(1))
+        assert p < 0.1  # the stored rule: higher, tau = 0.1
+
+
+@pytest.mark.slow
+def test_browser_check_catches_script_errors(report: Path, tmp_path: Path) -> None:
+    """The checks above are not vacuous: a broken script shows in the DOM and the console."""
+    broken = tmp_path / "broken.html"
+    page = report.read_text()
+    hook = "render();\n  document.body"
+    assert page.count(hook) == 1
+    broken.write_text(page.replace(hook, "render(); undefinedFunction();\n  document.body"))
+    run = run_browser(tmp_path, broken.resolve().as_uri(), "--dump-dom")
+    dom = parse_dom(run.stdout)
+    assert "undefinedFunction" in (dom.root.get("data-js-errors") or "")
+    assert dom.body.get("data-ready") is None
+    assert any("undefinedFunction" in m for m in console_messages(run.stderr))
+
+
+@pytest.mark.slow
+def test_demo_prints_where_its_report_is(tmp_path: Path, smollm2_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--rows", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"report      {out / 'report.html'}" in lines
+    assert "<h1>profit-prep report</h1>" in (out / "report.html").read_text()
