@@ -13,7 +13,8 @@ Example:
 __version__ = "0.1.0"
 
 from profit_prep.errors import InputError, RowError  # noqa: E402
+from profit_prep.loading import load  # noqa: E402 - cheap: datasets is imported on first call
 from profit_prep.masks import MaskRule  # noqa: E402
 from profit_prep.pipeline import ScoreConfig, score  # noqa: E402
 
-__all__ = ["InputError", "MaskRule", "RowError", "ScoreConfig", "score", "__version__"]
+__all__ = ["InputError", "MaskRule", "RowError", "ScoreConfig", "load", "score", "__version__"]

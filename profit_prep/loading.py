@@ -1,0 +1,278 @@
+"""The thin loader: a scored output as a trainer-ready ``datasets.Dataset``.
+
+``load(OUT)`` checks the output against its manifest (row counts, checksums), optionally checks the
+trainer's tokenizer, and returns a memory-mapped Arrow dataset with the columns TRL's
+``SFTTrainer`` takes for pre-tokenized data:
+
+==================  ===========================================================================
+``example_id``      the row's stable id
+``input_ids``       token ids (int32 lists)
+``completion_mask`` 1 on tokens that stay in the loss (int8 lists); the stored ``loss_mask``, or
+                    the mask of another rule recomputed from the stored log-probabilities
+``labels``          optional: ``input_ids`` with -100 where ``completion_mask`` is 0 (HF Trainer)
+``response_mask``   optional: 1 on all response tokens, for the paper's normalisation
+``weights``         optional: per-token float weights, ``"prob"`` = p on response tokens, else 0
+==================  ===========================================================================
+
+Re-thresholding and truncation run on the flat Arrow child arrays with numpy, one shard at a
+time, and the result is written once to an Arrow file in the ``datasets`` cache (keyed by the
+shards' checksums and the arguments), which the returned dataset memory-maps.
+
+Example:
+    >>> from profit_prep.loading import load
+    >>> ds = load("out", tau=0.3, labels=True, max_length=2048)  # doctest: +SKIP
+    >>> ds.column_names  # doctest: +SKIP
+    ['example_id', 'input_ids', 'completion_mask', 'labels']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from profit_prep.errors import InputError
+from profit_prep.masks import MaskRule, keep_flat
+from profit_prep.output import read_manifest, verify
+
+if TYPE_CHECKING:
+    import datasets
+
+LOADER_VERSION = 1  # bump when the loaded layout changes: it is part of the cache key
+WEIGHTS = ("prob",)
+_PER_TOKEN = ("input_ids", "response_mask", "logprobs", "loss_mask")
+
+
+def load(
+    path: str | Path,
+    *,
+    strategy: str | None = None,
+    tau: float | None = None,
+    tau_low: float | None = None,
+    tau_high: float | None = None,
+    keep_fraction: float | None = None,
+    seed: int | None = None,
+    tokenizer: Any = None,
+    allow_tokenizer_mismatch: bool = False,
+    labels: bool = False,
+    weights: str | None = None,
+    max_length: int | None = None,
+    response_mask: bool = False,
+) -> datasets.Dataset:
+    """Load a scored output as a ``datasets.Dataset`` (see the module docstring for the columns).
+
+    Any of ``strategy``/``tau``/``tau_low``/``tau_high``/``keep_fraction``/``seed`` recomputes the
+    mask from the stored log-probabilities: the run's own rule with those parameters replaced,
+    ANDed with the response mask. ``max_length`` keeps the first N tokens of every per-token
+    column together. ``tokenizer`` (object or folder) is checked against the one used for scoring.
+    ``weights`` are read only by :mod:`profit_prep.losses` (``weighted_profit_loss``,
+    ``ProFitLossMixin``); TRL and the HF Trainer ignore the column (docs/trainers.md).
+
+    Example:
+        >>> ds = load("out", strategy="middle", tau_low=0.2, tau_high=0.8)  # doctest: +SKIP
+    """
+    import datasets
+
+    out = Path(path)
+    manifest = read_manifest(out)  # InputError when unfinished or absent
+    problems = verify(out)
+    if problems:
+        raise InputError(
+            f"{out}: damaged output, refusing to load ({'; '.join(problems)}); "
+            "rescore it or restore the files"
+        )
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, manifest, allow_mismatch=allow_tokenizer_mismatch)
+    if weights is not None and weights not in WEIGHTS:
+        raise InputError(f"unknown weights {weights!r} (choose from {', '.join(WEIGHTS)})")
+    if max_length is not None and max_length < 1:
+        raise InputError("max_length must be at least 1")
+    overrides = {
+        k: v
+        for k, v in dict(
+            strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high,
+            keep_fraction=keep_fraction, seed=seed,
+        ).items()
+        if v is not None
+    }
+    rule = _rule(manifest, overrides) if overrides else None
+    options = {"labels": labels, "weights": weights, "max_length": max_length,
+               "response_mask": response_mask}
+
+    key = hashlib.sha256(
+        json.dumps(
+            [LOADER_VERSION, [s["sha256"] for s in manifest["shards"]],
+             rule.to_dict() if rule else None, options],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:24]
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "profit_prep" / f"{key}.arrow"
+    if not cache.exists():
+        _write(out, manifest, rule, options, cache)
+    return datasets.Dataset.from_file(str(cache))
+
+
+def _rule(manifest: dict[str, Any], overrides: dict[str, Any]) -> MaskRule:
+    """The scoring run's rule with the given parameters replaced (MaskRule validates them)."""
+    fields = MaskRule.__dataclass_fields__
+    stored = {k: v for k, v in (manifest.get("mask") or {}).items() if k in fields}
+    if overrides.get("strategy", stored.get("strategy")) != stored.get("strategy"):
+        stored = {}  # another rule: its parameters come from the caller or the defaults
+    return MaskRule(**{**stored, **overrides})
+
+
+def _write(
+    out: Path, manifest: dict[str, Any], rule: MaskRule | None, options: dict[str, Any],
+    target: Path,
+) -> None:
+    """Transform the shards one at a time into one Arrow IPC file, atomically renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        writer = None
+        for shard in manifest["shards"]:
+            table = pq.read_table(
+                out / shard["file"], columns=["example_id", *_PER_TOKEN], memory_map=True
+            )
+            batch = transform(table, rule, **options)
+            if writer is None:
+                writer = pa.ipc.new_stream(tmp, batch.schema)
+            writer.write_table(batch)
+        if writer is None:  # an output with no shards: write an empty, well-typed file
+            empty = pa.table({c: pa.array([], t.type) for c, t in _empty_schema(options).items()})
+            writer = pa.ipc.new_stream(tmp, empty.schema)
+        writer.close()
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _empty_schema(options: dict[str, Any]) -> dict[str, pa.Field]:
+    fields = {
+        "example_id": pa.field("example_id", pa.string()),
+        "input_ids": pa.field("input_ids", pa.list_(pa.int32())),
+        "completion_mask": pa.field("completion_mask", pa.list_(pa.int8())),
+    }
+    if options["labels"]:
+        fields["labels"] = pa.field("labels", pa.list_(pa.int32()))
+    if options["response_mask"]:
+        fields["response_mask"] = pa.field("response_mask", pa.list_(pa.int8()))
+    if options["weights"]:
+        fields["weights"] = pa.field("weights", pa.list_(pa.float32()))
+    return fields
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, offsets starting at 0 (copies only if sliced)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slicing
+    return values, offsets - offsets[0]
+
+
+def transform(
+    table: pa.Table,
+    rule: MaskRule | None = None,
+    *,
+    labels: bool = False,
+    weights: str | None = None,
+    max_length: int | None = None,
+    response_mask: bool = False,
+) -> pa.Table:
+    """Scored rows -> loader columns, vectorised over all tokens (no Python loop over tokens).
+
+    Example:
+        >>> shard = pq.read_table("out/data/part-00000.parquet")  # doctest: +SKIP
+        >>> transform(shard, MaskRule(tau=0.3), labels=True)  # doctest: +SKIP
+    """
+    ids, offsets = _flat(table["input_ids"])
+    resp, _ = _flat(table["response_mask"])
+    lengths = np.diff(offsets)
+    if rule is None:
+        keep, _ = _flat(table["loss_mask"])
+    else:
+        logprobs, _ = _flat(table["logprobs"])
+        keep = resp & keep_flat(
+            logprobs, rule, lengths=lengths,
+            example_ids=table["example_id"].to_pylist() if rule.strategy == "random" else None,
+        )
+    columns: dict[str, np.ndarray] = {"input_ids": ids, "completion_mask": keep.astype(np.int8)}
+    if labels:
+        columns["labels"] = np.where(keep, ids, np.int32(-100)).astype(np.int32)
+    if response_mask:
+        columns["response_mask"] = resp.astype(np.int8)
+    if weights == "prob":
+        logprobs, _ = _flat(table["logprobs"])
+        # NaN at t = 0 is never a response token; np.where drops it before it can spread
+        columns["weights"] = np.where(resp, np.exp(logprobs), np.float32(0)).astype(np.float32)
+
+    if max_length is not None and int(lengths.max(initial=0)) > max_length:
+        # keep_start truncation, applied to every per-token column with one index
+        starts = np.repeat(offsets[:-1], lengths)
+        position = np.arange(len(ids), dtype=np.int64) - starts
+        index = position < max_length
+        columns = {k: v[index] for k, v in columns.items()}
+        lengths = np.minimum(lengths, max_length)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+
+    pa_offsets = pa.array(offsets.astype(np.int32))
+    result = {"example_id": table["example_id"]}
+    for name, values in columns.items():
+        result[name] = pa.ListArray.from_arrays(pa_offsets, pa.array(values))
+    return pa.table(result)
+
+
+# -- tokenizer check -------------------------------------------------------------------------
+
+PART_NAMES = {
+    "vocab": "vocab", "special_tokens": "special tokens", "chat_template": "chat template"
+}
+
+
+def check_tokenizer(
+    tokenizer: Any, manifest: dict[str, Any], *, allow_mismatch: bool = False
+) -> list[str]:
+    """Compare the trainer's tokenizer with the scoring one; the names of the parts that differ.
+
+    Vocabulary and special tokens decide the token ids, so they must match. The chat template is
+    compared only when the tokenizer has one of its own: it decides how the trained model is
+    prompted later. A mismatch raises InputError, or warns with ``allow_mismatch=True``.
+
+    Example:
+        >>> check_tokenizer("models/my-model", read_manifest("out"))  # doctest: +SKIP
+        []
+    """
+    from profit_prep.rendering import load_tokenizer, tokenizer_fingerprint
+
+    if isinstance(tokenizer, str | Path):
+        tokenizer = load_tokenizer(tokenizer)
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):
+        own = own.get("default")
+    ours = tokenizer_fingerprint(tokenizer, own or "")
+    stored = manifest["tokenizer"]
+    parts = ["vocab", "special_tokens"] + (["chat_template"] if own else [])
+    differ = [PART_NAMES[p] for p in parts if ours[p] != stored.get(p)]
+    if differ:
+        message = (
+            f"the tokenizer differs from the one the data was scored with: {', '.join(differ)} "
+            f"differ (scored with {stored.get('path')}); pass allow_tokenizer_mismatch=True to "
+            "load anyway"
+        )
+        if not allow_mismatch:
+            raise InputError(message)
+        warnings.warn(message, stacklevel=3)
+    return differ
