@@ -54,7 +54,7 @@ class MaskRule:
             raise InputError(f"tau must be a probability in [0, 1], got {self.tau}")
         if self.strategy == "middle":
             if self.tau_low is None or self.tau_high is None:
-                raise InputError("strategy middle needs --tau-low and --tau-high")
+                raise InputError("strategy middle needs tau_low and tau_high (CLI: --tau-low/high)")
             if not 0.0 <= self.tau_low <= self.tau_high <= 1.0:
                 raise InputError("strategy middle needs 0 <= tau_low <= tau_high <= 1")
         if self.strategy == "random" and not 0.0 <= self.keep_fraction <= 1.0:

@@ -69,7 +69,7 @@ def test_random_rule_same_example_same_mask_in_any_order(data) -> None:
     [
         ({"strategy": "best"}, "unknown strategy"),
         ({"tau": 1.5}, "tau must be a probability"),
-        ({"strategy": "middle"}, "needs --tau-low and --tau-high"),
+        ({"strategy": "middle"}, "needs tau_low and tau_high"),
         ({"strategy": "middle", "tau_low": 0.6, "tau_high": 0.2}, "tau_low <= tau_high"),
         ({"strategy": "random", "keep_fraction": 2.0}, "keep_fraction"),
     ],
