@@ -47,7 +47,9 @@ from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
 class ScoreConfig:
     """Everything ``profit-prep score`` takes. Field docs double as the CLI's ``--help``."""
 
-    data: str = field(metadata={"help": "input: .jsonl, .json, .parquet, a saved dataset, or a hub name"})
+    data: str = field(
+        metadata={"help": "input: .jsonl, .json, .parquet, a saved dataset, or a hub name"}
+    )
     out: str = field(metadata={"help": "output directory (Parquet shards + manifest.json)"})
     model: str = field(
         default="builtin:smollm2",
@@ -94,6 +96,27 @@ class ScoreConfig:
         default=0,
         metadata={"help": "Ray scoring actors; 0 scores in this process without Ray"},
     )
+    cpus_per_worker: float | None = field(
+        default=None,
+        metadata={"help": "Ray: CPUs per scoring actor (default: 1 with a GPU, else the "
+                  "local CPUs split between the workers)"},
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "vllm: fraction of GPU memory the engine may take"}
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "vllm: GPUs per engine (tensor parallel); Ray gives each "
+                             "scoring actor this many GPUs"}
+    )
+    max_num_batched_tokens: int | None = field(
+        default=None,
+        metadata={"help": "vllm: tokens per engine step; bound it for big vocabularies, since "
+                  "prompt logprobs are not counted in vLLM's memory profiling"},
+    )
+    enable_prefix_caching: bool = field(
+        default=False, metadata={"help": "vllm: reuse KV of shared prefixes (no effect on "
+                                 "prompt-logprob requests, which skip the cache)"}
+    )
     ray_address: str | None = field(
         default=None,
         metadata={"help": "Ray cluster to join (default: $RAY_ADDRESS, else a local one)"},
@@ -118,13 +141,25 @@ def rejection(row: RawRow, reason: str) -> dict[str, Any]:
 
 
 def render_rows(
-    rows: list[RawRow], fmt: str, fields: FieldMap, renderer: Renderer
+    rows: list[RawRow],
+    fmt: str,
+    fields: FieldMap,
+    renderer: Renderer,
+    duplicates: dict[int, int] | None = None,
 ) -> tuple[list[tuple[RawRow, Rendered]], list[dict[str, Any]]]:
-    """Step 1: raw rows -> rendered examples, and rejections with their reasons."""
+    """Step 1: raw rows -> rendered examples, and rejections with their reasons.
+
+    ``duplicates`` maps a row index to the index of the earlier row with the same id.
+    """
     rendered, rejected = [], []
     for row in rows:
         if row.error is not None or row.data is None:
             rejected.append(rejection(row, row.error or "unreadable row"))
+            continue
+        if duplicates and row.index in duplicates:
+            first = duplicates[row.index]
+            reason = f"duplicate example_id {row.example_id!r} (first at row {first})"
+            rejected.append(rejection(row, reason))
             continue
         try:
             rendered.append((row, renderer.render(to_messages(row.data, fmt, fields))))
@@ -168,6 +203,7 @@ class Prepared:
     renderer: Renderer
     params: dict[str, Any]
     manifest: dict[str, Any]
+    duplicates: dict[int, int] = field(default_factory=dict)
 
     @property
     def n_rows(self) -> int:
@@ -242,7 +278,28 @@ def prepare(config: ScoreConfig) -> Prepared:
         "columns": dict(COLUMN_DOCS),
     }
     renderer = Renderer(tokenizer, template, config.max_length)
-    return Prepared(config, source, fmt, model_dir, renderer, params, manifest)
+    prepared = Prepared(config, source, fmt, model_dir, renderer, params, manifest)
+    if config.id_field:
+        prepared.duplicates = find_duplicates(source, prepared.n_rows)
+    return prepared
+
+
+def find_duplicates(source: Source, n_rows: int, chunk: int = 10_000) -> dict[int, int]:
+    """Row index -> first row index, for every row whose user-given id was seen before.
+
+    One pass over the ids before scoring, so that every worker rejects the same rows whatever
+    order shards finish in, and a resumed run rejects exactly what the first run did.
+    """
+    first_seen: dict[str, int] = {}
+    duplicates: dict[int, int] = {}
+    for start in range(0, n_rows, chunk):
+        for row in source.read(start, min(start + chunk, n_rows)):
+            if row.error is not None:
+                continue
+            first = first_seen.setdefault(row.example_id, row.index)
+            if first != row.index:
+                duplicates[row.index] = first
+    return duplicates
 
 
 def _check_vocab(model_dir: Path, tokenizer: Any) -> None:
@@ -266,7 +323,16 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
     if config.backend == "vllm":
         from profit_prep.vllm_backend import VLLMScorer
 
-        return VLLMScorer(model_dir, dtype=config.dtype, max_model_len=config.max_length)
+        return VLLMScorer(
+            model_dir,
+            dtype=config.dtype,
+            device=config.device,
+            max_model_len=config.max_length + 1,  # + the one token vLLM insists on generating
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
     raise InputError(f"unknown --backend {config.backend!r} (choose transformers or vllm)")
 
 
@@ -338,7 +404,9 @@ def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
             rows = prepared.source.read(start, stop)
             timing["read_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            rendered, rejected = render_rows(rows, prepared.fmt, config.fields(), prepared.renderer)
+            rendered, rejected = render_rows(
+                rows, prepared.fmt, config.fields(), prepared.renderer, prepared.duplicates
+            )
             timing["render_s"] += time.perf_counter() - t
             progress.update(len(rejected), 0)
             logprobs: list[np.ndarray] = []
