@@ -117,6 +117,19 @@ class ScoreConfig:
         default=False, metadata={"help": "vllm: reuse KV of shared prefixes (no effect on "
                                  "prompt-logprob requests, which skip the cache)"}
     )
+    server: str | None = field(
+        default=None,
+        metadata={"help": "score through running vLLM OpenAI servers: URL[,URL...] "
+                  "(load-balanced); --tokenizer (or --model) then names the trainer's tokenizer"},
+    )
+    server_model: str | None = field(
+        default=None, metadata={"help": "model name on the server (default: the one it serves)"}
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "server API key (better: set $PROFIT_PREP_API_KEY); never stored"},
+    )
+    max_in_flight: int = field(default=16, metadata={"help": "server: requests in flight"})
     ray_address: str | None = field(
         default=None,
         metadata={"help": "Ray cluster to join (default: $RAY_ADDRESS, else a local one)"},
@@ -246,13 +259,21 @@ def prepare(config: ScoreConfig) -> Prepared:
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
     fmt = _check_format(source, config)
-    model_dir = resolve_model(config.model)
+    # With --server the model is remote; the local folder only supplies the tokenizer.
+    model_dir = resolve_model((config.tokenizer or config.model) if config.server else config.model)
     tokenizer_dir = resolve_model(config.tokenizer) if config.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_dir)
     template, template_source = resolve_template(tokenizer, config.chat_template)
-    _check_vocab(model_dir, tokenizer)
     fingerprint = fingerprint_of(tokenizer, template)
-    model_hash = model_content_hash(model_dir)
+    if config.server:
+        # The reference model lives on the server: check it serves what we expect and tokenizes
+        # like the trainer before any row is scored.
+        server = make_scorer(config, model_dir)
+        server.check(tokenizer, expected_model=config.server_model)
+        model_name, model_hash = server.model, f"server:{server.model}"
+    else:
+        _check_vocab(model_dir, tokenizer)
+        model_name, model_hash = config.model, model_content_hash(model_dir)
     params = {
         "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,
         "input_rows": len(source),
@@ -263,13 +284,13 @@ def prepare(config: ScoreConfig) -> Prepared:
         "tokenizer_fingerprint": fingerprint["fingerprint"],
         "max_length": config.max_length,
         "mask": rule.to_dict(),
-        "backend": config.backend,
+        "backend": "server" if config.server else config.backend,
         "dtype": config.dtype,
         "shard_size": config.shard_size,
     }
     manifest = {
         "profit_prep_version": __version__,
-        "model": {"name": config.model, "path": str(model_dir), "content_hash": model_hash},
+        "model": {"name": model_name, "path": str(model_dir), "content_hash": model_hash},
         "tokenizer": {"path": str(tokenizer_dir), **fingerprint},
         "chat_template": {"source": template_source, "text": template},
         "mask": rule.to_dict(),
@@ -314,6 +335,15 @@ def _check_vocab(model_dir: Path, tokenizer: Any) -> None:
 
 def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
     """Build the scoring backend the config names."""
+    if config.server:
+        from profit_prep.server_backend import ServerScorer
+
+        return ServerScorer(
+            [u for u in config.server.split(",") if u.strip()],
+            model=config.server_model,
+            api_key=config.api_key,
+            max_in_flight=config.max_in_flight,
+        )
     if config.backend == "transformers":
         from profit_prep.scoring import TransformersScorer
 
