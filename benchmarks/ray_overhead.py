@@ -1,0 +1,135 @@
+"""Ray's overhead: rows/s of the Ray pipeline (1 and 2 workers) against the bare scorer loop.
+
+The bare loop is what a Ray scoring actor does with no Ray around it: one scorer, the same
+rendered rows, scored shard by shard. Ray adds rendering in tasks, pickling, object transfer,
+writing and its scheduler. "steady" rates start once every worker has finished a shard (no
+Ray start, no model load: both one-off); "end-to-end" include them.
+
+``overhead_vs_bare = 1 - ray steady tokens/s / bare tokens/s``. The bare loop runs before and
+after the Ray runs and the faster of the two is used (a shared machine's load only ever slows a
+run down, so this is the conservative choice).
+
+Usage (from the repository root; prints and writes JSON)::
+
+    python benchmarks/ray_overhead.py --rows 48 --shard-size 8 --json ray_overhead.json
+    python benchmarks/ray_overhead.py --backend vllm --workers 1
+
+Numbers are only comparable within one run on one quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from profit_prep.pipeline import ScoreConfig, make_scorer, prepare, render_rows  # noqa: E402
+from profit_prep.ray_pipeline import score_with_ray  # noqa: E402
+
+
+def base_config(args: argparse.Namespace, out: str, workers: int) -> ScoreConfig:
+    return ScoreConfig(
+        data=args.data, out=out, model=args.model, prompt_field="question",
+        response_field="answer", limit=args.rows, shard_size=args.shard_size,
+        backend=args.backend, max_length=args.max_length, num_workers=workers, quiet=True,
+        overwrite=True,
+    )
+
+
+def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """The scorer alone, on the same shards, in this process."""
+    config = base_config(args, "unused", 0)
+    prepared = prepare(config)
+    shards = []
+    for index in range(prepared.n_shards):
+        rows = prepared.source.read(*prepared.shard_range(index))
+        rendered, _ = render_rows(rows, prepared.fmt, config.fields(), prepared.renderer)
+        shards.append([r.input_ids for _, r in rendered])
+    t0 = time.perf_counter()
+    scorer = make_scorer(config, prepared.model_dir)
+    load_s = time.perf_counter() - t0
+    scorer.score(shards[0][:1])  # warm-up, as the first Ray shard pays it too (kept below)
+    t0 = time.perf_counter()
+    for ids in shards:
+        scorer.score(ids)
+    score_s = time.perf_counter() - t0
+    scorer.close()
+    n_rows = sum(len(s) for s in shards)
+    tokens = sum(len(i) for s in shards for i in s)
+    return {"rows": n_rows, "tokens": tokens, "model_load_s": round(load_s, 2),
+            "score_s": round(score_s, 2), "rows_per_s": round(n_rows / score_s, 3),
+            "tokens_per_s": round(tokens / score_s, 1)}
+
+
+def ray_run(args: argparse.Namespace, workers: int, out: str) -> dict[str, Any]:
+    summary = score_with_ray(base_config(args, out, workers))
+    steady = summary["steady_tokens_per_s"]
+    return {
+        "workers": workers,
+        "rows": summary["scored_rows"],
+        "tokens": summary["tokens"],
+        "ray_execution_s": summary["ray_execution_s"],
+        "model_load_s": summary["model_load_s"],
+        "after_load_tokens_per_s": summary["tokens_per_s"],
+        "steady_tokens_per_s": steady,
+        "steady_rows_per_s": round(steady * summary["scored_rows"] / summary["tokens"], 3),
+        "end_to_end_rows_per_s": round(summary["scored_rows"] / summary["wall_s"], 3),
+        "actor_scoring_tokens_per_s": summary["worker_tokens_per_s"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(ROOT / "profit_prep" / "data" / "gsm8k_demo.jsonl"))
+    parser.add_argument("--model", default="builtin:smollm2")
+    parser.add_argument("--backend", default="transformers")
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--json", default="ray_overhead.json")
+    args = parser.parse_args()
+
+    import ray
+
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
+                    "loadavg_start": os.getloadavg()},
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+    result["bare_before"] = bare_loop(args)
+    print("bare loop:", result["bare_before"], flush=True)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    result["ray_start_s"] = round(time.perf_counter() - t0, 2)
+    result["ray"] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in args.workers:
+            run = ray_run(args, workers, os.path.join(tmp, f"w{workers}"))
+            result["ray"].append(run)
+            print(f"ray {workers} worker(s):", run, flush=True)
+    ray.shutdown()
+    result["bare_after"] = bare_loop(args)
+    print("bare loop:", result["bare_after"], flush=True)
+    bare = max(result["bare_before"]["tokens_per_s"], result["bare_after"]["tokens_per_s"])
+    for run in result["ray"]:
+        run["overhead_vs_bare"] = round(1 - run["steady_tokens_per_s"] / bare, 3)
+        print(f"{run['workers']} worker(s): {run['steady_tokens_per_s']} tok/s steady vs bare "
+              f"{bare:.1f}: overhead {run['overhead_vs_bare']:+.1%}")
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

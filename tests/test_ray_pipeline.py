@@ -1,0 +1,191 @@
+"""The Ray pipeline writes exactly what the single-process pipeline writes, and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from profit_prep import ScoreConfig, score
+from profit_prep.output import verify
+from tests.conftest import DEMO_GSM8K, REPO
+
+pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module: starting Ray costs ~10 s on 2 cores."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_with_a_bad_row(tmp_path_factory) -> Path:
+    """14 GSM8K rows with an unreadable line in the middle: rejections must match too."""
+    lines = DEMO_GSM8K.read_text().splitlines()[:14]
+    lines.insert(5, "{not json")
+    path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def config(data: Path, out: Path, model: Path, **kw) -> ScoreConfig:
+    return ScoreConfig(data=str(data), out=str(out), model=str(model), prompt_field="question",
+                       response_field="answer", shard_size=4, quiet=True, **kw)
+
+
+def read_output(out: Path) -> tuple[list[dict], str]:
+    """All rows sorted by source index, and the gathered rejections."""
+    table = pq.read_table(out / "data").to_pylist()
+    return sorted(table, key=lambda r: r["source_index"]), (out / "rejected.jsonl").read_text()
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    rows_a, rejected_a = read_output(a)
+    rows_b, rejected_b = read_output(b)
+    assert len(rows_a) == len(rows_b) > 0
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if key == "logprobs":  # NaN at position 0: compare as text so NaN == NaN
+                assert repr(ra[key]) == repr(rb[key]), ra["example_id"]
+            else:
+                assert ra[key] == rb[key], (key, ra["example_id"])
+    assert rejected_a == rejected_b
+    for name in ("data", "rejected"):
+        assert sorted(p.name for p in (a / name).iterdir()) == sorted(
+            p.name for p in (b / name).iterdir()
+        )
+    assert verify(a) == [] and verify(b) == []
+
+
+def test_ray_equals_single_process(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):
+    from profit_prep.ray_pipeline import score_with_ray
+
+    local = score(config(data_with_a_bad_row, tmp_path / "local", tiny_model_dir))
+    ray1 = score_with_ray(config(data_with_a_bad_row, tmp_path / "ray1", tiny_model_dir,
+                                 num_workers=1))
+    assert_same_output(tmp_path / "local", tmp_path / "ray1")
+    for key in ("scored_rows", "rejected_rows", "tokens", "kept_tokens"):
+        assert local[key] == ray1[key]
+    assert ray1["rejected_rows"] == 1 and ray1["num_workers"] == 1
+    manifest = json.loads((tmp_path / "ray1" / "manifest.json").read_text())
+    assert manifest["run"]["num_workers"] == 1 and manifest["scorer"]["backend"] == "transformers"
+
+    # 2 workers: identical output; and a rerun of a finished output scores nothing.
+    score_with_ray(config(data_with_a_bad_row, tmp_path / "ray2", tiny_model_dir, num_workers=2))
+    assert_same_output(tmp_path / "ray1", tmp_path / "ray2")
+    again = score_with_ray(config(data_with_a_bad_row, tmp_path / "ray2", tiny_model_dir,
+                                  num_workers=2))
+    assert again["scored_tokens_this_run"] == 0 and again["resumed_shards"] == 4
+
+
+def test_ray_refuses_other_parameters(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):
+    from profit_prep.errors import InputError
+    from profit_prep.ray_pipeline import score_with_ray
+
+    score(config(data_with_a_bad_row, tmp_path / "o", tiny_model_dir, limit=4))
+    with pytest.raises(InputError, match="other parameters"):
+        score_with_ray(config(data_with_a_bad_row, tmp_path / "o", tiny_model_dir, limit=8,
+                              num_workers=1))
+
+
+SLOW_SCORER = """
+import os, time
+import profit_prep.scoring as scoring
+_score = scoring.TransformersScorer.score
+def _slow_score(self, sequences):  # a test hook: makes each shard take a visible moment
+    time.sleep(float(os.environ["PROFIT_PREP_TEST_SCORE_DELAY"]))
+    return _score(self, sequences)
+scoring.TransformersScorer.score = _slow_score
+"""
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_uninterrupted_output(tiny_model_dir: Path, tmp_path: Path):
+    """kill -9 the whole run (driver, Ray, workers) after its first shard; rerun; compare.
+
+    Every Python process of the run (the driver and Ray's workers) loads a sitecustomize that
+    slows scoring to 0.4 s a shard, so the kill lands mid-run whatever the machine's speed.
+    """
+    n_shards = 8
+    common = dict(data=str(DEMO_GSM8K), model=str(tiny_model_dir), prompt_field="question",
+                  response_field="answer", limit=n_shards, shard_size=1, max_length=512,
+                  quiet=True)
+    reference = tmp_path / "reference"
+    score(ScoreConfig(out=str(reference), **common))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "profit_prep.cli", "score", "--out", str(out),
+           "--num-workers", "1"]
+    for key, value in common.items():
+        cmd += ["--quiet"] if key == "quiet" else [f"--{key.replace('_', '-')}", str(value)]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SCORER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]),
+           "PROFIT_PREP_TEST_SCORE_DELAY": "0.4"}
+    env.pop("RAY_ADDRESS", None)
+    # A session of its own: killing the group takes Ray's processes down too, like a crash.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while not list((out / "data").glob("part-*.parquet")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no shard appeared in time"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = len(list((out / "data").glob("part-*.parquet")))
+    assert not (out / "manifest.json").exists() and 1 <= done_before < n_shards
+    env["PROFIT_PREP_TEST_SCORE_DELAY"] = "0"
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["resumed_shards"] >= done_before
+    assert manifest["run"]["scored_tokens_this_run"] > 0
+    assert_same_output(reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_ray_with_vllm_matches_transformers(smollm2_dir: Path, tmp_path: Path):
+    import numpy as np
+
+    from profit_prep.ray_pipeline import score_with_ray
+
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"vllm does not import: {type(exc).__name__}: {exc}")
+    base = dict(data=str(DEMO_GSM8K), model=str(smollm2_dir), prompt_field="question",
+                response_field="answer", limit=8, shard_size=4, max_length=512, quiet=True)
+    score(ScoreConfig(out=str(tmp_path / "hf"), **base))
+    summary = score_with_ray(ScoreConfig(out=str(tmp_path / "vllm"), backend="vllm",
+                                         num_workers=1, **base))
+    assert summary["scored_rows"] == 8
+    a, _ = read_output(tmp_path / "hf")
+    b, _ = read_output(tmp_path / "vllm")
+    worst = max(float(np.nanmax(np.abs(np.array(x["logprobs"], float)
+                                       - np.array(y["logprobs"], float))))
+                for x, y in zip(a, b, strict=True))
+    assert [x["input_ids"] for x in a] == [y["input_ids"] for y in b]
+    assert worst < 2e-3, worst
+    manifest = json.loads((tmp_path / "vllm" / "manifest.json").read_text())
+    assert manifest["scorer"]["backend"] == "vllm"

@@ -1,0 +1,179 @@
+"""The vLLM backend: prompt-logprob parsing, and agreement with the transformers backend."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from profit_prep.errors import InputError
+from profit_prep.masks import MaskRule, loss_mask
+from profit_prep.pipeline import ScoreConfig, make_scorer
+from profit_prep.vllm_backend import actual_token_logprobs, cpu_env_defaults
+
+ROWS = 8
+
+
+def vllm_logprob_types():
+    """Real vLLM Logprob/FlatLogprobs classes, or a skip that says why."""
+    try:
+        from vllm.logprobs import FlatLogprobs, Logprob
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no vLLM here"
+        pytest.skip(f"vllm does not import: {type(exc).__name__}: {exc}")
+    return Logprob, FlatLogprobs
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_actual_token_outside_top_k_is_read_by_id() -> None:
+    Logprob, _ = vllm_logprob_types()
+    ids = [1, 7, 9]
+    entries = [
+        None,
+        # top-1 is token 3; the actual token 7 sits at rank 40 (as vLLM adds it, first).
+        {7: Logprob(-6.5, rank=40), 3: Logprob(-0.2, rank=1)},
+        {9: Logprob(-0.1, rank=1)},  # actual token is also the top-1: one entry
+    ]
+    lp, rank = actual_token_logprobs(ids, entries)
+    assert np.isnan(lp[0]) and rank[0] == -1
+    assert lp[1] == np.float32(-6.5) and rank[1] == 40
+    assert lp[2] == np.float32(-0.1) and rank[2] == 1
+    assert lp.dtype == np.float32
+
+
+def test_ties_take_the_actual_tokens_entry() -> None:
+    Logprob, _ = vllm_logprob_types()
+    # Two tokens share the best logprob; the actual one (5) must be chosen, not "the first".
+    entries = [None, {4: Logprob(-0.693, rank=1), 5: Logprob(-0.693, rank=2)}]
+    lp, rank = actual_token_logprobs([0, 5], entries)
+    assert lp[1] == np.float32(-0.693) and rank[1] == 2
+
+
+def test_flat_logprobs_container() -> None:
+    Logprob, FlatLogprobs = vllm_logprob_types()
+    flat = FlatLogprobs()
+    flat.append(None)  # position 0 is an empty range here, not None
+    flat.append({8: Logprob(-1.25, rank=3), 2: Logprob(-0.5, rank=1)})
+    lp, rank = actual_token_logprobs([1, 8], flat)
+    assert np.isnan(lp[0])
+    assert lp[1] == np.float32(-1.25) and rank[1] == 3
+
+
+def test_missing_actual_token_or_wrong_length_is_an_error() -> None:
+    Logprob, _ = vllm_logprob_types()
+    with pytest.raises(RuntimeError, match="lack the actual token"):
+        actual_token_logprobs([1, 8], [None, {3: Logprob(-0.1, rank=1)}])
+    with pytest.raises(RuntimeError, match="3 tokens"):
+        actual_token_logprobs([1, 8, 9], [None, {8: Logprob(-0.1, rank=1)}])
+
+
+def test_cpu_env_defaults() -> None:
+    env = cpu_env_defaults([2, 3])
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                   "VLLM_CPU_OMP_THREADS_BIND": "2-3"}
+
+
+def test_missing_vllm_is_one_input_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from profit_prep.vllm_backend import VLLMScorer
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(InputError, match="cannot import vllm"):
+        VLLMScorer(tmp_path, device="cpu")
+
+
+def test_make_scorer_passes_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    import profit_prep.vllm_backend as backend
+
+    seen = {}
+    monkeypatch.setattr(backend, "VLLMScorer", lambda path, **kw: seen.update(kw) or "engine")
+    config = ScoreConfig(data="x", out="y", backend="vllm", max_length=512,
+                         gpu_memory_utilization=0.5, tensor_parallel_size=2,
+                         max_num_batched_tokens=8192, enable_prefix_caching=True)
+    assert make_scorer(config, Path("m")) == "engine"
+    assert seen["max_model_len"] == 513
+    assert seen["gpu_memory_utilization"] == 0.5 and seen["tensor_parallel_size"] == 2
+    assert seen["max_num_batched_tokens"] == 8192 and seen["enable_prefix_caching"] is True
+
+
+# --------------------------------------------------------------------------- real engine
+
+
+@pytest.fixture(scope="module")
+def vllm_scorer(smollm2_dir: Path):
+    from profit_prep.vllm_backend import VLLMScorer
+
+    try:
+        scorer = VLLMScorer(smollm2_dir, dtype="float32", max_model_len=1025, device="cpu")
+    except InputError as exc:
+        pytest.skip(f"vLLM engine unavailable: {exc}")
+    yield scorer
+    scorer.close()
+
+
+@pytest.fixture(scope="module")
+def gsm8k_rendered(smollm2_tokenizer, gsm8k_rows) -> list:
+    from profit_prep.reading import FieldMap, to_messages
+    from profit_prep.rendering import Renderer, resolve_template
+
+    template, _ = resolve_template(smollm2_tokenizer, None)
+    renderer = Renderer(smollm2_tokenizer, template, 1024)
+    fields = FieldMap("question", "answer")
+    return [renderer.render(to_messages(r, "fields", fields)) for r in gsm8k_rows[:ROWS]]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_matches_transformers_and_a_plain_forward(
+    vllm_scorer, gsm8k_rendered, smollm2_dir: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from profit_prep.scoring import TransformersScorer
+
+    ids = [r.input_ids for r in gsm8k_rendered]
+    got = vllm_scorer.score(ids)
+    ref = TransformersScorer(smollm2_dir).score(ids)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    rule = MaskRule("higher", 0.1)
+    worst_ref = worst_plain = 0.0
+    agree = total = 0
+    for seq, r, a, b in zip(ids, gsm8k_rendered, got, ref, strict=True):
+        assert a.dtype == np.float32 and a.shape == (len(seq),) and np.isnan(a[0])
+        with torch.inference_mode():
+            x = torch.from_numpy(np.asarray(seq, np.int64))[None]
+            plain = model(x).logits[0, :-1].log_softmax(-1).gather(1, x[0, 1:, None])[:, 0]
+        worst_ref = max(worst_ref, float(np.max(np.abs(a[1:] - b[1:]))))
+        worst_plain = max(worst_plain, float(np.max(np.abs(a[1:] - plain.numpy()))))
+        ma, mb = loss_mask(a, r.response_mask, rule), loss_mask(b, r.response_mask, rule)
+        agree += int(np.sum(ma[r.response_mask] == mb[r.response_mask]))
+        total += int(r.response_mask.sum())
+    agreement = agree / total
+    print(f"\nvLLM vs transformers max |dlogprob| {worst_ref:.2e}, vs plain forward "
+          f"{worst_plain:.2e}; tau=0.1 mask agreement {agreement:.4%} of {total} tokens")
+    assert worst_ref < 2e-3 and worst_plain < 2e-3
+    assert agreement >= 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_ranks_with_top_k_and_edge_lengths(vllm_scorer, gsm8k_rendered) -> None:
+    from vllm import SamplingParams
+
+    seq = gsm8k_rendered[0].input_ids
+    base = vllm_scorer.score([seq, np.array([1], np.int32), np.array([], np.int32)])
+    assert np.isnan(base[1]).all() and base[1].shape == (1,) and base[2].shape == (0,)
+    saved = vllm_scorer.params
+    try:  # k > 0: same values, and the rank of the actual token comes back
+        vllm_scorer.params = SamplingParams(max_tokens=1, prompt_logprobs=3, detokenize=False)
+        [topk] = vllm_scorer.score([seq])
+    finally:
+        vllm_scorer.params = saved
+    np.testing.assert_allclose(topk[1:], base[0][1:], atol=1e-4)
+    ranks = vllm_scorer.last_ranks[0]
+    assert ranks[0] == -1 and (ranks[1:] >= 1).all() and (ranks[1:] > 3).any()
+    with pytest.raises(InputError, match="max_model_len"):
+        vllm_scorer.score([np.ones(1025, np.int32)])
