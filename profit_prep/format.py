@@ -47,6 +47,16 @@ COLUMN_DOCS = {
     "n_original_tokens": "token count before truncation",
 }
 
+# Optional per-token signals (``--signals``), described in the manifest only when present.
+SIGNAL_DOCS = {
+    "entropy": "entropy (nats) of the reference distribution that predicted token t, exact over "
+    "the full vocabulary; NaN at t = 0",
+    "top1_id": "the reference model's most likely token at position t; -1 at t = 0",
+    "top1_logprob": "log-probability of top1_id; NaN at t = 0",
+    "rank": "rank of input_ids[t] in that distribution (1 = most likely; 1 + tokens with a "
+    "strictly larger logit); -1 at t = 0",
+}
+
 
 @dataclass
 class ScoredExample:

@@ -12,7 +12,12 @@ trainer's tokenizer, and returns a memory-mapped Arrow dataset with the columns 
 ``labels``          optional: ``input_ids`` with -100 where ``completion_mask`` is 0 (HF Trainer)
 ``response_mask``   optional: 1 on all response tokens, for the paper's normalisation
 ``weights``         optional: per-token float weights, ``"prob"`` = p on response tokens, else 0
+``excess_loss``     with ``reference=OTHER_OUT``: ``loss - loss_reference`` per token (NaN at 0)
 ==================  ===========================================================================
+
+``select=`` (a :class:`profit_prep.rules.Select`) replaces the mask by another method's rule: top-k%
+per example or over the whole dataset, or a band, of probability, loss, entropy, rank or excess
+loss (Rho-1, token cleaning, entropy selection; docs/methods.md).
 
 Re-thresholding and truncation run on the flat Arrow child arrays with numpy, one shard at a
 time, and the result is written once to an Arrow file in the ``datasets`` cache (keyed by the
@@ -40,9 +45,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from profit_prep import rules
+from profit_prep.combine import Reference
 from profit_prep.errors import InputError
 from profit_prep.masks import MaskRule, keep_flat
 from profit_prep.output import read_manifest, verify
+from profit_prep.rules import Select
 
 if TYPE_CHECKING:
     import datasets
@@ -67,6 +75,8 @@ def load(
     weights: str | None = None,
     max_length: int | None = None,
     response_mask: bool = False,
+    select: Select | None = None,
+    reference: str | Path | None = None,
 ) -> datasets.Dataset:
     """Load a scored output as a ``datasets.Dataset`` (see the module docstring for the columns).
 
@@ -76,6 +86,9 @@ def load(
     column together. ``tokenizer`` (object or folder) is checked against the one used for scoring.
     ``weights`` are read only by :mod:`profit_prep.losses` (``weighted_profit_loss``,
     ``ProFitLossMixin``); TRL and the HF Trainer ignore the column (docs/trainers.md).
+    ``select`` applies a :class:`~profit_prep.rules.Select` rule instead of ProFit's;
+    ``reference`` (another output of the same rows and tokens) adds ``excess_loss``
+    (:mod:`profit_prep.combine`).
 
     Example:
         >>> ds = load("out", strategy="middle", tau_low=0.2, tau_high=0.8)  # doctest: +SKIP
@@ -105,19 +118,25 @@ def load(
         if v is not None
     }
     rule = _rule(manifest, overrides) if overrides else None
+    if select is not None and rule is not None:
+        raise InputError("pass either select= or ProFit rule parameters, not both")
+    ref = Reference(out, reference) if reference is not None else None
+    if select is not None:
+        _check_select(out, manifest, select, ref)
     options = {"labels": labels, "weights": weights, "max_length": max_length,
                "response_mask": response_mask}
 
     key = hashlib.sha256(
         json.dumps(
             [LOADER_VERSION, [s["sha256"] for s in manifest["shards"]],
-             rule.to_dict() if rule else None, options],
+             rule.to_dict() if rule else None, options,
+             select.to_dict() if select else None, ref.describe() if ref else None],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:24]
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "profit_prep" / f"{key}.arrow"
     if not cache.exists():
-        _write(out, manifest, rule, options, cache)
+        _write(out, manifest, rule, options, cache, select, ref)
     return datasets.Dataset.from_file(str(cache))
 
 
@@ -130,11 +149,59 @@ def _rule(manifest: dict[str, Any], overrides: dict[str, Any]) -> MaskRule:
     return MaskRule(**{**stored, **overrides})
 
 
+def _check_select(
+    out: Path, manifest: dict[str, Any], select: Select, ref: Reference | None
+) -> None:
+    column = select.column()
+    if column and manifest["shards"]:
+        names = pq.read_schema(out / manifest["shards"][0]["file"]).names
+        if column not in names:
+            flag = "top1" if column == "top1_logprob" else column
+            raise InputError(f"{out} has no {column!r} column: score it with --signals {flag}")
+    if select.signal == "excess_loss" and ref is None:
+        raise InputError("signal excess_loss needs reference=OTHER_OUT (the reference's output)")
+
+
+def _shard_columns(select: Select | None, ref: Reference | None) -> list[str]:
+    columns = ["example_id", *_PER_TOKEN]
+    if select is not None and select.column():
+        columns.append(select.column())
+    return columns
+
+
+def signal_values(table: pa.Table, select: Select, ref: Reference | None) -> np.ndarray:
+    """The rule's signal per flat token of ``table``."""
+    if select.signal == "excess_loss":
+        assert ref is not None
+        return ref.excess_loss(table)
+    if select.signal in ("prob", "loss"):
+        logprobs, _ = _flat(table["logprobs"])
+        return np.exp(logprobs) if select.signal == "prob" else -logprobs
+    values, _ = _flat(table[select.column()])
+    return values.astype(np.float64)
+
+
+def global_threshold_of(
+    out: Path, manifest: dict[str, Any], select: Select, ref: Reference | None
+) -> float:
+    """Exact threshold of a global top rule: one pass over the response tokens of every shard."""
+    parts = []
+    for shard in manifest["shards"]:
+        table = pq.read_table(out / shard["file"], columns=_shard_columns(select, ref))
+        resp, _ = _flat(table["response_mask"])
+        parts.append(signal_values(table, select, ref)[resp])
+    values = np.concatenate(parts) if parts else np.empty(0)
+    return rules.global_threshold(values, select.fraction or 0.0, select.largest)
+
+
 def _write(
     out: Path, manifest: dict[str, Any], rule: MaskRule | None, options: dict[str, Any],
-    target: Path,
+    target: Path, select: Select | None = None, ref: Reference | None = None,
 ) -> None:
     """Transform the shards one at a time into one Arrow IPC file, atomically renamed into place."""
+    threshold = None
+    if select is not None and select.kind == "top" and select.scope == "global":
+        threshold = global_threshold_of(out, manifest, select, ref)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
@@ -142,14 +209,16 @@ def _write(
         writer = None
         for shard in manifest["shards"]:
             table = pq.read_table(
-                out / shard["file"], columns=["example_id", *_PER_TOKEN], memory_map=True
+                out / shard["file"], columns=_shard_columns(select, ref), memory_map=True
             )
-            batch = transform(table, rule, **options)
+            batch = transform(table, rule, **options, select=select, threshold=threshold,
+                              reference=ref)
             if writer is None:
                 writer = pa.ipc.new_stream(tmp, batch.schema)
             writer.write_table(batch)
         if writer is None:  # an output with no shards: write an empty, well-typed file
-            empty = pa.table({c: pa.array([], t.type) for c, t in _empty_schema(options).items()})
+            schema = _empty_schema(options, ref is not None)
+            empty = pa.table({c: pa.array([], t.type) for c, t in schema.items()})
             writer = pa.ipc.new_stream(tmp, empty.schema)
         writer.close()
         os.replace(tmp, target)
@@ -159,7 +228,7 @@ def _write(
         raise
 
 
-def _empty_schema(options: dict[str, Any]) -> dict[str, pa.Field]:
+def _empty_schema(options: dict[str, Any], excess: bool = False) -> dict[str, pa.Field]:
     fields = {
         "example_id": pa.field("example_id", pa.string()),
         "input_ids": pa.field("input_ids", pa.list_(pa.int32())),
@@ -171,6 +240,8 @@ def _empty_schema(options: dict[str, Any]) -> dict[str, pa.Field]:
         fields["response_mask"] = pa.field("response_mask", pa.list_(pa.int8()))
     if options["weights"]:
         fields["weights"] = pa.field("weights", pa.list_(pa.float32()))
+    if excess:
+        fields["excess_loss"] = pa.field("excess_loss", pa.list_(pa.float32()))
     return fields
 
 
@@ -190,6 +261,9 @@ def transform(
     weights: str | None = None,
     max_length: int | None = None,
     response_mask: bool = False,
+    select: Select | None = None,
+    threshold: float | None = None,
+    reference: Reference | None = None,
 ) -> pa.Table:
     """Scored rows -> loader columns, vectorised over all tokens (no Python loop over tokens).
 
@@ -200,7 +274,10 @@ def transform(
     ids, offsets = _flat(table["input_ids"])
     resp, _ = _flat(table["response_mask"])
     lengths = np.diff(offsets)
-    if rule is None:
+    if select is not None:
+        values = signal_values(table, select, reference)
+        keep = rules.apply(select, values, resp, lengths, threshold)
+    elif rule is None:
         keep, _ = _flat(table["loss_mask"])
     else:
         logprobs, _ = _flat(table["logprobs"])
@@ -217,6 +294,8 @@ def transform(
         logprobs, _ = _flat(table["logprobs"])
         # NaN at t = 0 is never a response token; np.where drops it before it can spread
         columns["weights"] = np.where(resp, np.exp(logprobs), np.float32(0)).astype(np.float32)
+    if reference is not None:
+        columns["excess_loss"] = reference.excess_loss(table)
 
     if max_length is not None and int(lengths.max(initial=0)) > max_length:
         # keep_start truncation, applied to every per-token column with one index

@@ -25,7 +25,7 @@ import numpy as np
 
 from profit_prep import __version__
 from profit_prep.errors import InputError, RowError
-from profit_prep.format import COLUMN_DOCS, ScoredExample, to_table
+from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
 from profit_prep.masks import MaskRule, loss_mask
 from profit_prep.models import model_content_hash, resolve_model
 from profit_prep.output import OutputDir
@@ -41,6 +41,7 @@ from profit_prep.reading import (
 )
 from profit_prep.rendering import Rendered, Renderer, load_tokenizer, resolve_template
 from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
+from profit_prep.scoring import parse_signals, signal_columns
 
 
 @dataclass
@@ -80,6 +81,11 @@ class ScoreConfig:
     keep_fraction: float = field(default=0.5, metadata={"help": "fraction kept (random)"})
     seed: int = field(default=0, metadata={"help": "seed of the random strategy"})
     backend: str = field(default="transformers", metadata={"help": "scorer: transformers or vllm"})
+    signals: str | None = field(
+        default=None,
+        metadata={"help": "extra per-token columns, comma list of entropy (exact, nats), top1 "
+                  "(top1_id, top1_logprob), rank; transformers backend, one process only"},
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "float32 (CPU default), bfloat16 or float16; bf16 moves ~0.6%% of "
@@ -182,11 +188,15 @@ def render_rows(
 
 
 def mask_examples(
-    rendered: list[tuple[RawRow, Rendered]], logprobs: list[np.ndarray], rule: MaskRule
+    rendered: list[tuple[RawRow, Rendered]],
+    logprobs: list[np.ndarray],
+    rule: MaskRule,
+    extras: list[dict[str, np.ndarray]] | None = None,
 ) -> list[ScoredExample]:
-    """Step 3: attach log-probabilities and apply the mask rule."""
+    """Step 3: attach log-probabilities (and any per-token signals) and apply the mask rule."""
     out = []
-    for (row, r), lp in zip(rendered, logprobs, strict=True):
+    extras = extras if extras is not None else [{} for _ in rendered]
+    for (row, r), lp, extra in zip(rendered, logprobs, extras, strict=True):
         out.append(
             ScoredExample(
                 example_id=row.example_id,
@@ -197,6 +207,7 @@ def mask_examples(
                 loss_mask=loss_mask(lp, r.response_mask, rule, row.example_id),
                 truncated=r.truncated,
                 n_original_tokens=r.n_original,
+                extra=extra,
             )
         )
     return out
@@ -255,6 +266,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     if config.shard_size < 1:
         raise InputError("--shard-size must be at least 1")
     rule = config.mask_rule()
+    signals = check_signals(config)
     source = open_source(config.data, id_field=config.id_field, split=config.split)
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
@@ -288,6 +300,10 @@ def prepare(config: ScoreConfig) -> Prepared:
         "dtype": config.dtype,
         "shard_size": config.shard_size,
     }
+    if signals:  # only when set, so outputs written before signals existed still resume
+        params["signals"] = list(signals)
+    columns = dict(COLUMN_DOCS)
+    columns.update({c: SIGNAL_DOCS[c] for c in signal_columns(signals)})
     manifest = {
         "profit_prep_version": __version__,
         "model": {"name": model_name, "path": str(model_dir), "content_hash": model_hash},
@@ -296,13 +312,34 @@ def prepare(config: ScoreConfig) -> Prepared:
         "mask": rule.to_dict(),
         "render": {"max_length": config.max_length, "format": fmt, **asdict(config.fields())},
         "input": {"path": params["data"], "rows": len(source), "limit": config.limit},
-        "columns": dict(COLUMN_DOCS),
+        "columns": columns,
     }
     renderer = Renderer(tokenizer, template, config.max_length)
     prepared = Prepared(config, source, fmt, model_dir, renderer, params, manifest)
     if config.id_field:
         prepared.duplicates = find_duplicates(source, prepared.n_rows)
     return prepared
+
+
+def check_signals(config: ScoreConfig) -> tuple[str, ...]:
+    """The requested signals, validated; refused where the backend cannot compute them exactly.
+
+    vLLM and OpenAI-compatible servers return only the top-k log-probabilities, so entropy and
+    rank would be approximations; the Ray pipeline does not carry the extra columns yet.
+    """
+    signals = parse_signals(config.signals)
+    if not signals:
+        return signals
+    if config.server or config.backend != "transformers":
+        backend = "server" if config.server else config.backend
+        raise InputError(
+            f"--signals needs --backend transformers: the {backend} backend returns only top-k "
+            "log-probabilities, so entropy and rank would not be exact"
+        )
+    if config.num_workers > 0 or config.ray_address:
+        raise InputError("--signals is not supported with Ray (--num-workers/--ray-address) yet; "
+                         "score in one process")
+    return signals
 
 
 def find_duplicates(source: Source, n_rows: int, chunk: int = 10_000) -> dict[int, int]:
@@ -348,7 +385,8 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
         from profit_prep.scoring import TransformersScorer
 
         return TransformersScorer(
-            model_dir, dtype=config.dtype, device=config.device, compile=config.compile
+            model_dir, dtype=config.dtype, device=config.device, compile=config.compile,
+            signals=config.signals,
         )
     if config.backend == "vllm":
         from profit_prep.vllm_backend import VLLMScorer
@@ -428,6 +466,7 @@ def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
         timing = dict.fromkeys(("read_s", "render_s", "score_s", "write_s"), 0.0)
         scored_tokens = 0
         rule = config.mask_rule()
+        signals = parse_signals(config.signals)
         for index in todo:
             start, stop = prepared.shard_range(index)
             t = time.perf_counter()
@@ -440,17 +479,24 @@ def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
             timing["render_s"] += time.perf_counter() - t
             progress.update(len(rejected), 0)
             logprobs: list[np.ndarray] = []
+            extras: list[dict[str, np.ndarray]] | None = [] if signals else None
             step = 16  # rows per scoring call: keeps the progress line moving on slow machines
             for i in range(0, len(rendered), step):
                 part = [r.input_ids for _, r in rendered[i : i + step]]
                 t = time.perf_counter()
-                logprobs += scorer.score(part)
+                if extras is not None:
+                    scored = scorer.score_with_signals(part)
+                    logprobs += [d["logprobs"] for d in scored]
+                    extras += [{k: v for k, v in d.items() if k != "logprobs"} for d in scored]
+                else:
+                    logprobs += scorer.score(part)
                 timing["score_s"] += time.perf_counter() - t
                 n_tok = sum(len(p) for p in part)
                 scored_tokens += n_tok
                 progress.update(len(part), n_tok)
             t = time.perf_counter()
-            out.write_shard(index, to_table(mask_examples(rendered, logprobs, rule)), rejected)
+            examples = mask_examples(rendered, logprobs, rule, extras)
+            out.write_shard(index, to_table(examples), rejected)
             timing["write_s"] += time.perf_counter() - t
         describe = scorer.describe() if scorer is not None else {"backend": config.backend}
         if own_scorer:

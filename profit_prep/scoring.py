@@ -12,6 +12,12 @@ the decoder once, then applies the LM head to a bounded number of positions at a
 and batched under a token budget, so padding costs little; on CPU one row per forward measured
 fastest (benchmarks/), so that is the CPU default.
 
+With ``signals`` (any of :data:`SIGNALS`), the same LM-head chunks also give per-token signals
+of the distribution that predicted token t, from the full fp32 logits: ``entropy`` (exact, nats),
+``top1_id``/``top1_logprob`` (the most likely token and its log-probability) and ``rank`` (1 +
+the number of tokens with a strictly larger logit than the gold one). Position 0 holds NaN (floats)
+or -1 (ints). :meth:`TransformersScorer.score_with_signals` returns them; ``score`` is unchanged.
+
 Example:
     >>> scorer = TransformersScorer("path/to/model")  # doctest: +SKIP
     >>> [lp] = scorer.score([np.array([1, 504, 2783, 2])])  # doctest: +SKIP
@@ -29,6 +35,35 @@ from typing import Any, Protocol
 import numpy as np
 
 from profit_prep.errors import InputError
+
+SIGNALS = ("entropy", "top1", "rank")
+# Stored columns per requested signal, with their numpy dtype; t = 0 holds NaN or -1.
+SIGNAL_COLUMNS: dict[str, dict[str, type]] = {
+    "entropy": {"entropy": np.float32},
+    "top1": {"top1_id": np.int32, "top1_logprob": np.float32},
+    "rank": {"rank": np.int32},
+}
+
+
+def parse_signals(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"entropy,top1"`` -> ``("entropy", "top1")`` in :data:`SIGNALS` order; validates names.
+
+    >>> parse_signals("rank, entropy")
+    ('entropy', 'rank')
+    """
+    if not text:
+        return ()
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in SIGNALS]
+    if unknown:
+        raise InputError(f"unknown signal {unknown[0]!r} (choose from {', '.join(SIGNALS)})")
+    return tuple(n for n in SIGNALS if n in names)
+
+
+def signal_columns(signals: Sequence[str]) -> list[str]:
+    """The stored column names for the requested signals."""
+    return [c for s in signals for c in SIGNAL_COLUMNS[s]]
 
 
 class Scorer(Protocol):
@@ -77,6 +112,7 @@ class TransformersScorer:
         logits_budget_mb: int = 256,
         compile: bool = False,
         num_threads: int | None = None,
+        signals: str | Sequence[str] | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM
@@ -87,6 +123,7 @@ class TransformersScorer:
         if num_threads and self.device == "cpu":
             torch.set_num_threads(num_threads)
         self.dtype = dtype
+        self.signals = parse_signals(signals)
         self.model_path = str(model)
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=getattr(torch, dtype)
@@ -97,7 +134,9 @@ class TransformersScorer:
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         vocab = self.lm_head.weight.shape[0]
         # Positions per LM-head chunk: fp32 logits of one chunk stay under the budget.
-        self.chunk = max(16, (logits_budget_mb << 20) // (4 * vocab))
+        # Entropy needs a second chunk-sized tensor (the probabilities): halve the chunk then.
+        per_position = 4 * vocab * (2 if "entropy" in self.signals else 1)
+        self.chunk = max(16, (logits_budget_mb << 20) // per_position)
         # Measured on CPU: padded batches are slower than one row per forward (the GEMMs are
         # already large and padding adds work), so batch only on accelerators.
         if max_batch_tokens is None:
@@ -118,23 +157,34 @@ class TransformersScorer:
             "device": self.device,
             "max_batch_tokens": self.max_batch_tokens,
             "compile": self.compiled,
+            **({"signals": list(self.signals)} if self.signals else {}),
         }
 
     def close(self) -> None:
         self.model = self.decoder = self.lm_head = None
 
     def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [r["logprobs"] for r in self.score_with_signals(sequences)]
+
+    def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per sequence: ``logprobs`` plus the columns of the scorer's ``signals``.
+
+        Example:
+            >>> s = TransformersScorer("model", signals="entropy,rank")  # doctest: +SKIP
+            >>> sorted(s.score_with_signals([np.array([1, 2, 3])])[0])  # doctest: +SKIP
+            ['entropy', 'logprobs', 'rank']
+        """
         import torch
 
-        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(sequences)
+        out: list[dict[str, np.ndarray]] = [{}] * len(sequences)
         lengths = [len(s) for s in sequences]
         with torch.inference_mode():
             for batch in length_batches(lengths, self.max_batch_tokens):
-                for i, lp in zip(batch, self._score_or_split([sequences[i] for i in batch])):
-                    out[i] = lp
+                for i, r in zip(batch, self._score_or_split([sequences[i] for i in batch])):
+                    out[i] = r
         return out
 
-    def _score_or_split(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def _score_or_split(self, sequences: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Score a batch; out of memory, split it in half (then shrink LM-head chunks) and retry.
 
         A run must not die on one oversized batch: it loses hours of GPU work otherwise.
@@ -164,7 +214,7 @@ class TransformersScorer:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _score_batch(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def _score_batch(self, sequences: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         import torch
 
         longest = max(len(s) for s in sequences)
@@ -178,20 +228,41 @@ class TransformersScorer:
         # Hidden state at t-1 predicts token t: gather the real positions of every row.
         h = torch.cat([hidden[row, : len(seq) - 1] for row, seq in enumerate(sequences)])
         targets = torch.cat([ids[row, 1 : len(seq)] for row, seq in enumerate(sequences)])
-        logprobs = torch.empty(len(targets), dtype=torch.float32, device=self.device)
-        for start in range(0, len(targets), self.chunk):
+        n = len(targets)
+        columns = {"logprobs": torch.empty(n, dtype=torch.float32, device=self.device)}
+        for sig in self.signals:
+            for name, np_type in SIGNAL_COLUMNS[sig].items():
+                dtype = torch.int32 if np_type is np.int32 else torch.float32
+                columns[name] = torch.empty(n, dtype=dtype, device=self.device)
+        for start in range(0, n, self.chunk):
             stop = start + self.chunk
             logits = self.lm_head(h[start:stop]).float()
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             gold = logits.gather(1, targets[start:stop, None]).squeeze(1)
-            logprobs[start:stop] = gold - torch.logsumexp(logits, dim=-1)
-        flat = logprobs.cpu().numpy()
+            lse = torch.logsumexp(logits, dim=-1)
+            columns["logprobs"][start:stop] = gold - lse
+            if "entropy" in self.signals:
+                # H = -sum p log p = lse - sum p * logit, over the full vocabulary
+                probs = torch.exp(logits - lse[:, None])
+                columns["entropy"][start:stop] = lse - (probs * logits).sum(-1)
+                del probs
+            if "top1" in self.signals:
+                best, best_id = logits.max(dim=-1)
+                columns["top1_id"][start:stop] = best_id.to(torch.int32)
+                columns["top1_logprob"][start:stop] = best - lse
+            if "rank" in self.signals:
+                columns["rank"][start:stop] = 1 + (logits > gold[:, None]).sum(-1).to(torch.int32)
+        flat = {k: v.cpu().numpy() for k, v in columns.items()}
         result, offset = [], 0
         for seq in sequences:
-            n = len(seq) - 1
-            result.append(np.concatenate([[np.nan], flat[offset : offset + n]]).astype(np.float32))
-            offset += n
+            m = len(seq) - 1
+            row = {}
+            for name, values in flat.items():
+                first = np.array([-1 if values.dtype == np.int32 else np.nan], values.dtype)
+                row[name] = np.concatenate([first, values[offset : offset + m]])
+            result.append(row)
+            offset += m
         return result
 
 

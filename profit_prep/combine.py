@@ -1,0 +1,95 @@
+"""Two-model scores: join a scored output with a second model's output of the same rows.
+
+``excess_loss[t] = loss_model[t] - loss_reference[t] = (-logprobs_A[t]) - (-logprobs_B[t])``, the
+score of Rho-1 (A = the model being trained, B = a reference trained on clean data) and of token
+cleaning. Both outputs must hold the same tokens: the tokenizer fingerprints must match and every
+row of A must exist in B with identical ``input_ids``; otherwise the join is refused, naming the
+first row that differs. The loader uses it through ``load(OUT_A, reference=OUT_B)``.
+
+Example:
+    >>> ref = Reference("out-base", "out-ref")  # doctest: +SKIP
+    >>> ref.excess_loss(pq.read_table("out-base/data/part-00000.parquet"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from profit_prep.errors import InputError
+from profit_prep.output import read_manifest, verify
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    return arr.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+class Reference:
+    """The reference output's ids and log-probabilities, indexed by example_id (held in memory:
+    about 8 bytes per token)."""
+
+    def __init__(self, out: str | Path, reference: str | Path) -> None:
+        self.path = Path(reference)
+        manifest = read_manifest(out)
+        ref_manifest = read_manifest(self.path)
+        problems = verify(self.path)
+        if problems:
+            raise InputError(f"{self.path}: damaged reference output ({'; '.join(problems)})")
+        ours = manifest["tokenizer"].get("fingerprint")
+        theirs = ref_manifest["tokenizer"].get("fingerprint")
+        if ours != theirs:
+            raise InputError(
+                f"{out} and {self.path} were tokenized differently (tokenizer fingerprints "
+                f"{str(ours)[:12]} vs {str(theirs)[:12]}): their tokens cannot be compared"
+            )
+        self.shards = [s["sha256"] for s in ref_manifest["shards"]]
+        files = [self.path / s["file"] for s in ref_manifest["shards"]]
+        table = pa.concat_tables(
+            [pq.read_table(f, columns=["example_id", "input_ids", "logprobs"]) for f in files]
+        ) if files else None
+        if table is None or table.num_rows == 0:
+            raise InputError(f"{self.path}: the reference output holds no rows")
+        self.ids, self.offsets = _flat(table["input_ids"])
+        self.logprobs, _ = _flat(table["logprobs"])
+        self.row_of = {e: i for i, e in enumerate(table["example_id"].to_pylist())}
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "shards": self.shards}
+
+    def logprobs_for(self, table: pa.Table) -> np.ndarray:
+        """The reference's log-probabilities aligned to ``table``'s flat tokens (checked)."""
+        example_ids = table["example_id"].to_pylist()
+        ids, offsets = _flat(table["input_ids"])
+        rows = []
+        for e in example_ids:
+            if e not in self.row_of:
+                raise InputError(f"example_id {e!r} is not in the reference output {self.path}")
+            rows.append(self.row_of[e])
+        rows_arr = np.asarray(rows, dtype=np.int64)
+        starts, stops = self.offsets[rows_arr], self.offsets[rows_arr + 1]
+        lengths = np.diff(offsets)
+        same_length = (stops - starts) == lengths
+        index = np.repeat(starts - offsets[:-1], lengths) + np.arange(len(ids))
+        if same_length.all():
+            row = np.repeat(np.arange(len(lengths)), lengths)
+            differ = np.bincount(row[self.ids[index] != ids], minlength=len(lengths)) > 0
+        else:
+            differ = ~same_length
+        if np.any(differ):
+            first = example_ids[int(np.argmax(differ))]
+            raise InputError(
+                f"input_ids differ for example_id {first!r} between the output and the reference "
+                f"{self.path}: both must be scored from the same rendered tokens"
+            )
+        return self.logprobs[index]
+
+    def excess_loss(self, table: pa.Table) -> np.ndarray:
+        """``loss_A - loss_B = logprobs_B - logprobs_A`` per flat token (NaN at t = 0)."""
+        logprobs, _ = _flat(table["logprobs"])
+        return (self.logprobs_for(table) - logprobs).astype(np.float32)
