@@ -228,3 +228,26 @@ def test_server_restart_mid_run_loses_and_doubles_nothing(
     b = pq.read_table(out / "data").sort_by("source_index")
     assert b["example_id"].to_pylist() == a["example_id"].to_pylist()  # none lost or doubled
     assert a["input_ids"].equals(b["input_ids"]) and a["loss_mask"].equals(b["loss_mask"])
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_ray_workers_as_server_clients_give_the_same_output(
+    server: Server, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    direct = cli(*score_args(server.url, smollm2_dir, tmp_path / "direct", limit=6))
+    via_ray = cli(*score_args(server.url, smollm2_dir, tmp_path / "ray", limit=6),
+                  "--num-workers", "2")
+    assert direct.returncode == 0 and via_ray.returncode == 0, via_ray.stderr[-2000:]
+    a = pq.read_table(tmp_path / "direct" / "data").sort_by("source_index")
+    b = pq.read_table(tmp_path / "ray" / "data").sort_by("source_index")
+    assert a["example_id"].equals(b["example_id"]) and a["input_ids"].equals(b["input_ids"])
+    assert a["loss_mask"].equals(b["loss_mask"])
+    la = np.concatenate(a["logprobs"].to_numpy(zero_copy_only=False))
+    lb = np.concatenate(b["logprobs"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(la[~np.isnan(la)], lb[~np.isnan(lb)], atol=1e-5, rtol=0)
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["scorer"]["backend"] == "server"
+    files = [p for p in (tmp_path / "ray").rglob("*") if p.is_file()]
+    assert [p for p in files if SECRET.encode() in p.read_bytes()] == []
