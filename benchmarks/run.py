@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -341,7 +340,8 @@ def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
             response_field="answer", limit=args["rows"], shard_size=args["shard_size"],
             quiet=True, overwrite=True,
         ))
-        return {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still carries the parent's peak.
+        return {"maxrss_mb": _vmrss_mb("VmHWM"),
                 "tokens": summary["tokens"], "rows": summary["scored_rows"],
                 "wall_s": time.perf_counter() - t0}
     if kind == "longrow":
@@ -362,8 +362,7 @@ def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         run([ids])
         seconds = time.perf_counter() - t0
-        peak = _vmrss_mb("VmHWM") if reset else resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _vmrss_mb("VmHWM")  # without the reset this also counts the model load
         return {"tokens": len(ids), "rss_before_mb": round(before, 1), "peak_mb": round(peak, 1),
                 "extra_mb": round(peak - before, 1), "seconds": round(seconds, 2),
                 "peak_reset": reset}

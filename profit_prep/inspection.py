@@ -360,6 +360,21 @@ def example_header(flat: Flat, i: int) -> str:
             f"{st['masked_fraction']:.1%} masked{trunc}")
 
 
+def example_tokens(
+    flat: Flat, i: int, tokenizer: Any
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
+    """One example's token texts, probabilities, response and masked flags, and the top-1 text
+    of each masked token (when stored): what both the terminal view and the report draw."""
+    s = flat.row(i)
+    pieces = token_strings(tokenizer, flat.input_ids[s])
+    # Slice before computing: the whole-output properties would cost O(all tokens) per example.
+    probs = np.exp(flat.logprobs[s].astype(np.float64))
+    resp = flat.response[s]
+    masked = resp & ~flat.keep[s]
+    top1 = token_strings(tokenizer, flat.top1[s][masked]) if flat.top1 is not None else None
+    return pieces, probs, resp, masked, top1
+
+
 def render_example(flat: Flat, i: int, tokenizer: Any, *, color: bool) -> str:
     """One example as terminal text.
 
@@ -368,13 +383,7 @@ def render_example(flat: Flat, i: int, tokenizer: Any, *, color: bool) -> str:
     ``top1_id`` column, ``[text|top-1 text]``. With colour: prompt grey, response tokens coloured
     red..green by probability, masked tokens struck through in red.
     """
-    s = flat.row(i)
-    pieces = token_strings(tokenizer, flat.input_ids[s])
-    # Slice before computing: the whole-output properties would cost O(all tokens) per example.
-    probs = np.exp(flat.logprobs[s].astype(np.float64))
-    resp = flat.response[s]
-    masked = resp & ~flat.keep[s]
-    top1 = token_strings(tokenizer, flat.top1[s][masked]) if flat.top1 is not None else None
+    pieces, probs, resp, masked, top1 = example_tokens(flat, i, tokenizer)
     out: list[str] = []
     k = 0
     for text, p, r, m in zip(pieces, probs, resp, masked, strict=True):

@@ -24,9 +24,9 @@ from profit_prep.inspection import (
     compute_stats,
     describe_rule,
     example_stats,
+    example_tokens,
     load_flat,
     load_output_tokenizer,
-    token_strings,
 )
 from profit_prep.output import atomic_write_bytes
 
@@ -216,13 +216,7 @@ def _prob_title(p: float, masked: bool, top1: str | None) -> str:
 
 def example_html(flat: Flat, i: int, tokenizer: Any) -> str:
     """One example: prompt runs greyed, response tokens coloured by p, masked ones marked."""
-    s = flat.row(i)
-    pieces = token_strings(tokenizer, flat.input_ids[s])
-    # Slice before computing: the whole-output properties would cost O(all tokens) per example.
-    probs = np.exp(flat.logprobs[s].astype(np.float64))
-    resp = flat.response[s]
-    masked = resp & ~flat.keep[s]
-    top1 = token_strings(tokenizer, flat.top1[s][masked]) if flat.top1 is not None else None
+    pieces, probs, resp, masked, top1 = example_tokens(flat, i, tokenizer)
     buckets = np.clip((np.nan_to_num(probs, nan=0.0) * PROB_BUCKETS).astype(int), 0,
                       PROB_BUCKETS - 1)
     parts: list[str] = []

@@ -109,7 +109,7 @@ class TransformersScorer:
         dtype: str = "float32",
         device: str | None = None,
         max_batch_tokens: int | None = None,
-        logits_budget_mb: int = 256,
+        logits_budget_mb: int = 128,
         compile: bool = False,
         num_threads: int | None = None,
         signals: str | Sequence[str] | None = None,
