@@ -241,6 +241,12 @@ class Prepared:
         start = index * self.config.shard_size
         return start, min(start + self.config.shard_size, self.n_rows)
 
+    def pending(self, out: OutputDir) -> tuple[list[int], int]:
+        """Shards still to write, and how many input rows the finished ones cover (resume)."""
+        todo = [i for i in range(self.n_shards) if not out.shard_done(i)]
+        ranges = [self.shard_range(i) for i in todo]
+        return todo, self.n_rows - sum(stop - start for start, stop in ranges)
+
 
 def _check_format(source: Source, config: ScoreConfig) -> str:
     fields = config.fields()
@@ -453,10 +459,7 @@ def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
     prepared = prepare(config)
     out = OutputDir(config.out)
     with out.open(prepared.params, overwrite=config.overwrite):
-        todo = [i for i in range(prepared.n_shards) if not out.shard_done(i)]
-        done_rows = prepared.n_rows - sum(
-            prepared.shard_range(i)[1] - prepared.shard_range(i)[0] for i in todo
-        )
+        todo, done_rows = prepared.pending(out)
         t_load = time.perf_counter()
         own_scorer = scorer is None and bool(todo)
         if own_scorer:

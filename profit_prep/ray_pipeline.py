@@ -226,10 +226,7 @@ def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
     prepared = prepare(config)
     out = OutputDir(config.out)
     with out.open(prepared.params, overwrite=config.overwrite):
-        todo = [i for i in range(prepared.n_shards) if not out.shard_done(i)]
-        done_rows = prepared.n_rows - sum(
-            prepared.shard_range(i)[1] - prepared.shard_range(i)[0] for i in todo
-        )
+        todo, done_rows = prepared.pending(out)
         timing = dict.fromkeys(("read_s", "render_s", "score_s", "write_s"), 0.0)
         scored_tokens, load_s, describe = 0, 0.0, {"backend": config.backend}
         ray_start_s = exec_s = 0.0

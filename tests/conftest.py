@@ -79,6 +79,26 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.fixture()
+def private_datasets_cache(tmp_path_factory, monkeypatch) -> None:
+    """Loader cache files go to a temporary folder, not the user's datasets cache."""
+    import datasets
+
+    monkeypatch.setattr(
+        datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache")
+    )
+
+
+def score_demo(out: Path, model: Path, limit: int = 8, **overrides: object) -> Path:
+    """Score the first bundled GSM8K rows into ``out`` (shards of 3 unless overridden)."""
+    from profit_prep import ScoreConfig, score
+
+    score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(model),
+                      prompt_field="question", response_field="answer", limit=limit,
+                      quiet=True, **{"shard_size": 3, **overrides}))
+    return out
+
+
 @pytest.fixture(scope="session")
 def gsm8k_rows() -> list[dict]:
     """The GSM8K rows bundled with the package (always present)."""

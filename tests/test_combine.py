@@ -10,15 +10,18 @@ import pytest
 
 from profit_prep.errors import InputError
 from profit_prep.loading import load
-from tests.test_rules import _private_cache, rows_of, score_rows  # noqa: F401 - fixture
+from tests.conftest import score_demo
+from tests.test_rules import rows_of
+
+pytestmark = pytest.mark.usefixtures("private_datasets_cache")
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_model_dir: Path) -> tuple[Path, Path]:
     """6 rows scored twice by the tiny model: bfloat16 vs float32 gives different logprobs."""
     base = tmp_path_factory.mktemp("pair")
-    a = score_rows(base / "a", tiny_model_dir, limit=6, dtype="bfloat16")
-    b = score_rows(base / "b", tiny_model_dir, limit=6, shard_size=4)
+    a = score_demo(base / "a", tiny_model_dir, limit=6, dtype="bfloat16")
+    b = score_demo(base / "b", tiny_model_dir, limit=6, shard_size=4)
     return a, b
 
 
@@ -43,11 +46,11 @@ def test_refused_naming_first_row_whose_tokens_differ(
     a, _ = pair
     lengths = {r["example_id"]: len(r["input_ids"]) for r in pq.read_table(a / "data").to_pylist()}
     cut = sorted(lengths.values())[-1] - 1  # truncating at this length changes only the longest
-    other = score_rows(tmp_path / "cut", tiny_model_dir, limit=6, max_length=cut)
+    other = score_demo(tmp_path / "cut", tiny_model_dir, limit=6, max_length=cut)
     order = pq.read_table(a / "data", columns=["example_id"])["example_id"].to_pylist()
     first = next(e for e in order if lengths[e] > cut)
     with pytest.raises(InputError, match=f"input_ids differ for example_id '{first}'"):
         load(a, reference=other)
-    partial = score_rows(tmp_path / "partial", tiny_model_dir, limit=4)
+    partial = score_demo(tmp_path / "partial", tiny_model_dir, limit=4)
     with pytest.raises(InputError, match="is not in the reference output"):
         load(a, reference=partial)

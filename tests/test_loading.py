@@ -14,33 +14,15 @@ import pytest
 from profit_prep.errors import InputError
 from profit_prep.loading import load
 from profit_prep.output import read_manifest
+from tests.conftest import score_demo
 
-DEMO_GSM8K = Path(__file__).resolve().parent.parent / "profit_prep" / "data" / "gsm8k_demo.jsonl"
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch) -> None:
-    """Loader cache files go to a temporary folder, not the user's datasets cache."""
-    import datasets
-
-    monkeypatch.setattr(
-        datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache")
-    )
-
-
-def score_tiny(out: Path, model: Path, limit: int = 8, **rule: object) -> Path:
-    from profit_prep import ScoreConfig, score
-
-    score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(model),
-                      prompt_field="question", response_field="answer", limit=limit,
-                      shard_size=3, quiet=True, **rule))
-    return out
+pytestmark = pytest.mark.usefixtures("private_datasets_cache")
 
 
 @pytest.fixture(scope="module")
 def tiny_out(tmp_path_factory, tiny_model_dir: Path) -> Path:
     """8 GSM8K rows scored by the tiny random Llama (tau = 0.1), in 3 shards."""
-    return score_tiny(tmp_path_factory.mktemp("tiny") / "out", tiny_model_dir)
+    return score_demo(tmp_path_factory.mktemp("tiny") / "out", tiny_model_dir)
 
 
 def parquet_rows(out: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -87,7 +69,7 @@ def test_rethreshold_matches_fresh_scoring(
         "lower": {"strategy": "lower", "tau": median},
         "random": {"strategy": "random", "keep_fraction": 0.4, "seed": 7},
     }[kind]
-    fresh = parquet_rows(score_tiny(tmp_path / "fresh", tiny_model_dir, **rule))
+    fresh = parquet_rows(score_demo(tmp_path / "fresh", tiny_model_dir, **rule))
     got = loaded(load(tiny_out, **rule), "completion_mask")
     assert got.keys() == fresh.keys()
     kept = 0

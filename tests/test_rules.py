@@ -14,39 +14,22 @@ from profit_prep.errors import InputError
 from profit_prep.loading import load
 from profit_prep.output import read_manifest
 from profit_prep.rules import Select
+from tests.conftest import score_demo
 
-DEMO_GSM8K = Path(__file__).resolve().parent.parent / "profit_prep" / "data" / "gsm8k_demo.jsonl"
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch) -> None:
-    import datasets
-
-    monkeypatch.setattr(
-        datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache")
-    )
-
-
-def score_rows(out: Path, model: Path, limit: int = 8, **extra: object) -> Path:
-    from profit_prep import ScoreConfig, score
-
-    score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(model),
-                      prompt_field="question", response_field="answer", limit=limit,
-                      quiet=True, **{"shard_size": 3, **extra}))
-    return out
+pytestmark = pytest.mark.usefixtures("private_datasets_cache")
 
 
 @pytest.fixture(scope="module")
 def signals_out(tmp_path_factory, tiny_model_dir: Path) -> Path:
     """8 GSM8K rows scored by the tiny Llama with every signal, in 3 shards."""
-    return score_rows(tmp_path_factory.mktemp("sig") / "out", tiny_model_dir,
+    return score_demo(tmp_path_factory.mktemp("sig") / "out", tiny_model_dir,
                       signals="entropy,top1,rank")
 
 
 @pytest.fixture(scope="module")
 def smollm2_out(tmp_path_factory, smollm2_dir: Path) -> Path:
     """The same 8 rows scored by the real SmolLM2 (the reference model of excess-loss rules)."""
-    return score_rows(tmp_path_factory.mktemp("ref") / "out", smollm2_dir, signals="entropy")
+    return score_demo(tmp_path_factory.mktemp("ref") / "out", smollm2_dir, signals="entropy")
 
 
 def rows_of(out: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -153,4 +136,4 @@ def test_rank_band_and_refusals(signals_out: Path, tiny_out_plain: Path) -> None
 
 @pytest.fixture(scope="module")
 def tiny_out_plain(tmp_path_factory, tiny_model_dir: Path) -> Path:
-    return score_rows(tmp_path_factory.mktemp("plain") / "out", tiny_model_dir, limit=3)
+    return score_demo(tmp_path_factory.mktemp("plain") / "out", tiny_model_dir, limit=3)

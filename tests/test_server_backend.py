@@ -105,6 +105,17 @@ def cli(*args: str, key: str | None = SECRET) -> subprocess.CompletedProcess:
                           text=True, timeout=900, env=env)
 
 
+def assert_same_tokens_close_logprobs(a_out: Path, b_out: Path, atol: float = 1e-5) -> None:
+    """Same rows, ids and masks; logprobs within ``atol`` (two backends, or Ray vs direct)."""
+    a = pq.read_table(a_out / "data").sort_by("source_index")
+    b = pq.read_table(b_out / "data").sort_by("source_index")
+    assert a["example_id"].equals(b["example_id"]) and a["input_ids"].equals(b["input_ids"])
+    assert a["loss_mask"].equals(b["loss_mask"])
+    la = np.concatenate(a["logprobs"].to_numpy(zero_copy_only=False))
+    lb = np.concatenate(b["logprobs"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(la[~np.isnan(la)], lb[~np.isnan(lb)], atol=atol, rtol=0)
+
+
 def score_args(server_url: str, tokenizer: Path, out: Path, limit: int = 6) -> list[str]:
     return ["score", "--server", server_url, "--tokenizer", str(tokenizer), "--data",
             str(DEMO_GSM8K), "--out", str(out), "--prompt-field", "question", "--response-field",
@@ -151,12 +162,7 @@ def test_server_matches_the_in_process_vllm_backend(server: Server, smollm2_dir:
                 "--max-length", "1000")
     if local.returncode != 0:
         pytest.skip(f"in-process vLLM engine could not start here: {local.stderr[-300:]}")
-    a = pq.read_table(tmp_path / "srv" / "data").sort_by("source_index")
-    b = pq.read_table(tmp_path / "local" / "data").sort_by("source_index")
-    assert a["input_ids"].equals(b["input_ids"]) and a["loss_mask"].equals(b["loss_mask"])
-    la = np.concatenate(a["logprobs"].to_numpy(zero_copy_only=False))
-    lb = np.concatenate(b["logprobs"].to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(la[~np.isnan(la)], lb[~np.isnan(lb)], atol=1e-5, rtol=0)
+    assert_same_tokens_close_logprobs(tmp_path / "srv", tmp_path / "local")
 
 
 @needs_vllm
@@ -240,13 +246,7 @@ def test_ray_workers_as_server_clients_give_the_same_output(
     via_ray = cli(*score_args(server.url, smollm2_dir, tmp_path / "ray", limit=6),
                   "--num-workers", "2")
     assert direct.returncode == 0 and via_ray.returncode == 0, via_ray.stderr[-2000:]
-    a = pq.read_table(tmp_path / "direct" / "data").sort_by("source_index")
-    b = pq.read_table(tmp_path / "ray" / "data").sort_by("source_index")
-    assert a["example_id"].equals(b["example_id"]) and a["input_ids"].equals(b["input_ids"])
-    assert a["loss_mask"].equals(b["loss_mask"])
-    la = np.concatenate(a["logprobs"].to_numpy(zero_copy_only=False))
-    lb = np.concatenate(b["logprobs"].to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(la[~np.isnan(la)], lb[~np.isnan(lb)], atol=1e-5, rtol=0)
+    assert_same_tokens_close_logprobs(tmp_path / "direct", tmp_path / "ray")
     manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
     assert manifest["scorer"]["backend"] == "server"
     files = [p for p in (tmp_path / "ray").rglob("*") if p.is_file()]

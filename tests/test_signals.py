@@ -14,8 +14,8 @@ import pytest
 
 from profit_prep.errors import InputError
 from profit_prep.scoring import parse_signals
+from tests.conftest import DEMO_GSM8K
 
-DEMO_GSM8K = Path(__file__).resolve().parent.parent / "profit_prep" / "data" / "gsm8k_demo.jsonl"
 SIGNAL_COLS = ("entropy", "top1_id", "top1_logprob", "rank")
 
 
