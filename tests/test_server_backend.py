@@ -105,8 +105,13 @@ def cli(*args: str, key: str | None = SECRET) -> subprocess.CompletedProcess:
                           text=True, timeout=900, env=env)
 
 
-def assert_same_tokens_close_logprobs(a_out: Path, b_out: Path, atol: float = 1e-5) -> None:
-    """Same rows, ids and masks; logprobs within ``atol`` (two backends, or Ray vs direct)."""
+def assert_same_tokens_close_logprobs(a_out: Path, b_out: Path, atol: float = 1e-4) -> None:
+    """Same rows, ids and masks; logprobs within ``atol`` (two backends, or Ray vs direct).
+
+    Not bit-equal: the server batches whatever requests are in flight together, and a different
+    batch changes the float reduction order (vLLM is not batch-invariant). CI saw 2.8e-5 between
+    one client and two Ray workers; 1e-4 is the agreement docs/server.md promises.
+    """
     a = pq.read_table(a_out / "data").sort_by("source_index")
     b = pq.read_table(b_out / "data").sort_by("source_index")
     assert a["example_id"].equals(b["example_id"]) and a["input_ids"].equals(b["input_ids"])
