@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,3 +121,124 @@ def test_trainer_mixin_gradient_accumulation(
         a = profit_loss(out, full["labels"], full["response_mask"], normalize=normalize)
         b = profit_loss(out, full["labels"], full["response_mask"], normalize=other)
     assert not np.isclose(a.item(), b.item())
+
+
+# -- other methods' masks and weights inside a real SFTTrainer ------------------------------------
+
+
+def _stored(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "data")
+    return {r["example_id"]: {k: np.array(r[k], dtype=float if k == "logprobs" else None)
+                              for k in ("input_ids", "response_mask", "logprobs", "loss_mask")}
+            for r in table.to_pylist()}
+
+
+def _hidden_grads(trainer: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d final-norm output at each position t-1 (it feeds only the prediction of t)."""
+    model, captured = trainer.model, {}
+
+    def keep(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        output.retain_grad()
+        captured["h"] = output
+
+    handle = model.model.norm.register_forward_hook(keep)
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    handle.remove()
+    return captured["h"].grad[:, :-1].clone(), loss.detach()
+
+
+@pytest.mark.slow
+def test_sft_trainer_dft_weights_and_rho1_mask_reach_the_loss(
+    scored_output: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """DFT: each token's gradient is exactly p_ref times the unweighted one. Rho-1: exactly the
+    numpy top-60% excess-loss tokens get gradient, everything else none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from profit_prep.loading import load
+    from profit_prep.losses import ProFitLossMixin
+    from profit_prep.rules import Select
+    from tests.conftest import score_demo
+
+    class ProFitSFTTrainer(ProFitLossMixin, SFTTrainer):
+        pass
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def trainer_for(dataset: Any, name: str) -> SFTTrainer:
+        torch.manual_seed(0)
+        args = SFTConfig(
+            output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=4,
+            bf16=False, use_cpu=True, report_to=[], save_strategy="no", learning_rate=1e-2,
+            seed=0, shuffle_dataset=False, remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )
+        return ProFitSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                args=args, train_dataset=dataset, processing_class=tokenizer,
+                                data_collator=PadCollator(pad_token_id=2))
+
+    def first_batch(trainer: SFTTrainer) -> tuple[list[str], dict]:
+        rows = [trainer.train_dataset[i] for i in range(4)]
+        return [r["example_id"] for r in rows], trainer.data_collator(rows)
+
+    stored = _stored(scored_output)
+
+    # DFT: all response tokens, weight p_ref (detached constants).
+    plain = trainer_for(load(scored_output, tau=0.0), "plain")
+    dft = trainer_for(load(scored_output, tau=0.0, weights="prob"), "dft")
+    ids, batch_plain = first_batch(plain)
+    _, batch_dft = first_batch(dft)
+    assert torch.equal(batch_plain["labels"], batch_dft["labels"])
+    weights = batch_dft["weights"]
+    for i, eid in enumerate(ids):
+        r = stored[eid]
+        n = len(r["input_ids"])
+        expect = np.where(r["response_mask"] == 1, np.exp(r["logprobs"]), 0.0)
+        np.testing.assert_allclose(weights[i, :n].numpy(), expect, rtol=1e-6, atol=1e-7)
+    trained = batch_plain["labels"][:, 1:] != -100
+    assert weights[:, 1:][trained].std() > 0.1  # weights really vary, so the check can fail
+    g_plain, loss_plain = _hidden_grads(plain, batch_plain)
+    g_dft, loss_dft = _hidden_grads(dft, batch_dft)
+    # same denominator (kept tokens), so token t's gradient scales by exactly its weight
+    torch.testing.assert_close(g_dft, g_plain * weights[:, 1:, None], atol=1e-9, rtol=1e-4)
+    with torch.no_grad():  # and the loss is sum(w * nll) / kept, from an independent forward
+        logits = dft.model(input_ids=batch_dft["input_ids"],
+                           attention_mask=batch_dft["attention_mask"]).logits
+        nll = per_token_nll(logits, batch_dft["input_ids"])
+    expect_loss = (nll * weights[:, 1:] * trained).sum() / trained.sum()
+    assert abs(loss_dft.item() - expect_loss.item()) < 1e-5
+    assert abs(loss_dft.item() - loss_plain.item()) > 1e-3
+
+    # Rho-1: a second model's output of the same tokens; keep the top 60% by excess loss.
+    reference = score_demo(tmp_path / "ref", tiny_model_dir, limit=24, shard_size=8)
+    ref = _stored(reference)
+    rho1 = trainer_for(load(scored_output, select=Select("top", "excess_loss", fraction=0.6),
+                            reference=reference), "rho1")
+    ids, batch_rho1 = first_batch(rho1)
+    differs_from_profit = 0
+    for i, eid in enumerate(ids):
+        r, n = stored[eid], len(stored[eid]["input_ids"])
+        excess = (-r["logprobs"]) - (-ref[eid]["logprobs"])
+        resp = np.flatnonzero(r["response_mask"])
+        k = int(np.ceil(0.6 * len(resp)))
+        top = resp[np.argsort(-excess[resp], kind="stable")[:k]]
+        keep = np.zeros(n, dtype=bool)
+        keep[top] = True
+        expect = np.full(batch_rho1["labels"].shape[1], -100)
+        expect[:n] = np.where(keep, r["input_ids"], -100)
+        np.testing.assert_array_equal(batch_rho1["labels"][i].numpy(), expect)
+        differs_from_profit += int((keep != r["loss_mask"].astype(bool)).sum())
+    assert differs_from_profit > 0  # not the stored ProFit mask in disguise
+    grad, _ = _hidden_grads(rho1, batch_rho1)
+    selected = batch_rho1["labels"][:, 1:] != -100
+    per_position = grad.abs().sum(-1)
+    assert (per_position[~selected] == 0).all() and (per_position[selected] > 0).all()
+
+    for trainer in (dft, rho1):  # and real optimisation steps run on both
+        result = trainer.train()
+        assert trainer.state.global_step == 1 and np.isfinite(result.training_loss)
