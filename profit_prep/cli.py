@@ -102,6 +102,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    from profit_prep.combine import combine
+
+    manifest = combine(args.out, args.reference, args.into, overwrite=args.overwrite)
+    counts = manifest["counts"]
+    print(f"{args.into}: {counts['scored_rows']} rows, {counts['tokens']:,} tokens with "
+          "reference_logprobs and excess_loss; load(..., select=Select('top', 'excess_loss', "
+          "fraction=0.6)) reads them")
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from profit_prep.output import read_manifest
 
@@ -205,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an output's shards against its manifest")
     p.add_argument("out")
     commands["verify"] = cmd_verify
+
+    p = sub.add_parser("combine", help="join a second model's scores of the same tokens "
+                       "(reference_logprobs, excess_loss) into a new output")
+    p.add_argument("out", help="the scored output (e.g. the model to be trained)")
+    p.add_argument("--reference", required=True, metavar="REF_OUT",
+                   help="another output of the same rows and tokens (e.g. a reference model)")
+    p.add_argument("--into", required=True, metavar="DIR", help="the new output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --into")
+    commands["combine"] = cmd_combine
 
     p = sub.add_parser("manifest", help="print an output's manifest")
     p.add_argument("out")

@@ -4,15 +4,23 @@
 score of Rho-1 (A = the model being trained, B = a reference trained on clean data) and of token
 cleaning. Both outputs must hold the same tokens: the tokenizer fingerprints must match and every
 row of A must exist in B with identical ``input_ids``; otherwise the join is refused, naming the
-first row that differs. The loader uses it through ``load(OUT_A, reference=OUT_B)``.
+first row that differs. Two ways to use it:
+
+* ``load(OUT_A, reference=OUT_B)``: the loader joins on the fly (nothing written);
+* :func:`combine` (``profit-prep combine OUT_A --reference OUT_B --into OUT_AB``): writes a new
+  output, OUT_A's rows plus two per-token columns, ``reference_logprobs`` and ``excess_loss``,
+  that pandas/DuckDB/polars read like any other, and ``load(OUT_AB, select=...)`` uses directly.
 
 Example:
     >>> ref = Reference("out-base", "out-ref")  # doctest: +SKIP
     >>> ref.excess_loss(pq.read_table("out-base/data/part-00000.parquet"))  # doctest: +SKIP
+    >>> combine("out-base", "out-ref", "out-both")["counts"]["scored_rows"]  # doctest: +SKIP
+    300
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
-from profit_prep.output import read_manifest, verify
+from profit_prep.output import OutputDir, read_manifest, verify
+
+# The columns :func:`combine` adds (documented in the combined manifest and docs/format.md).
+COMBINED_DOCS = {
+    "reference_logprobs": "log p(input_ids[t] | input_ids[:t]) under the second (reference) "
+    "model of `profit-prep combine`; NaN at t = 0",
+    "excess_loss": "loss - reference loss = reference_logprobs - logprobs (Rho-1's score); "
+    "NaN at t = 0",
+}
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -93,3 +109,60 @@ class Reference:
         """``loss_A - loss_B = logprobs_B - logprobs_A`` per flat token (NaN at t = 0)."""
         logprobs, _ = _flat(table["logprobs"])
         return (self.logprobs_for(table) - logprobs).astype(np.float32)
+
+
+def combine(
+    out: str | Path, reference: str | Path, into: str | Path, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write ``out``'s rows with ``reference``'s log-probabilities joined in, as a new output.
+
+    Refused (nothing written) unless both outputs hold the same tokens (see :class:`Reference`).
+    Shards keep ``out``'s numbering, so a rerun after an interruption finishes the missing ones;
+    a finished ``into`` is left alone unless ``overwrite``. Returns the new manifest.
+    """
+    out, into = Path(out), Path(into)
+    if into.resolve() in (out.resolve(), Path(reference).resolve()):
+        raise InputError(f"--into {into} must be a new directory, not one of the inputs")
+    manifest = read_manifest(out)
+    problems = verify(out)
+    if problems:
+        raise InputError(f"{out}: damaged output ({'; '.join(problems)})")
+    ref = Reference(out, reference)
+    ref_manifest = read_manifest(ref.path)
+    # Check every row before writing any: a refusal leaves no half-combined output behind.
+    tables = [pq.read_table(out / s["file"]) for s in manifest["shards"]]
+    for table in tables:
+        ref.logprobs_for(table)
+    source = {"path": str(out), "shards": [s["sha256"] for s in manifest["shards"]]}
+    target = OutputDir(into)
+    with target.open({"combine": source, "reference": ref.describe()}, overwrite=overwrite):
+        for index, table in enumerate(tables):
+            if target.shard_done(index):
+                continue
+            ref_logprobs = ref.logprobs_for(table)
+            logprobs, offsets = _flat(table["logprobs"])
+            offsets = pa.array(offsets, type=pa.int32())
+            for name, values in (("reference_logprobs", ref_logprobs),
+                                 ("excess_loss", ref_logprobs - logprobs)):
+                column = pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32)))
+                table = table.append_column(name, column)
+            name = Path(manifest["shards"][index]["file"]).stem
+            rejected_file = out / "rejected" / f"{name}.jsonl"
+            rejected = [json.loads(line) for line in rejected_file.read_text().splitlines()
+                        ] if rejected_file.exists() else []
+            target.write_shard(index, table, rejected)
+        kept = {k: v for k, v in manifest.items()
+                if k not in ("format_version", "counts", "shards", "schema")}
+        return target.finalize(
+            {
+                **kept,
+                "columns": {**manifest.get("columns", {}), **COMBINED_DOCS},
+                "combined_from": source,
+                "reference": {
+                    **ref.describe(),
+                    "model": ref_manifest.get("model"),
+                    "scorer": ref_manifest.get("scorer"),
+                },
+            },
+            len(tables),
+        )

@@ -158,21 +158,32 @@ def _check_select(
         if column not in names:
             flag = "top1" if column == "top1_logprob" else column
             raise InputError(f"{out} has no {column!r} column: score it with --signals {flag}")
-    if select.signal == "excess_loss" and ref is None:
-        raise InputError("signal excess_loss needs reference=OTHER_OUT (the reference's output)")
+    if select.signal == "excess_loss" and ref is None and not _stored_excess(out, manifest):
+        raise InputError("signal excess_loss needs reference=OTHER_OUT (the reference's output), "
+                         "or an output written by `profit-prep combine`")
+
+
+def _stored_excess(out: Path, manifest: dict[str, Any]) -> bool:
+    """True for an output of `profit-prep combine`, which stores ``excess_loss`` itself."""
+    return bool(manifest["shards"]) and "excess_loss" in pq.read_schema(
+        out / manifest["shards"][0]["file"]
+    ).names
 
 
 def _shard_columns(select: Select | None, ref: Reference | None) -> list[str]:
     columns = ["example_id", *_PER_TOKEN]
     if select is not None and select.column():
         columns.append(select.column())
+    if select is not None and select.signal == "excess_loss" and ref is None:
+        columns.append("excess_loss")  # stored by `profit-prep combine`
     return columns
 
 
 def signal_values(table: pa.Table, select: Select, ref: Reference | None) -> np.ndarray:
     """The rule's signal per flat token of ``table``."""
     if select.signal == "excess_loss":
-        assert ref is not None
+        if ref is None:  # an output of `profit-prep combine`
+            return _flat(table["excess_loss"])[0].astype(np.float64)
         return ref.excess_loss(table)
     if select.signal in ("prob", "loss"):
         logprobs, _ = _flat(table["logprobs"])

@@ -1,4 +1,5 @@
-"""Two-model scores: load(OUT, reference=OTHER) joins by example_id and refuses different tokens."""
+"""Two-model scores: load(OUT, reference=OTHER) and `profit-prep combine` join by example_id,
+and refuse outputs whose tokens differ."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from profit_prep.cli import main as cli
 from profit_prep.errors import InputError
 from profit_prep.loading import load
+from profit_prep.output import read_manifest, verify
+from profit_prep.rules import Select
 from tests.conftest import score_demo
 from tests.test_rules import rows_of
 
@@ -54,3 +58,57 @@ def test_refused_naming_first_row_whose_tokens_differ(
     partial = score_demo(tmp_path / "partial", tiny_model_dir, limit=4)
     with pytest.raises(InputError, match="is not in the reference output"):
         load(a, reference=partial)
+
+
+def test_combine_writes_both_models_columns_that_any_reader_and_the_loader_use(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import duckdb
+
+    a, b = pair
+    into = tmp_path / "ab"
+    assert cli(["combine", str(a), "--reference", str(b), "--into", str(into)]) == 0
+    assert "6 rows" in capsys.readouterr().out
+    assert verify(into) == []
+    manifest = read_manifest(into)
+    assert {"reference_logprobs", "excess_loss"} <= set(manifest["columns"])
+    assert manifest["reference"]["path"] == str(b) and manifest["combined_from"]["path"] == str(a)
+    rows_a, rows_b = rows_of(a), rows_of(b)
+    for r in pq.read_table(into / "data").to_pylist():
+        e = r["example_id"]
+        ref_lp = np.array(r["reference_logprobs"], float)
+        np.testing.assert_array_equal(ref_lp[1:], rows_b[e]["logprobs"][1:])
+        np.testing.assert_array_equal(np.array(r["input_ids"]), rows_a[e]["input_ids"])
+        np.testing.assert_allclose(np.array(r["excess_loss"], float)[1:],
+                                   (rows_b[e]["logprobs"] - rows_a[e]["logprobs"])[1:], atol=1e-6)
+    # A plain SQL reader sees the new columns; the loader's rule on them equals the live join.
+    (n,) = duckdb.sql(f"select count(*) from '{into}/data/*.parquet' "
+                      "where len(excess_loss) = len(input_ids)").fetchall()[0]
+    assert n == 6
+    rule = Select("top", "excess_loss", fraction=0.5, scope="global")
+    stored = load(into, select=rule)
+    live = load(a, select=rule, reference=b)
+    assert stored["completion_mask"] == live["completion_mask"]
+    assert sum(map(sum, stored["completion_mask"])) > 0
+    # Reruns: a finished output is kept; --overwrite replaces it.
+    assert cli(["combine", str(a), "--reference", str(b), "--into", str(into)]) == 0
+    assert cli(["combine", str(a), "--reference", str(b), "--into", str(into),
+                "--overwrite"]) == 0
+
+
+def test_combine_refuses_other_tokens_with_the_row_and_writes_nothing(
+    pair: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a, _ = pair
+    lengths = {r["example_id"]: len(r["input_ids"]) for r in pq.read_table(a / "data").to_pylist()}
+    other = score_demo(tmp_path / "cut", tiny_model_dir, limit=6,
+                       max_length=max(lengths.values()) - 1)
+    into = tmp_path / "ab"
+    capsys.readouterr()  # drop the scoring run's own output
+    assert cli(["combine", str(a), "--reference", str(other), "--into", str(into)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: input_ids differ for example_id")
+    assert not into.exists()
+    with pytest.raises(InputError, match="needs reference=OTHER_OUT"):
+        load(a, select=Select("top", "excess_loss", fraction=0.5))
