@@ -136,16 +136,37 @@ def _use_color(choice: str) -> bool:
     return sys.stdout.isatty() and not plain
 
 
+def _view_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--color-by`` and ``--compare``, checked: rule arguments for ``load_flat`` included."""
+    from profit_prep.inspection import PROB, parse_rule, rule_columns
+
+    rule_args = _rule_args(args)
+    if args.compare is None:
+        return {"color_by": args.color_by, "compare": None, "columns": [args.color_by],
+                "rule_args": rule_args}
+    if args.color_by != "prob":
+        raise InputError("--color-by and --compare both decide token colours; choose one")
+    given = [f"--{k.replace('_', '-')}" for k, v in rule_args.items() if v is not None]
+    if given:
+        raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
+                         "(write the rule instead, e.g. higher:tau=0.3)")
+    a, b = (parse_rule(text) for text in args.compare)
+    return {"color_by": PROB, "compare": (a, b), "columns": rule_columns(a) + rule_columns(b),
+            "rule_args": rule_args}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from profit_prep.inspection import load_flat, load_output_tokenizer, render_examples
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
-    flat = load_flat(args.out, **_rule_args(args))
+    view = _view_options(args)
+    flat = load_flat(args.out, **view["rule_args"], columns=view["columns"])
     tokenizer = load_output_tokenizer(args.out, args.tokenizer)
     try:
         for block in render_examples(flat, tokenizer, row=args.row, grep=args.grep,
-                                     limit=args.limit, color=_use_color(args.color)):
+                                     limit=args.limit, color=_use_color(args.color),
+                                     color_by=view["color_by"], compare=view["compare"]):
             print(block)
         sys.stdout.flush()
     except BrokenPipeError:  # `profit-prep inspect OUT | head`: stop quietly
@@ -169,9 +190,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.examples < 1 or args.per_page < 1:
         raise InputError("--examples and --per-page must be at least 1")
+    view = _view_options(args)
     path = write_report(args.out, args.html, examples=args.examples, seed=args.seed,
                         per_page=args.per_page, tokenizer_path=args.tokenizer,
-                        **_rule_args(args))
+                        color_by=view["color_by"], compare=view["compare"], **view["rule_args"])
     print(f"report      {path}")
     return 0
 
@@ -188,6 +210,18 @@ def _add_view_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, help="threshold for higher/lower")
     g.add_argument("--tau-low", type=float, help="lower threshold for middle")
     g.add_argument("--tau-high", type=float, help="upper threshold for middle")
+
+
+def _add_colour_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by inspect and report: what colours the tokens (docs/inspect.md)."""
+    g = p.add_argument_group("token colours")
+    g.add_argument("--color-by", metavar="COLUMN", default="prob",
+                   help="prob (default: masked vs kept, tinted by probability) or a stored "
+                   "per-token column (logprobs, entropy, top1_logprob, rank): 5 quantile buckets")
+    g.add_argument("--compare", nargs=2, metavar=("RULE_A", "RULE_B"),
+                   help="mark tokens kept by A only, B only, both, neither; a RULE is stored, "
+                   "STRATEGY[:tau=..] (higher:tau=0.3, middle:tau_low=0.2,tau_high=0.8) or a "
+                   "selection rule (top:signal=entropy,fraction=0.2; band:signal=rank,hi=3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grep", metavar="TEXT", help="only examples whose text contains TEXT")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="ANSI colours (default: auto, when stdout is a terminal)")
+    _add_colour_arguments(p)
     commands["inspect"] = cmd_inspect
 
     p = sub.add_parser("stats", help="token counts, threshold sweep, histograms, top tokens")
@@ -251,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples to include, a seeded random sample (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--per-page", type=int, default=20, help="examples per page (default: 20)")
+    _add_colour_arguments(p)
     commands["report"] = cmd_report
 
     parser.set_defaults(_commands=commands)

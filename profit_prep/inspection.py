@@ -11,14 +11,19 @@ Example:
     0.093
     >>> for text in render_examples(flat, tok, limit=1, color=False):  # doctest: +SKIP
     ...     print(text)
+
+Besides the mask, the view can colour response tokens by any stored numeric per-token column
+(``color_by="entropy"``: five quantile buckets over the output) or compare two rules
+(``compare=(parse_rule("stored"), parse_rule("top:signal=entropy,fraction=0.8"))``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +32,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from profit_prep import rules
 from profit_prep.errors import InputError
-from profit_prep.masks import MaskRule, keep_flat
+from profit_prep.masks import STRATEGIES, MaskRule, keep_flat
 from profit_prep.output import read_manifest
+from profit_prep.rules import Select
 
 SWEEP_THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
-QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "median": 0.5, "p75": 0.75, "p90": 0.9,
-             "max": 1.0}
-CORE_COLUMNS = ("example_id", "source_index", "input_ids", "response_mask", "logprobs",
-                "loss_mask", "truncated")
-TOP1_COLUMN = "top1_id"  # optional future column: the reference model's most likely token
+QUANTILES = {
+    "min": 0.0,
+    "p10": 0.1,
+    "p25": 0.25,
+    "median": 0.5,
+    "p75": 0.75,
+    "p90": 0.9,
+    "max": 1.0,
+}
+CORE_COLUMNS = (
+    "example_id",
+    "source_index",
+    "input_ids",
+    "response_mask",
+    "logprobs",
+    "loss_mask",
+    "truncated",
+)
+TOP1_COLUMN = "top1_id"  # optional signal column: the reference model's most likely token
+# List columns of numbers that are token ids, not quantities: never a colour scale.
+ID_COLUMNS = ("input_ids", TOP1_COLUMN)
+PROB = "prob"  # the default colouring: exp(logprobs), with masked tokens marked
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -62,6 +86,8 @@ class Flat:
     logprobs: np.ndarray  # float32 per token (NaN at position 0)
     keep: np.ndarray  # bool per token
     top1: np.ndarray | None = None  # int per token, when the output has a top1_id column
+    stored_keep: np.ndarray | None = None  # the stored loss_mask, even when re-thresholded
+    signals: dict[str, np.ndarray] = field(default_factory=dict)  # extra per-token columns read
 
     @property
     def n_examples(self) -> int:
@@ -81,6 +107,16 @@ class Flat:
 
     def row(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def column(self, name: str) -> np.ndarray:
+        """One per-token quantity over all tokens: ``prob``, ``logprobs`` or a column read."""
+        if name == PROB:
+            return self.probs
+        if name == "logprobs":
+            return self.logprobs
+        if name not in self.signals:
+            raise InputError(f"column {name!r} was not read: load_flat(..., columns=[{name!r}])")
+        return self.signals[name]
 
 
 def _flat_values(column: pa.ChunkedArray) -> np.ndarray:
@@ -102,6 +138,38 @@ def read_table(out: str | Path, columns: Sequence[str] | None = None) -> pa.Tabl
     return pa.concat_tables([pq.read_table(f, columns=wanted) for f in files])
 
 
+def numeric_columns(out: str | Path) -> list[str]:
+    """The stored per-token numeric columns of an output, in file order (token ids excepted).
+
+    These are what ``color_by`` accepts besides ``prob``: ``logprobs`` always, and ``entropy``,
+    ``top1_logprob``, ``rank`` when scored with ``--signals``.
+    """
+    manifest = read_manifest(out)
+    if not manifest["shards"]:
+        return ["logprobs"]
+    schema = pq.read_schema(Path(out) / manifest["shards"][0]["file"])
+    return [
+        f.name
+        for f in schema
+        if pa.types.is_list(f.type)
+        and f.name not in ID_COLUMNS
+        and (pa.types.is_integer(f.type.value_type) or pa.types.is_floating(f.type.value_type))
+    ]
+
+
+def check_columns(out: str | Path, names: Sequence[str]) -> None:
+    """Refuse, in one line, a column name the output does not hold."""
+    available = numeric_columns(out)
+    for name in names:
+        if name != PROB and name not in available:
+            more = len(available) == 1
+            hint = " (score with --signals entropy,top1,rank for more)" if more else ""
+            raise InputError(
+                f"no per-token column {name!r} in {out}; choose from: "
+                f"{', '.join([PROB, *available])}{hint}"
+            )
+
+
 def resolve_rule(
     manifest: dict[str, Any],
     strategy: str | None = None,
@@ -116,8 +184,16 @@ def resolve_rule(
     ('higher', 0.3, True)
     """
     stored = MaskRule(**manifest.get("mask", {}))
-    changes = {k: v for k, v in (("strategy", strategy), ("tau", tau), ("tau_low", tau_low),
-                                 ("tau_high", tau_high)) if v is not None}
+    changes = {
+        k: v
+        for k, v in (
+            ("strategy", strategy),
+            ("tau", tau),
+            ("tau_low", tau_low),
+            ("tau_high", tau_high),
+        )
+        if v is not None
+    }
     if not changes:
         return stored, False
     return dataclasses.replace(stored, **changes), True
@@ -130,22 +206,31 @@ def load_flat(
     tau: float | None = None,
     tau_low: float | None = None,
     tau_high: float | None = None,
+    columns: Sequence[str] = (),
 ) -> Flat:
-    """Read an output into a :class:`Flat`; any rule parameter given re-thresholds the mask."""
+    """Read an output into a :class:`Flat`; any rule parameter given re-thresholds the mask.
+
+    ``columns`` names extra per-token columns to read into ``Flat.signals`` (see
+    :func:`numeric_columns`); ``prob`` and ``logprobs`` are always there.
+    """
     manifest = read_manifest(out)
     rule, changed = resolve_rule(manifest, strategy, tau, tau_low, tau_high)
-    table = read_table(out)
+    extra = [c for c in dict.fromkeys(columns) if c not in (PROB, "logprobs")]
+    check_columns(out, extra)
+    table = read_table(out, [*CORE_COLUMNS, *extra])
     lengths = pc.list_value_length(table.column("input_ids").combine_chunks())
     offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
     np.cumsum(lengths.to_numpy(zero_copy_only=False), out=offsets[1:])
     example_ids = table.column("example_id").to_pylist()
     response = _flat_values(table.column("response_mask")).astype(bool)
     logprobs = _flat_values(table.column("logprobs")).astype(np.float32)
+    stored_keep = _flat_values(table.column("loss_mask")).astype(bool)
     if changed:
-        keep = response & keep_flat(logprobs, rule, lengths=np.diff(offsets),
-                                    example_ids=example_ids)
+        keep = response & keep_flat(
+            logprobs, rule, lengths=np.diff(offsets), example_ids=example_ids
+        )
     else:
-        keep = _flat_values(table.column("loss_mask")).astype(bool)
+        keep = stored_keep
     top1 = _flat_values(table.column(TOP1_COLUMN)) if TOP1_COLUMN in table.column_names else None
     return Flat(
         manifest=manifest,
@@ -160,6 +245,8 @@ def load_flat(
         logprobs=logprobs,
         keep=keep,
         top1=top1,
+        stored_keep=stored_keep,
+        signals={c: _flat_values(table.column(c)) for c in extra},
     )
 
 
@@ -195,14 +282,16 @@ def token_strings(tokenizer: Any, ids: Sequence[int] | np.ndarray) -> list[str]:
     U+FFFD, so such a run is decoded together and its text shown on the first token.
     """
     ids = [int(i) for i in ids]
-    pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                    clean_up_tokenization_spaces=False)
+    pieces = tokenizer.batch_decode(
+        [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     i = 0
     while i < len(pieces):
         if "\ufffd" in pieces[i]:
             for j in range(i + 2, min(i + 5, len(ids)) + 1):
-                joined = tokenizer.decode(ids[i:j], skip_special_tokens=False,
-                                          clean_up_tokenization_spaces=False)
+                joined = tokenizer.decode(
+                    ids[i:j], skip_special_tokens=False, clean_up_tokenization_spaces=False
+                )
                 if "\ufffd" not in joined:
                     pieces[i:j] = [joined] + [""] * (j - i - 1)
                     i = j - 1
@@ -224,8 +313,11 @@ def _top_tokens(ids: np.ndarray, top: int, tokenizer: Any | None) -> list[dict[s
     order = np.lexsort((values, -counts))[:top]  # most frequent first, ties by id
     strings = token_strings(tokenizer, values[order]) if tokenizer is not None else None
     return [
-        {"token_id": int(values[k]), "token": strings[n] if strings else None,
-         "count": int(counts[k])}
+        {
+            "token_id": int(values[k]),
+            "token": strings[n] if strings else None,
+            "count": int(counts[k]),
+        }
         for n, k in enumerate(order)
     ]
 
@@ -254,8 +346,13 @@ def compute_stats(
     sweep = []
     for tau in thresholds:
         below = int(np.searchsorted(ordered, tau, side="left"))
-        sweep.append({"tau": float(tau), "masked_tokens": below,
-                      "masked_fraction": below / n_resp if n_resp else 0.0})
+        sweep.append(
+            {
+                "tau": float(tau),
+                "masked_tokens": below,
+                "masked_fraction": below / n_resp if n_resp else 0.0,
+            }
+        )
 
     row_of_token = np.repeat(np.arange(flat.n_examples), flat.lengths)
     resp_per = np.bincount(row_of_token, weights=resp, minlength=flat.n_examples)
@@ -300,8 +397,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         "",
         "threshold sweep (strategy higher: masked = response tokens with p < tau)",
     ]
-    lines += [f"  tau {pt['tau']:<5g} masked {pt['masked_fraction']:6.1%}  ({pt['masked_tokens']})"
-              for pt in stats["threshold_sweep"]["points"]]
+    lines += [
+        f"  tau {pt['tau']:<5g} masked {pt['masked_fraction']:6.1%}  ({pt['masked_tokens']})"
+        for pt in stats["threshold_sweep"]["points"]
+    ]
     hist = stats["probability_histogram"]
     peak = max(hist["counts"]) or 1
     lines += ["", "probability of response tokens"]
@@ -311,9 +410,11 @@ def format_stats(stats: dict[str, Any]) -> str:
     if per["mean"] is not None:
         q = per["quantiles"]
         n = per["examples_with_response"]
-        lines += ["", f"per-example masked fraction (over {n} examples)",
-                  "  " + "  ".join(f"{k} {v:.1%}" for k, v in q.items())
-                  + f"  mean {per['mean']:.1%}"]
+        lines += [
+            "",
+            f"per-example masked fraction (over {n} examples)",
+            "  " + "  ".join(f"{k} {v:.1%}" for k, v in q.items()) + f"  mean {per['mean']:.1%}",
+        ]
     for key, title in (("top_masked", "most often masked"), ("top_kept", "most often kept")):
         lines += ["", title]
         lines += [f"  {t['count']:7d}  {_show(t['token'], t['token_id'])}" for t in stats[key]]
@@ -324,6 +425,194 @@ def _show(text: str | None, token_id: int) -> str:
     return f"{text!r} (id {token_id})" if text is not None else f"id {token_id}"
 
 
+# -- colour scales and rule comparison --------------------------------------------------------
+
+COLOR_BUCKETS = 5
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Quantile buckets of one per-token column over the response tokens of an output.
+
+    ``edges`` are the distinct values among the quantiles 0, 0.2, ..., 1 of the column, so there
+    are up to ``COLOR_BUCKETS`` buckets; bucket ``b`` holds ``edges[b] <= v < edges[b + 1]`` (the
+    last one includes the maximum). A column with many ties (``rank``: most tokens are 1) gets
+    fewer buckets rather than empty ones. Non-finite values are in bucket -1.
+
+    >>> scale = Scale("x", np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
+    >>> scale.bucket(np.array([0.0, 0.99, 1.0, 4.5, 5.0, np.nan])).tolist()
+    [0, 0, 1, 4, 4, -1]
+    >>> Scale("rank", np.array([1.0, 3.0, 9.0])).shade(1)
+    4
+    """
+
+    column: str
+    edges: np.ndarray
+
+    @property
+    def n_buckets(self) -> int:
+        return max(len(self.edges) - 1, 1)
+
+    def bucket(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        b = np.searchsorted(self.edges[1:-1], values, side="right")
+        return np.where(np.isfinite(values), b, -1)
+
+    def shade(self, bucket: int) -> int:
+        """The colour of a bucket, 0 (lowest) .. ``COLOR_BUCKETS - 1``: few buckets spread out."""
+        if self.n_buckets == 1:
+            return COLOR_BUCKETS // 2
+        return round(bucket * (COLOR_BUCKETS - 1) / (self.n_buckets - 1))
+
+    def ranges(self) -> list[str]:
+        """One ``lo–hi`` text per bucket, for legends."""
+        e = self.edges if len(self.edges) > 1 else np.repeat(self.edges, 2)
+        return [f"{e[b]:.4g}–{e[b + 1]:.4g}" for b in range(len(e) - 1)]
+
+
+def color_scale(flat: Flat, column: str) -> Scale:
+    """The :class:`Scale` of ``column`` over every response token of ``flat`` (finite values)."""
+    values = flat.column(column)[flat.response].astype(np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return Scale(column, np.array([np.nan, np.nan]))
+    return Scale(column, np.unique(np.quantile(values, np.linspace(0, 1, COLOR_BUCKETS + 1))))
+
+
+Rule = MaskRule | Select | None  # None: the stored loss_mask
+RULE_KINDS = ("stored", *STRATEGIES, "top", "band")
+
+
+def _parse_value(raw: str, kind: Any, where: str) -> Any:
+    if typing.get_args(kind):  # float | None -> float
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        return kind(raw)
+    except ValueError:
+        raise InputError(f"{where}: {raw!r} is not a {kind.__name__}") from None
+
+
+def parse_rule(text: str) -> Rule:
+    """A rule written ``NAME[:KEY=VALUE,...]``: the fields of :class:`MaskRule` or :class:`Select`.
+
+    ``stored`` is the stored ``loss_mask``; ``higher``/``lower``/``middle``/``random`` a ProFit
+    rule (keys ``tau``, ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``, as in ``--tau``);
+    ``top``/``band`` a load-time selection rule (keys ``signal``, ``fraction``, ``scope``,
+    ``largest``, ``lo``, ``hi``). Unset keys take the dataclass defaults; the dataclasses validate.
+
+    >>> parse_rule("higher:tau=0.3")
+    MaskRule(strategy='higher', tau=0.3, tau_low=None, tau_high=None, keep_fraction=0.5, seed=0)
+    >>> parse_rule("top:signal=entropy,fraction=0.2,scope=global").scope
+    'global'
+    >>> parse_rule("stored") is None
+    True
+    """
+    name, _, params = text.strip().partition(":")
+    if name == "stored" and not params.strip():
+        return None
+    if name in STRATEGIES:
+        cls: type = MaskRule
+        values: dict[str, Any] = {"strategy": name}
+    elif name in ("top", "band"):
+        cls, values = Select, {"kind": name}
+    else:
+        raise InputError(f"rule {text!r}: start with one of {', '.join(RULE_KINDS)}")
+    hints = typing.get_type_hints(cls)
+    keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("strategy", "kind")]
+    for item in filter(None, (x.strip() for x in params.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in keys:
+            raise InputError(f"rule {text!r}: expected KEY=VALUE with KEY in {', '.join(keys)}")
+        values[key] = _parse_value(raw.strip(), hints[key], f"rule {text!r}, {key}")
+    return cls(**values)
+
+
+def describe_any(rule: Rule) -> str:
+    """Text for any :data:`Rule`: ``stored``, ``higher tau=0.1``, ``top signal=entropy ...``.
+
+    >>> describe_any(Select("band", "rank", hi=3))
+    'band signal=rank hi=3'
+    """
+    if rule is None:
+        return "stored loss_mask"
+    if isinstance(rule, MaskRule):
+        return describe_rule(rule)
+    used = (
+        ("signal", "fraction", "scope", "largest") if rule.kind == "top" else ("signal", "lo", "hi")
+    )
+    d = rule.to_dict()
+    return rule.kind + "".join(
+        f" {k}={d[k]:g}" if isinstance(d[k], float) else f" {k}={d[k]}"
+        for k in used
+        if d[k] is not None
+    )
+
+
+def rule_columns(rule: Rule) -> list[str]:
+    """The stored columns a rule reads besides the core ones (for ``load_flat(columns=...)``)."""
+    column = rule.column() if isinstance(rule, Select) else None
+    return [column] if column else []
+
+
+def rule_keep(flat: Flat, rule: Rule) -> np.ndarray:
+    """The response tokens a rule keeps, over every token of ``flat``.
+
+    ProFit rules recompute from ``logprobs`` like the loader; selection rules go through
+    :func:`profit_prep.rules.apply`, a global ``top`` with its exact threshold over the output.
+    """
+    if rule is None:
+        stored = flat.stored_keep if flat.stored_keep is not None else flat.keep
+        return flat.response & stored
+    if isinstance(rule, MaskRule):
+        ids = flat.example_ids if rule.strategy == "random" else None
+        return flat.response & keep_flat(flat.logprobs, rule, lengths=flat.lengths, example_ids=ids)
+    if rule.signal == "excess_loss":
+        raise InputError("signal excess_loss needs a reference output; load(reference=...) has it")
+    if rule.signal in (PROB, "loss"):
+        lp = flat.logprobs.astype(np.float64)
+        values = np.exp(lp) if rule.signal == PROB else -lp
+    else:
+        values = flat.column(rule.column() or rule.signal).astype(np.float64)
+    threshold = None
+    if rule.kind == "top" and rule.scope == "global":
+        threshold = rules.global_threshold(
+            values[flat.response], rule.fraction or 0.0, rule.largest
+        )
+    return rules.apply(rule, values, flat.response, flat.lengths, threshold)
+
+
+# Per response token: which of two rules keep it. Non-response tokens are -1.
+BOTH, A_ONLY, B_ONLY, NEITHER = 0, 1, 2, 3
+CATEGORY_NAMES = ("both", "A only", "B only", "neither")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two rules applied to the same tokens; ``category`` per token (:data:`BOTH` ...)."""
+
+    a: Rule
+    b: Rule
+    category: np.ndarray  # int8 per token
+
+    def counts(self, s: slice | None = None) -> dict[str, int]:
+        """Response tokens per category, of one example (``flat.row(i)``) or the whole output."""
+        cat = self.category if s is None else self.category[s]
+        n = np.bincount(cat[cat >= 0], minlength=4)
+        return dict(zip(CATEGORY_NAMES, (int(x) for x in n)))
+
+
+def compare_rules(flat: Flat, a: Rule, b: Rule) -> Comparison:
+    """Which response tokens ``a`` and ``b`` keep: both, ``a`` only, ``b`` only, neither."""
+    ka, kb = rule_keep(flat, a), rule_keep(flat, b)
+    category = np.where(ka, np.where(kb, BOTH, A_ONLY), np.where(kb, B_ONLY, NEITHER))
+    return Comparison(a, b, np.where(flat.response, category, -1).astype(np.int8))
+
+
 # -- terminal view ---------------------------------------------------------------------------
 
 RESET = "\x1b[0m"
@@ -331,8 +620,7 @@ PROMPT_STYLE = "\x1b[90m"  # grey
 MASKED_STYLE = "\x1b[9;1;38;5;196;48;5;52m"  # struck, bold red on dark red
 TOP1_STYLE = "\x1b[2;3m"  # dim italic
 # Kept response tokens: red (unlikely) .. green (likely), 256-colour foregrounds.
-PROB_STEPS = ((0.05, 196), (0.1, 202), (0.2, 208), (0.4, 214), (0.6, 220), (0.8, 148),
-              (1.01, 40))
+PROB_STEPS = ((0.05, 196), (0.1, 202), (0.2, 208), (0.4, 214), (0.6, 220), (0.8, 148), (1.01, 40))
 
 
 def _prob_style(p: float) -> str:
@@ -347,17 +635,23 @@ def example_stats(flat: Flat, i: int) -> dict[str, Any]:
     s = flat.row(i)
     n_resp = int(flat.response[s].sum())
     n_kept = int(flat.keep[s].sum())
-    return {"tokens": s.stop - s.start, "response": n_resp, "kept": n_kept,
-            "masked": n_resp - n_kept,
-            "masked_fraction": (n_resp - n_kept) / n_resp if n_resp else 0.0}
+    return {
+        "tokens": s.stop - s.start,
+        "response": n_resp,
+        "kept": n_kept,
+        "masked": n_resp - n_kept,
+        "masked_fraction": (n_resp - n_kept) / n_resp if n_resp else 0.0,
+    }
 
 
 def example_header(flat: Flat, i: int) -> str:
     st = example_stats(flat, i)
     trunc = " · truncated" if flat.truncated[i] else ""
-    return (f"example {flat.example_ids[i]} (source row {int(flat.source_index[i])}) · "
-            f"{st['tokens']} tokens · {st['response']} response · {st['kept']} kept · "
-            f"{st['masked_fraction']:.1%} masked{trunc}")
+    return (
+        f"example {flat.example_ids[i]} (source row {int(flat.source_index[i])}) · "
+        f"{st['tokens']} tokens · {st['response']} response · {st['kept']} kept · "
+        f"{st['masked_fraction']:.1%} masked{trunc}"
+    )
 
 
 def example_tokens(
@@ -375,35 +669,115 @@ def example_tokens(
     return pieces, probs, resp, masked, top1
 
 
-def render_example(flat: Flat, i: int, tokenizer: Any, *, color: bool) -> str:
+# Quantile buckets, lowest first: blue .. yellow (256-colour foregrounds).
+SCALE_CODES = (63, 33, 37, 114, 220)
+STRIKE = "\x1b[9m"
+COMPARE_STYLES = {
+    BOTH: "\x1b[38;5;40m",  # green: kept either way
+    A_ONLY: "\x1b[1;38;5;33m",  # bold blue
+    B_ONLY: "\x1b[1;38;5;208m",  # bold orange
+    NEITHER: MASKED_STYLE,
+}
+COMPARE_PLAIN = {A_ONLY: "{A:", B_ONLY: "{B:", NEITHER: "["}
+CLOSE_PLAIN = {A_ONLY: "}", B_ONLY: "}", NEITHER: "]"}
+
+
+def _scale_style(scale: Scale, bucket: int, struck: bool = False) -> str:
+    """ANSI style of a token in ``bucket`` of ``scale`` (-1: no value, uncoloured)."""
+    colour = [f"38;5;{SCALE_CODES[scale.shade(bucket)]}"] if bucket >= 0 else []
+    codes = (["9"] if struck else []) + colour
+    return f"\x1b[{';'.join(codes)}m" if codes else ""
+
+
+def _plain(text: str) -> tuple[str, str]:
+    """(text with line breaks written ``\\n``, the breaks themselves): marked tokens stay on one
+    line and the text still breaks where the token does."""
+    return text.replace("\n", "\\n"), "\n" * text.count("\n")
+
+
+def format_value(v: float) -> str:
+    """A per-token value as the views print it: whole numbers (``rank``) exactly, others to 4
+    significant digits, ``nan`` when missing.
+
+    >>> format_value(46722.0), format_value(-2.0937), format_value(float("nan"))
+    ('46722', '-2.094', 'nan')
+    """
+    if not np.isfinite(v):
+        return "nan"
+    return str(int(v)) if float(v).is_integer() else f"{v:.4g}"
+
+
+def render_example(
+    flat: Flat,
+    i: int,
+    tokenizer: Any,
+    *,
+    color: bool,
+    scale: Scale | None = None,
+    comparison: Comparison | None = None,
+) -> str:
     """One example as terminal text.
 
-    Without colour: prompt and kept tokens as plain text, each masked token as ``[text]`` with
-    newlines inside shown as ``\\n`` (the line break itself follows the bracket); with a
-    ``top1_id`` column, ``[text|top-1 text]``. With colour: prompt grey, response tokens coloured
-    red..green by probability, masked tokens struck through in red.
+    Default (no ``scale``, no ``comparison``), without colour: prompt and kept tokens as plain
+    text, each masked token as ``[text]`` with newlines inside shown as ``\\n`` (the line break
+    itself follows the bracket); with a ``top1_id`` column, ``[text|top-1 text]``. With colour:
+    prompt grey, response tokens coloured red..green by probability, masked tokens struck
+    through in red.
+
+    ``scale``: response tokens coloured by the quantile bucket of ``scale.column`` (masked ones
+    also struck through); plain, every response token is followed by its value, ``text{0.693}``.
+
+    ``comparison``: response tokens kept by both rules plain (green), kept by A only
+    ``{A:text}`` (blue), by B only ``{B:text}`` (orange), by neither ``[text]`` (struck red).
     """
     pieces, probs, resp, masked, top1 = example_tokens(flat, i, tokenizer)
+    s = flat.row(i)
+    category = comparison.category[s] if comparison is not None else None
+    values = flat.column(scale.column)[s] if scale is not None else None
+    buckets = scale.bucket(values) if scale is not None else None
     out: list[str] = []
     k = 0
-    for text, p, r, m in zip(pieces, probs, resp, masked, strict=True):
+    for j, (text, p, r, m) in enumerate(zip(pieces, probs, resp, masked, strict=True)):
+        alt = None
         if m:
             alt = top1[k] if top1 is not None else None
             k += 1
-            breaks = "\n" * text.count("\n")
+        if not r:
+            out.append(f"{PROMPT_STYLE}{text}{RESET}" if color else text)
+        elif category is not None:
+            c = int(category[j])
+            if c == BOTH:
+                out.append(f"{COMPARE_STYLES[c]}{text}{RESET}" if color else text)
+            elif color:
+                shown = text.replace("\n", "↵") or "∅"
+                out.append(f"{COMPARE_STYLES[c]}{shown}{RESET}{chr(10) * text.count(chr(10))}")
+            else:
+                body, breaks = _plain(text)
+                out.append(f"{COMPARE_PLAIN[c]}{body}{CLOSE_PLAIN[c]}{breaks}")
+        elif buckets is not None and values is not None:
+            if color:
+                shown = (text.replace("\n", "↵") or "∅") if m else text
+                extra = f"{TOP1_STYLE}({alt}){RESET}" if alt is not None else ""
+                breaks = "\n" * text.count("\n") if m else ""
+                out.append(
+                    f"{_scale_style(scale, int(buckets[j]), bool(m))}{shown}{RESET}{extra}{breaks}"
+                )
+            else:
+                body, breaks = _plain(text)
+                if m:
+                    body = f"[{body}|{_plain(alt)[0]}]" if alt is not None else f"[{body}]"
+                out.append(f"{body}{{{format_value(float(values[j]))}}}{breaks}")
+        elif m:
             if color:
                 shown = text.replace("\n", "↵") or "∅"
                 extra = f"{TOP1_STYLE}({alt}){RESET}" if alt is not None else ""
-                out.append(f"{MASKED_STYLE}{shown}{RESET}{extra}{breaks}")
+                out.append(f"{MASKED_STYLE}{shown}{RESET}{extra}{chr(10) * text.count(chr(10))}")
             else:
-                alt_text = f"|{alt.replace(chr(10), chr(92) + 'n')}" if alt is not None else ""
-                out.append(f"[{text.replace(chr(10), chr(92) + 'n')}{alt_text}]{breaks}")
-        elif not color:
-            out.append(text)
-        elif r:
-            out.append(f"{_prob_style(float(p))}{text}{RESET}")
+                body, breaks = _plain(text)
+                alt_text = f"|{_plain(alt)[0]}" if alt is not None else ""
+                out.append(f"[{body}{alt_text}]{breaks}")
         else:
-            out.append(f"{PROMPT_STYLE}{text}{RESET}")
+            out.append(f"{_prob_style(float(p))}{text}{RESET}" if color else text)
     return "".join(out)
 
 
@@ -437,6 +811,46 @@ def select_examples(
     return picked
 
 
+def _legend(
+    flat: Flat, color: bool, scale: Scale | None, comparison: Comparison | None
+) -> Iterator[str]:
+    how = "re-thresholded" if flat.rethresholded else "stored"
+    mask = f"mask: {describe_rule(flat.rule)} ({how})"
+    if comparison is not None:
+        a, b = describe_any(comparison.a), describe_any(comparison.b)
+        if color:
+            keys = " · ".join(
+                f"{COMPARE_STYLES[c]}{name}{RESET}" for c, name in enumerate(CATEGORY_NAMES)
+            )
+            yield f"compare: A = {a} · B = {b} · {PROMPT_STYLE}prompt{RESET} · kept by {keys}"
+        else:
+            yield (
+                f"compare: A = {a} · B = {b} · text = kept by both · {{A:text}} = kept by A "
+                "only · {B:text} = kept by B only · [text] = kept by neither"
+            )
+        return
+    if scale is None:
+        if color:
+            steps = " ".join(f"{_prob_style(u - 1e-9)}<{u:g}{RESET}" for u, _ in PROB_STEPS[:-1])
+            yield (
+                f"{mask} · {PROMPT_STYLE}prompt{RESET} · {MASKED_STYLE}masked{RESET} · "
+                f"response p: {steps} {_prob_style(1.0)}high{RESET}"
+            )
+        else:
+            yield f"{mask} · [token] = masked response token"
+        return
+    n = int(np.isfinite(flat.column(scale.column)[flat.response].astype(np.float64)).sum())
+    if color:
+        yield f"{mask} · {PROMPT_STYLE}prompt{RESET} · {STRIKE}masked{RESET} (struck through)"
+        shades = " ".join(
+            f"{_scale_style(scale, b)}■ {r}{RESET}" for b, r in enumerate(scale.ranges())
+        )
+    else:
+        yield f"{mask} · [token] = masked response token · token{{v}} = its {scale.column}"
+        shades = " · ".join(f"q{b} {r}" for b, r in enumerate(scale.ranges()))
+    yield f"{scale.column} by quantile over {n} response tokens: {shades}"
+
+
 def render_examples(
     flat: Flat,
     tokenizer: Any,
@@ -445,22 +859,40 @@ def render_examples(
     grep: str | None = None,
     limit: int | None = 5,
     color: bool = False,
+    color_by: str = PROB,
+    compare: tuple[Rule, Rule] | None = None,
 ) -> Iterator[str]:
-    """The terminal view, one block of text at a time (a legend, then one block per example)."""
+    """The terminal view, one block of text at a time (a legend, then one block per example).
+
+    ``color_by``: ``prob`` (masked vs kept, coloured by probability) or a per-token column read
+    into ``flat`` (:func:`color_scale`). ``compare``: two rules (:func:`parse_rule`) whose kept
+    tokens are contrasted, with per-example counts in each header.
+    """
+    if compare is not None and color_by != PROB:
+        raise InputError("--color-by and --compare both decide token colours; choose one")
+    scale = color_scale(flat, color_by) if color_by != PROB else None
+    comparison = compare_rules(flat, *compare) if compare is not None else None
     picked = select_examples(flat, tokenizer, row=row, grep=grep, limit=limit)
-    how = "re-thresholded" if flat.rethresholded else "stored"
-    if color:
-        scale = " ".join(f"{_prob_style(u - 1e-9)}<{u:g}{RESET}" for u, _ in PROB_STEPS[:-1])
-        yield (f"mask: {describe_rule(flat.rule)} ({how}) · {PROMPT_STYLE}prompt{RESET} · "
-               f"{MASKED_STYLE}masked{RESET} · response p: {scale} {_prob_style(1.0)}high{RESET}")
-    else:
-        yield (f"mask: {describe_rule(flat.rule)} ({how}) · [token] = masked response token")
+    yield "\n".join(_legend(flat, color, scale, comparison))
     for i in picked:
         bar = "─" * 3
-        head = example_header(flat, i)
+        if comparison is None:
+            head = example_header(flat, i)
+        else:
+            s = flat.row(i)
+            counts = " · ".join(f"{k} {v}" for k, v in comparison.counts(s).items())
+            trunc = " · truncated" if flat.truncated[i] else ""
+            head = (
+                f"example {flat.example_ids[i]} (source row {int(flat.source_index[i])}) · "
+                f"{s.stop - s.start} tokens · {int(flat.response[s].sum())} response · "
+                f"{counts}{trunc}"
+            )
         yield f"\n{bar} {head} {bar}" if not color else f"\n\x1b[1m{bar} {head} {bar}{RESET}"
-        yield render_example(flat, i, tokenizer, color=color)
+        yield render_example(flat, i, tokenizer, color=color, scale=scale, comparison=comparison)
     if not picked:
         yield "no matching examples"
     else:
         yield f"\n({len(picked)} of {flat.n_examples} examples shown)"
+    if comparison is not None:
+        total = " · ".join(f"{k} {v}" for k, v in comparison.counts().items())
+        yield f"all {flat.n_examples} examples, response tokens kept by: {total}"

@@ -19,18 +19,35 @@ from typing import Any
 
 import numpy as np
 
+from profit_prep.errors import InputError
 from profit_prep.inspection import (
+    BOTH,
+    CATEGORY_NAMES,
+    PROB,
+    Comparison,
     Flat,
+    Rule,
+    Scale,
+    check_columns,
+    color_scale,
+    compare_rules,
     compute_stats,
+    describe_any,
     describe_rule,
     example_stats,
     example_tokens,
+    format_value,
     load_flat,
     load_output_tokenizer,
+    numeric_columns,
+    rule_columns,
+    token_strings,
 )
 from profit_prep.output import atomic_write_bytes
 
 PROB_BUCKETS = 10  # kept-token colour classes p0 .. p9
+# Token classes of a comparison, by category (BOTH, A_ONLY, B_ONLY, NEITHER).
+CATEGORY_CLASSES = ("cmp-both", "cmp-a", "cmp-b", "cmp-none")
 
 CSS = """
 :root { --fg:#1d2330; --muted:#6b7280; --line:#e5e7eb; --bad:#b91c1c; }
@@ -69,6 +86,15 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .p9 { background: #d1fae5; }
 .tok.masked { background: var(--bad); color: #fff; text-decoration: line-through;
               text-decoration-thickness: 1px; }
+/* --color-by: quantile buckets low .. high; masked tokens keep the bucket, struck in red */
+.tok.q0 { background: #e0e7ff; } .tok.q1 { background: #bae6fd; } .tok.q2 { background: #a7f3d0; }
+.tok.q3 { background: #fde68a; } .tok.q4 { background: #fca5a5; }
+.tok.masked.qv { color: var(--bad); font-weight: 600; }
+.tok.masked.qv:not(.q0):not(.q1):not(.q2):not(.q3):not(.q4) { background: none; }
+/* --compare: which rule keeps the token */
+.cmp-both { background: #d1fae5; } .cmp-a { background: #bfdbfe; font-weight: 600; }
+.cmp-b { background: #fed7aa; font-weight: 600; }
+.cmp-none { background: var(--bad); color: #fff; text-decoration: line-through; }
 .legend span { padding: 0 5px; margin-right: 2px; }
 .note { color: var(--muted); font-size: 12.5px; }
 """
@@ -140,7 +166,7 @@ def _svg(fig: Any) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML
+    return text[text.index("<svg") :]  # drop the XML prolog and doctype: inline SVG in HTML
 
 
 def make_plots(stats: dict[str, Any]) -> dict[str, str]:
@@ -150,19 +176,33 @@ def make_plots(stats: dict[str, Any]) -> dict[str, str]:
     from matplotlib.figure import Figure
 
     # Text as text (smaller SVG); a fixed hash salt keeps ids stable between runs.
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "profit-prep",
-                                "font.size": 9, "axes.spines.top": False,
-                                "axes.spines.right": False}):
+    with matplotlib.rc_context(
+        {
+            "svg.fonttype": "none",
+            "svg.hashsalt": "profit-prep",
+            "font.size": 9,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    ):
         plots = {}
         hist = stats["probability_histogram"]
         edges = np.array(hist["edges"])
         fig = Figure(figsize=(5.2, 3.0))
         ax = fig.subplots()
         tau = stats["rule"].get("tau") if stats["rule"]["strategy"] in ("higher", "lower") else None
-        colours = ["#b91c1c" if tau is not None and hi <= tau + 1e-12 else "#2563eb"
-                   for hi in edges[1:]]
-        ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color=colours,
-               edgecolor="white", linewidth=0.5)
+        colours = [
+            "#b91c1c" if tau is not None and hi <= tau + 1e-12 else "#2563eb" for hi in edges[1:]
+        ]
+        ax.bar(
+            edges[:-1],
+            hist["counts"],
+            width=np.diff(edges),
+            align="edge",
+            color=colours,
+            edgecolor="white",
+            linewidth=0.5,
+        )
         if tau is not None:
             ax.axvline(tau, color="#111", linestyle="--", linewidth=1)
             ax.text(tau, ax.get_ylim()[1] * 0.95, f" tau={tau:g}", va="top", fontsize=8)
@@ -177,8 +217,14 @@ def make_plots(stats: dict[str, Any]) -> dict[str, str]:
         taus = [pt["tau"] for pt in points]
         ax.plot(taus, [100 * pt["masked_fraction"] for pt in points], marker="o", color="#b91c1c")
         for pt in points:
-            ax.annotate(f"{pt['masked_fraction']:.0%}", (pt["tau"], 100 * pt["masked_fraction"]),
-                        textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+            ax.annotate(
+                f"{pt['masked_fraction']:.0%}",
+                (pt["tau"], 100 * pt["masked_fraction"]),
+                textcoords="offset points",
+                xytext=(0, 5),
+                ha="center",
+                fontsize=7,
+            )
         if tau is not None:
             ax.axvline(tau, color="#111", linestyle="--", linewidth=1)
         ax.set_xscale("log")
@@ -193,8 +239,15 @@ def make_plots(stats: dict[str, Any]) -> dict[str, str]:
         edges = 100 * np.array(per["edges"])
         fig = Figure(figsize=(5.2, 3.0))
         ax = fig.subplots()
-        ax.bar(edges[:-1], per["counts"], width=np.diff(edges), align="edge", color="#7c3aed",
-               edgecolor="white", linewidth=0.5)
+        ax.bar(
+            edges[:-1],
+            per["counts"],
+            width=np.diff(edges),
+            align="edge",
+            color="#7c3aed",
+            edgecolor="white",
+            linewidth=0.5,
+        )
         ax.set_xlabel("masked share of an example's response tokens (%)")
         ax.set_ylabel("examples")
         ax.set_xlim(0, 100)
@@ -205,23 +258,45 @@ def make_plots(stats: dict[str, Any]) -> dict[str, str]:
 # -- examples --------------------------------------------------------------------------------
 
 
-def _prob_title(p: float, masked: bool, top1: str | None) -> str:
+def _title(p: float, masked: bool, signals: dict[str, float], top1: str | None) -> str:
+    """A token's tooltip: p, masked or not, every stored signal, the top-1 token's text."""
     text = f"p={p:.4f}" if np.isfinite(p) else "p=n/a"
     if masked:
         text += " · masked"
-        if top1 is not None:
-            text += f" · top-1: {top1!r}"
+    text += "".join(f" · {k}={format_value(v)}" for k, v in signals.items())
+    if top1 is not None:
+        text += f" · top-1: {top1!r}"
     return text
 
 
-def example_html(flat: Flat, i: int, tokenizer: Any) -> str:
-    """One example: prompt runs greyed, response tokens coloured by p, masked ones marked."""
-    pieces, probs, resp, masked, top1 = example_tokens(flat, i, tokenizer)
-    buckets = np.clip((np.nan_to_num(probs, nan=0.0) * PROB_BUCKETS).astype(int), 0,
-                      PROB_BUCKETS - 1)
+def example_html(
+    flat: Flat,
+    i: int,
+    tokenizer: Any,
+    *,
+    scale: Scale | None = None,
+    comparison: Comparison | None = None,
+) -> str:
+    """One example: prompt runs greyed, response tokens coloured, masked ones marked.
+
+    Colours: by p (default), by the quantile bucket of ``scale.column`` (class ``q0``..``q4``,
+    the value in ``data-v``), or by which of two rules keep the token (``cmp-both``, ``cmp-a``,
+    ``cmp-b``, ``cmp-none``). The tooltip shows p and every column in ``flat.signals``.
+    """
+    pieces, probs, resp, masked, _ = example_tokens(flat, i, tokenizer)
+    s = flat.row(i)
+    buckets = np.clip(
+        (np.nan_to_num(probs, nan=0.0) * PROB_BUCKETS).astype(int), 0, PROB_BUCKETS - 1
+    )
+    signals = {k: v[s] for k, v in flat.signals.items() if k != "logprobs"}
+    values = flat.column(scale.column)[s] if scale is not None else None
+    q = scale.bucket(values) if scale is not None and values is not None else None
+    category = comparison.category[s] if comparison is not None else None
+    top1 = None
+    if flat.top1 is not None:  # the model's own choice, on every response token
+        top1 = iter(token_strings(tokenizer, flat.top1[s][resp]))
     parts: list[str] = []
     prompt_run: list[str] = []
-    k = 0
     for j, text in enumerate(pieces):
         if not resp[j]:
             prompt_run.append(text)  # prompt tokens: one span per run keeps the file small
@@ -229,26 +304,40 @@ def example_html(flat: Flat, i: int, tokenizer: Any) -> str:
         if prompt_run:
             parts.append(f'<span class="prompt">{html.escape("".join(prompt_run))}</span>')
             prompt_run = []
-        if masked[j]:
-            alt = top1[k] if top1 is not None else None
-            k += 1
-            shown = html.escape(text.replace("\n", "↵\n") or "∅")
-            title = html.escape(_prob_title(float(probs[j]), True, alt), quote=True)
-            parts.append(f'<span class="tok masked" title="{title}">{shown}</span>')
+        alt = next(top1) if top1 is not None else None
+        title = _title(
+            float(probs[j]), bool(masked[j]), {k: float(v[j]) for k, v in signals.items()}, alt
+        )
+        attrs = f'title="{html.escape(title, quote=True)}"'
+        if category is not None:
+            cls = CATEGORY_CLASSES[int(category[j])]
+            marked = int(category[j]) != BOTH
+        elif q is not None and values is not None:
+            shade = f"q{scale.shade(int(q[j]))}" if scale is not None and q[j] >= 0 else ""
+            cls = f"masked qv {shade}" if masked[j] else shade
+            attrs += f' data-v="{format_value(float(values[j]))}"'
+            marked = bool(masked[j])
         else:
-            title = _prob_title(float(probs[j]), False, None)
-            parts.append(f'<span class="tok p{buckets[j]}" title="{title}">'
-                         f"{html.escape(text)}</span>")
+            cls = "masked" if masked[j] else f"p{buckets[j]}"
+            marked = bool(masked[j])
+        shown = html.escape(text.replace("\n", "↵\n") or "∅") if marked else html.escape(text)
+        parts.append(f'<span class="{" ".join(["tok", *cls.split()])}" {attrs}>{shown}</span>')
     if prompt_run:
         parts.append(f'<span class="prompt">{html.escape("".join(prompt_run))}</span>')
     st = example_stats(flat, i)
     trunc = " · truncated" if flat.truncated[i] else ""
     eid = html.escape(flat.example_ids[i], quote=True)
+    if comparison is None:
+        counts, data = f"{st['kept']} kept · {st['masked_fraction']:.1%} masked", ""
+    else:
+        n = comparison.counts(s)
+        counts = " · ".join(f"{k} {v}" for k, v in n.items())
+        data = "".join(f' data-{k.replace(" ", "-").lower()}="{v}"' for k, v in n.items())
     return (
-        f'<section class="example" id="ex-{eid}" data-masked="{st["masked_fraction"]:.4f}">'
-        f"<h3>example {html.escape(flat.example_ids[i])} <span class=\"st\">· source row "
+        f'<section class="example" id="ex-{eid}" data-masked="{st["masked_fraction"]:.4f}"{data}>'
+        f'<h3>example {html.escape(flat.example_ids[i])} <span class="st">· source row '
         f"{int(flat.source_index[i])} · {st['tokens']} tokens · {st['response']} response · "
-        f"{st['kept']} kept · {st['masked_fraction']:.1%} masked{trunc}</span></h3>"
+        f"{counts}{trunc}</span></h3>"
         f'<pre class="text">{"".join(parts)}</pre></section>'
     )
 
@@ -256,11 +345,49 @@ def example_html(flat: Flat, i: int, tokenizer: Any) -> str:
 # -- page ------------------------------------------------------------------------------------
 
 
+def _legend(scale: Scale | None, comparison: Comparison | None) -> tuple[str, str]:
+    """The colour legend (HTML) and a short name of what the colours show."""
+    if comparison is not None:
+        a, b = describe_any(comparison.a), describe_any(comparison.b)
+        counts = comparison.counts()
+        keys = "".join(
+            f'<span class="tok {c}">{html.escape(n)} ({counts[n]})</span>'
+            for c, n in zip(CATEGORY_CLASSES, CATEGORY_NAMES)
+        )
+        return (
+            f"A = <code>{html.escape(a)}</code> · B = <code>{html.escape(b)}</code> · "
+            f"response tokens kept by {keys}",
+            f"which rule keeps them (A = {a}, B = {b})",
+        )
+    if scale is not None:
+        keys = "".join(
+            f'<span class="tok q{scale.shade(k)}">{html.escape(r)}</span>'
+            for k, r in enumerate(scale.ranges())
+        )
+        return (
+            f"{html.escape(scale.column)} by quantile over the output's response tokens: {keys}",
+            scale.column,
+        )
+    return (
+        "".join(
+            f'<span class="tok p{b}">p&lt;{(b + 1) / PROB_BUCKETS:.1f}</span>'
+            for b in range(PROB_BUCKETS)
+        ),
+        "probability",
+    )
+
+
 def _table(head: list[str], rows: list[list[Any]], numeric: set[int]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join(
-        "<tr>" + "".join(f'<td class="n">{html.escape(str(v))}</td>' if c in numeric
-                         else f"<td>{html.escape(str(v))}</td>" for c, v in enumerate(r)) + "</tr>"
+        "<tr>"
+        + "".join(
+            f'<td class="n">{html.escape(str(v))}</td>'
+            if c in numeric
+            else f"<td>{html.escape(str(v))}</td>"
+            for c, v in enumerate(r)
+        )
+        + "</tr>"
         for r in rows
     )
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
@@ -274,8 +401,18 @@ def build_html(
     examples: int = 200,
     seed: int = 0,
     per_page: int = 20,
+    color_by: str = PROB,
+    compare: tuple[Rule, Rule] | None = None,
 ) -> str:
-    """The report page as one HTML string."""
+    """The report page as one HTML string.
+
+    ``color_by`` and ``compare`` choose the token colours as in
+    :func:`profit_prep.inspection.render_examples`; the column must be in ``flat.signals``.
+    """
+    if compare is not None and color_by != PROB:
+        raise InputError("--color-by and --compare both decide token colours; choose one")
+    scale = color_scale(flat, color_by) if color_by != PROB else None
+    comparison = compare_rules(flat, *compare) if compare is not None else None
     stats = compute_stats(flat, tokenizer)
     plots = make_plots(stats)
     picked = sample_indices(flat.n_examples, examples, seed)
@@ -283,8 +420,10 @@ def build_html(
     model = manifest.get("model", {}).get("name", "?")
     rule = f"{describe_rule(flat.rule)} ({stats['rule_source']})"
     cards = [
-        (stats["examples"], "examples"), (stats["tokens"], "tokens"),
-        (stats["response_tokens"], "response tokens"), (stats["kept_tokens"], "kept"),
+        (stats["examples"], "examples"),
+        (stats["tokens"], "tokens"),
+        (stats["response_tokens"], "response tokens"),
+        (stats["kept_tokens"], "kept"),
         (f"{stats['masked_fraction']:.1%}", "masked (of response)"),
     ]
     per = stats["per_example_masked_fraction"]
@@ -294,18 +433,28 @@ def build_html(
         return [[repr(t["token"]), t["token_id"], t["count"]] for t in stats[key]]
 
     sample_note = (
-        f"all {flat.n_examples} examples" if len(picked) == flat.n_examples else
-        f"{len(picked)} of {flat.n_examples} examples, a seeded random sample (seed {seed}), "
+        f"all {flat.n_examples} examples"
+        if len(picked) == flat.n_examples
+        else f"{len(picked)} of {flat.n_examples} examples, a seeded random sample (seed {seed}), "
         "in source order"
     )
-    legend = "".join(f'<span class="tok p{b}">p&lt;{(b + 1) / PROB_BUCKETS:.1f}</span>'
-                     for b in range(PROB_BUCKETS))
+    legend, colours = _legend(scale, comparison)
+    masked_note = (
+        ""
+        if comparison is not None
+        else ', <span class="tok masked">masked</span> tokens are struck through in red'
+    )
     body = f"""
 <h1>profit-prep report</h1>
 <p class="meta">output <code>{html.escape(str(out))}</code>
- · model <code>{html.escape(model)}</code> · mask <code>{html.escape(rule)}</code></p>
-<div class="cards">{"".join(f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(k)}'
-                            '</span></div>' for v, k in cards)}</div>
+ · model <code>{html.escape(model)}</code> · mask <code>{html.escape(rule)}</code>
+ · tokens coloured by <code id="colour-by">{html.escape(colours)}</code></p>
+<div class="cards">{
+        "".join(
+            f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(k)}</span></div>'
+            for v, k in cards
+        )
+    }</div>
 <h2>Plots</h2>
 <div class="plots">
 <figure class="plot" id="plot-probability">{plots["probability_histogram"]}
@@ -319,10 +468,16 @@ def build_html(
 </div>
 <h2>Numbers</h2>
 <div class="tables">
-<div><h3>Threshold sweep (<code>higher</code>)</h3>{_table(
-    ["tau", "masked tokens", "masked %"],
-    [[f"{p['tau']:g}", p["masked_tokens"], f"{p['masked_fraction']:.1%}"]
-     for p in stats["threshold_sweep"]["points"]], {1, 2})}</div>
+<div><h3>Threshold sweep (<code>higher</code>)</h3>{
+        _table(
+            ["tau", "masked tokens", "masked %"],
+            [
+                [f"{p['tau']:g}", p["masked_tokens"], f"{p['masked_fraction']:.1%}"]
+                for p in stats["threshold_sweep"]["points"]
+            ],
+            {1, 2},
+        )
+    }</div>
 <div><h3>Per-example masked share</h3>{_table(["quantile", "masked %"], quantiles, {1})}
 <p class="note">mean {"n/a" if per["mean"] is None else f"{per['mean']:.1%}"}</p></div>
 <div><h3>Most often masked</h3>{_table(["token", "id", "count"], top_rows("top_masked"), {1, 2})}
@@ -331,8 +486,8 @@ def build_html(
 </div>
 <h2 id="examples">Examples</h2>
 <p class="note">Showing {html.escape(sample_note)}; {per_page} per page. Prompt tokens are grey,
-response tokens are coloured by probability, <span class="tok masked">masked</span> tokens are
-struck through in red; hover a token for its probability.</p>
+response tokens are coloured by {html.escape(colours)}{masked_note}; hover a token for its
+probability and every stored signal.</p>
 <p class="legend note">{legend}</p>
 <div class="controls">
 <button id="prev" type="button">&larr; prev</button><span id="pageinfo"></span>
@@ -340,17 +495,24 @@ struck through in red; hover a token for its probability.</p>
 <input id="filter" type="search" placeholder="filter examples by text">
 <label><input id="onlymasked" type="checkbox"> hide prompts</label>
 </div>
-<div id="example-list">{"".join(example_html(flat, int(i), tokenizer) for i in picked)}</div>
+<div id="example-list">{
+        "".join(
+            example_html(flat, int(i), tokenizer, scale=scale, comparison=comparison)
+            for i in picked
+        )
+    }</div>
 """
-    summary = {k: stats[k] for k in ("examples", "tokens", "response_tokens", "kept_tokens",
-                                     "masked_fraction")}
+    summary = {
+        k: stats[k]
+        for k in ("examples", "tokens", "response_tokens", "kept_tokens", "masked_fraction")
+    }
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>profit-prep report · {html.escape(str(out))}</title>"
         f"<script>{ERROR_HOOK}</script><style>{CSS}</style></head>\n"
-        f"<body data-examples=\"{len(picked)}\" data-per-page=\"{per_page}\">{body}"
-        f"<script type=\"application/json\" id=\"stats\">"
+        f'<body data-examples="{len(picked)}" data-per-page="{per_page}">{body}'
+        f'<script type="application/json" id="stats">'
         f"{json.dumps(summary).replace('<', chr(92) + 'u003c')}</script>"
         f"<script>{JS.replace('PER_PAGE', str(int(per_page)))}</script></body></html>\n"
     )
@@ -369,13 +531,33 @@ def write_report(
     tau: float | None = None,
     tau_low: float | None = None,
     tau_high: float | None = None,
+    color_by: str = PROB,
+    compare: tuple[Rule, Rule] | None = None,
 ) -> Path:
-    """Write the HTML report of output ``out`` (default ``OUT/report.html``) and return its path."""
-    flat = load_flat(out, strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high)
+    """Write the HTML report of output ``out`` (default ``OUT/report.html``) and return its path.
+
+    Every stored signal column is read, for the tooltips; ``color_by`` must be one of them,
+    ``logprobs`` or ``prob``.
+    """
+    check_columns(out, [color_by])
+    rule_cols = [c for r in compare or () for c in rule_columns(r)]
+    columns = [*numeric_columns(out), *rule_cols]
+    flat = load_flat(
+        out, strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high, columns=columns
+    )
     if tokenizer is None:
         tokenizer = load_output_tokenizer(out, tokenizer_path)
     target = Path(html_path) if html_path else Path(out) / "report.html"
-    page = build_html(flat, tokenizer, out=out, examples=examples, seed=seed, per_page=per_page)
+    page = build_html(
+        flat,
+        tokenizer,
+        out=out,
+        examples=examples,
+        seed=seed,
+        per_page=per_page,
+        color_by=color_by,
+        compare=compare,
+    )
     atomic_write_bytes(target, page.encode())
     target.chmod(0o644)  # the temporary file is private; a report is meant to be shared
     return target

@@ -19,8 +19,11 @@ import pytest
 from profit_prep.cli import main
 
 SWEEP = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
-HEADER = re.compile(r"^─── example (\S+) \(source row \d+\) · (\d+) tokens · (\d+) response · "
-                    r"(\d+) kept · ([\d.]+)% masked", re.M)
+HEADER = re.compile(
+    r"^─── example (\S+) \(source row \d+\) · (\d+) tokens · (\d+) response · "
+    r"(\d+) kept · ([\d.]+)% masked",
+    re.M,
+)
 
 
 def read_rows(out: Path) -> pd.DataFrame:
@@ -44,8 +47,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 @pytest.mark.slow
-def test_stats_json_matches_a_direct_computation(scored_output: Path, smollm2_tokenizer,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_stats_json_matches_a_direct_computation(
+    scored_output: Path, smollm2_tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run_cli(capsys, "stats", str(scored_output), "--json")
     assert code == 0
     stats = json.loads(out)
@@ -71,7 +75,10 @@ def test_stats_json_matches_a_direct_computation(scored_output: Path, smollm2_to
 
     assert stats["examples"] == len(rows) == 24
     assert (stats["tokens"], stats["response_tokens"], stats["kept_tokens"]) == (
-        tokens, response, kept)
+        tokens,
+        response,
+        kept,
+    )
     assert stats["masked_fraction"] == pytest.approx(1 - kept / response)
     assert stats["rule"] == {"strategy": "higher", "tau": 0.1}
     # The stored mask is the paper's rule at tau = 0.1: the sweep's 0.1 point must agree with it.
@@ -107,8 +114,9 @@ def test_stats_json_matches_a_direct_computation(scored_output: Path, smollm2_to
 
 
 @pytest.mark.slow
-def test_stats_rethresholds_and_prints_text(scored_output: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_stats_rethresholds_and_prints_text(
+    scored_output: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = read_rows(scored_output)
     response = masked = 0
     for _, row in rows.iterrows():
@@ -141,7 +149,7 @@ def check_plain_view(text: str, rows: pd.DataFrame, tokenizer, tau: float, n: in
     by_id = {str(r["example_id"]): r for _, r in rows.iterrows()}
     for k, head in enumerate(heads):
         end = heads[k + 1].start() if k + 1 < len(heads) else len(text)
-        block = text[head.end():end]
+        block = text[head.end() : end]
         row = by_id[head.group(1)]
         want = expected_brackets(row, tokenizer, tau)
         assert re.findall(r"\[([^\]]*)\]", block) == want
@@ -153,8 +161,9 @@ def check_plain_view(text: str, rows: pd.DataFrame, tokenizer, tau: float, n: in
 
 
 @pytest.mark.slow
-def test_inspect_plain_marks_exactly_the_masked_tokens(scored_output: Path, smollm2_tokenizer,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_plain_marks_exactly_the_masked_tokens(
+    scored_output: Path, smollm2_tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = read_rows(scored_output)
     code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--limit", "4")
     assert code == 0
@@ -162,32 +171,38 @@ def test_inspect_plain_marks_exactly_the_masked_tokens(scored_output: Path, smol
     assert "(4 of 24 examples shown)" in out
 
     # Re-thresholding: now every response token with p < 0.5 is bracketed.
-    code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--limit", "3", "--tau", "0.5",
-                           "--color", "never")
+    code, out, _ = run_cli(
+        capsys, "inspect", str(scored_output), "--limit", "3", "--tau", "0.5", "--color", "never"
+    )
     assert code == 0 and "higher tau=0.5 (re-thresholded)" in out
     check_plain_view(out, rows, smollm2_tokenizer, 0.5, 3)
 
 
 @pytest.mark.slow
-def test_inspect_row_grep_and_errors(scored_output: Path, smollm2_tokenizer,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_row_grep_and_errors(
+    scored_output: Path, smollm2_tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = read_rows(scored_output)
     wanted = str(rows["example_id"].iloc[7])
     code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--row", wanted)
     assert code == 0 and [m.group(1) for m in HEADER.finditer(out)] == [wanted]
 
     # --grep: exactly the examples whose decoded text contains the word (case-insensitive).
-    texts = {str(r["example_id"]): smollm2_tokenizer.decode(list(r["input_ids"]))
-             for _, r in rows.iterrows()}
+    texts = {
+        str(r["example_id"]): smollm2_tokenizer.decode(list(r["input_ids"]))
+        for _, r in rows.iterrows()
+    }
     hits = [i for i, t in texts.items() if "clips" in t.lower()]
     assert hits
-    code, out, _ = run_cli(capsys, "inspect", str(scored_output), "--grep", "CLIPS",
-                           "--limit", "50")
+    code, out, _ = run_cli(
+        capsys, "inspect", str(scored_output), "--grep", "CLIPS", "--limit", "50"
+    )
     assert code == 0 and [m.group(1) for m in HEADER.finditer(out)] == hits
 
     code, _, err = run_cli(capsys, "inspect", str(scored_output), "--row", "no-such-id")
-    assert code == 2 and err.strip().splitlines() == ["error: no example with id 'no-such-id' "
-                                                      "in this output"]
+    assert code == 2 and err.strip().splitlines() == [
+        "error: no example with id 'no-such-id' in this output"
+    ]
     code, _, err = run_cli(capsys, "stats", str(scored_output), "--tau", "1.5")
     assert code == 2 and err.startswith("error: tau must be a probability")
     code, _, err = run_cli(capsys, "inspect", str(scored_output.parent / "missing"))
@@ -197,8 +212,13 @@ def test_inspect_row_grep_and_errors(scored_output: Path, smollm2_tokenizer,
 def run_in_pty(argv: list[str], timeout: float = 180) -> str:
     """Run a command with its stdout on a pseudo-terminal; return what it wrote there."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "TERM": "xterm-256color", "NO_COLOR": ""})
+    proc = subprocess.Popen(
+        argv,
+        stdout=slave,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "TERM": "xterm-256color", "NO_COLOR": ""},
+    )
     os.close(slave)
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -220,20 +240,32 @@ def run_in_pty(argv: list[str], timeout: float = 180) -> str:
 def test_inspect_in_a_terminal_is_coloured(scored_output: Path) -> None:
     from profit_prep.inspection import MASKED_STYLE, PROMPT_STYLE
 
-    text = run_in_pty([sys.executable, "-m", "profit_prep.cli", "inspect", str(scored_output),
-                       "--limit", "2"])
+    text = run_in_pty(
+        [sys.executable, "-m", "profit_prep.cli", "inspect", str(scored_output), "--limit", "2"]
+    )
     assert MASKED_STYLE in text and PROMPT_STYLE in text
     assert re.search(r"\x1b\[38;5;\d+m", text)  # response tokens coloured by probability
     assert "[token] = masked" not in text  # the plain legend is for pipes only
     # --color never wins over the terminal.
-    text = run_in_pty([sys.executable, "-m", "profit_prep.cli", "inspect", str(scored_output),
-                       "--limit", "1", "--color", "never"])
+    text = run_in_pty(
+        [
+            sys.executable,
+            "-m",
+            "profit_prep.cli",
+            "inspect",
+            str(scored_output),
+            "--limit",
+            "1",
+            "--color",
+            "never",
+        ]
+    )
     assert "\x1b[" not in text and "───" in text
 
 
-def test_top1_column_is_shown_next_to_masked_tokens(tmp_path: Path, smollm2_dir: Path,
-                                                    smollm2_tokenizer,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_top1_column_is_shown_next_to_masked_tokens(
+    tmp_path: Path, smollm2_dir: Path, smollm2_tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A future ``top1_id`` column: the model's top-1 token follows each masked token."""
     from profit_prep.format import ScoredExample, to_table
     from profit_prep.output import OutputDir
@@ -246,16 +278,274 @@ def test_top1_column_is_shown_next_to_masked_tokens(tmp_path: Path, smollm2_dir:
     logprobs[0] = np.nan
     loss = resp & (np.exp(logprobs) >= 0.1)
     top1 = np.full(n, tok.convert_tokens_to_ids("!"), dtype=np.int32)
-    example = ScoredExample("ex-0", 0, ids, resp, logprobs, loss, False, n,
-                            extra={"top1_id": top1})
+    example = ScoredExample("ex-0", 0, ids, resp, logprobs, loss, False, n, extra={"top1_id": top1})
     out = OutputDir(tmp_path / "out")
     with out.open({"test": 1}):
         out.write_shard(0, to_table([example]), [])
-        out.finalize({"tokenizer": {"path": str(smollm2_dir)},
-                      "mask": {"strategy": "higher", "tau": 0.1}}, 1)
+        out.finalize(
+            {"tokenizer": {"path": str(smollm2_dir)}, "mask": {"strategy": "higher", "tau": 0.1}}, 1
+        )
     code, text, _ = run_cli(capsys, "inspect", str(out.path), "--color", "never")
     assert code == 0
     p = np.exp(logprobs.astype(np.float64))
     want = [f"{tok.decode([int(i)])}|!" for i in ids[resp & ~(p >= 0.1)]]
-    body = text[HEADER.search(text).end():]  # after the legend, which shows "[token]"
+    body = text[HEADER.search(text).end() :]  # after the legend, which shows "[token]"
     assert want and re.findall(r"\[([^\]]*)\]", body) == want
+
+
+# -- --color-by and --compare on a real output with signals -------------------------------------
+
+QS = np.linspace(0, 1, 6)
+
+
+@pytest.fixture(scope="module")
+def signals_out(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """8 GSM8K rows scored by the tiny Llama with every signal (entropy, top1, rank).
+
+    Its random weights give p of about 1/vocab, so tau = 2e-5 (near the median) makes the stored
+    mask keep about half the response tokens, like a real model at tau = 0.1.
+    """
+    from tests.conftest import score_demo
+
+    return score_demo(
+        tmp_path_factory.mktemp("sig") / "out",
+        tiny_model_dir,
+        signals="entropy,top1,rank",
+        tau=2e-5,
+    )
+
+
+def response_values(rows: pd.DataFrame, column: str) -> list[np.ndarray]:
+    """Per row, the stored column on response tokens (float64), read by pandas."""
+    return [
+        np.asarray(r[column], dtype=np.float64)[np.asarray(r["response_mask"], dtype=bool)]
+        for _, r in rows.iterrows()
+    ]
+
+
+def oracle_buckets(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Quantile edges (distinct) over all response tokens, and each row's bucket per token."""
+    per_row = response_values(rows, column)
+    values = np.concatenate(per_row)
+    edges = np.unique(np.quantile(values[np.isfinite(values)], QS))
+    return edges, [np.digitize(v, edges[1:-1]) for v in per_row]
+
+
+def blocks(text: str, header: re.Pattern[str]) -> dict[str, str]:
+    """Example id -> the text between its header and the next one."""
+    heads = list(header.finditer(text))
+    ends = [h.start() for h in heads[1:]] + [len(text)]
+    return {h.group(1): text[h.end() : e] for h, e in zip(heads, ends, strict=True)}
+
+
+@pytest.mark.parametrize("column", ["entropy", "rank", "top1_logprob", "logprobs"])
+def test_color_scale_buckets_equal_numpy_quantiles(signals_out: Path, column: str) -> None:
+    from profit_prep.inspection import color_scale, load_flat
+
+    rows = read_rows(signals_out)
+    edges, want = oracle_buckets(rows, column)
+    flat = load_flat(signals_out, columns=[column])
+    scale = color_scale(flat, column)
+    assert scale.edges == pytest.approx(edges, rel=1e-12)
+    got = scale.bucket(flat.column(column))[flat.response]
+    assert np.array_equal(got, np.concatenate(want))
+    assert got.min() == 0 and got.max() == len(edges) - 2  # every bucket is reachable
+
+
+def test_inspect_color_by_shades_and_prints_values(
+    signals_out: Path, smollm2_tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from profit_prep.inspection import SCALE_CODES
+
+    rows = read_rows(signals_out)
+    by_id = {str(r["example_id"]): r for _, r in rows.iterrows()}
+    edges, want = oracle_buckets(rows, "entropy")
+    assert len(edges) == 6  # distinct floats: five buckets, bucket b drawn in SCALE_CODES[b]
+    want_by_id = dict(zip(by_id, want, strict=True))
+
+    code, out, _ = run_cli(
+        capsys,
+        "inspect",
+        str(signals_out),
+        "--color-by",
+        "entropy",
+        "--color",
+        "always",
+        "--limit",
+        "8",
+    )
+    assert code == 0
+    legend, _, rest = out.partition("\n\n")
+    for b in range(5):  # the legend prints each bucket's edges in its colour
+        assert f"\x1b[38;5;{SCALE_CODES[b]}m■ {edges[b]:.4g}–{edges[b + 1]:.4g}" in legend
+    colored = re.compile(r"^\x1b\[1m─── example (\S+) ", re.M)
+    shown = blocks(rest, colored)
+    assert list(shown) == list(by_id)
+    for eid, block in shown.items():
+        codes = [int(c) for c in re.findall(r"\x1b\[(?:9;)?38;5;(\d+)m", block)]
+        assert codes == [SCALE_CODES[b] for b in want_by_id[eid]]
+        # masked response tokens are struck through: exactly the stored mask's
+        ids, resp, _, loss = row_arrays(by_id[eid])
+        assert len(re.findall(r"\x1b\[9;38;5;\d+m", block)) == int((resp & ~loss).sum())
+
+    # Piped: every response token is followed by its stored value; masked ones stay bracketed.
+    code, out, _ = run_cli(
+        capsys, "inspect", str(signals_out), "--color-by", "rank", "--limit", "8"
+    )
+    assert code == 0 and "\x1b[" not in out
+    rank_edges, _ = oracle_buckets(rows, "rank")
+    assert "rank by quantile over " in out
+    assert (
+        " · ".join(
+            f"q{b} {rank_edges[b]:.4g}–{rank_edges[b + 1]:.4g}" for b in range(len(rank_edges) - 1)
+        )
+        in out
+    )
+    for eid, block in blocks(out, HEADER).items():
+        stored = response_values(by_id[eid].to_frame().T, "rank")[0]
+        assert re.findall(r"\{(-?[\d.e+]+|nan)\}", block) == [str(int(v)) for v in stored]
+        ids, resp, _, loss = row_arrays(by_id[eid])
+        top1 = np.asarray(by_id[eid]["top1_id"])
+        masked = [
+            f"{smollm2_tokenizer.decode([int(i)])}|{smollm2_tokenizer.decode([int(t)])}".replace(
+                "\n", "\\n"
+            )
+            for i, t in zip(ids[resp & ~loss], top1[resp & ~loss])
+        ]
+        assert re.findall(r"\[([^\]]*)\]\{", block) == masked
+
+
+def numpy_keep(rows: pd.DataFrame, rule: str) -> list[np.ndarray]:
+    """Independent per-row keep masks of the rules the compare test uses."""
+    out = []
+    resp_all = [np.asarray(r["response_mask"], dtype=bool) for _, r in rows.iterrows()]
+    if rule == "top:signal=entropy,fraction=0.4,scope=global":
+        ent = [np.asarray(r["entropy"], dtype=np.float64) for _, r in rows.iterrows()]
+        pool = np.sort(np.concatenate([e[m] for e, m in zip(ent, resp_all, strict=True)]))[::-1]
+        threshold = pool[int(np.ceil(0.4 * len(pool))) - 1]
+        return [m & (e >= threshold) for e, m in zip(ent, resp_all, strict=True)]
+    for (_, r), resp in zip(rows.iterrows(), resp_all, strict=True):
+        p = np.exp(np.asarray(r["logprobs"], dtype=np.float64))
+        rank = np.asarray(r["rank"], dtype=np.int64)
+        if rule == "stored":
+            keep = np.asarray(r["loss_mask"], dtype=bool)
+        elif rule == "higher:tau=0.000018":
+            keep = p >= 0.000018
+        elif rule == "band:signal=rank,hi=20000":
+            keep = rank <= 20000
+        elif rule == "top:signal=loss,fraction=0.3":  # per row: the 30% least likely tokens
+            idx = np.flatnonzero(resp)
+            order = idx[np.argsort(p[idx], kind="stable")]
+            keep = np.zeros(len(p), dtype=bool)
+            keep[order[: int(np.ceil(round(0.3 * len(idx), 9)))]] = True
+        else:
+            raise AssertionError(rule)
+        out.append(resp & keep)
+    return out
+
+
+COMPARE_HEADER = re.compile(
+    r"^─── example (\S+) \(source row \d+\) · \d+ tokens · (\d+) response · both (\d+) · "
+    r"A only (\d+) · B only (\d+) · neither (\d+)",
+    re.M,
+)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("stored", "band:signal=rank,hi=20000"),
+        ("higher:tau=0.000018", "top:signal=entropy,fraction=0.4,scope=global"),
+        ("top:signal=loss,fraction=0.3", "stored"),
+    ],
+)
+def test_compare_categories_equal_numpy(
+    signals_out: Path, smollm2_tokenizer, a: str, b: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from profit_prep.inspection import compare_rules, load_flat, parse_rule, rule_columns
+
+    rows = read_rows(signals_out)
+    keep_a, keep_b = numpy_keep(rows, a), numpy_keep(rows, b)
+    want = []
+    for (_, r), ka, kb in zip(rows.iterrows(), keep_a, keep_b, strict=True):
+        resp = np.asarray(r["response_mask"], dtype=bool)
+        cat = np.select([ka & kb, ka & ~kb, ~ka & kb], [0, 1, 2], 3)
+        want.append(np.where(resp, cat, -1))
+    ra, rb = parse_rule(a), parse_rule(b)
+    flat = load_flat(signals_out, columns=rule_columns(ra) + rule_columns(rb))
+    got = compare_rules(flat, ra, rb).category
+    assert np.array_equal(got, np.concatenate(want))
+    assert len(set(got[got >= 0].tolist())) >= 3  # a comparison, not one category everywhere
+
+    code, out, _ = run_cli(capsys, "inspect", str(signals_out), "--compare", a, b, "--limit", "8")
+    assert code == 0 and out.startswith("compare: A = ")
+    heads = {m.group(1): m for m in COMPARE_HEADER.finditer(out)}
+    assert len(heads) == 8
+    for (_, r), cat in zip(rows.iterrows(), want, strict=True):
+        m = heads[str(r["example_id"])]
+        counts = [int((cat == c).sum()) for c in range(4)]
+        assert [int(m.group(k)) for k in range(3, 7)] == counts
+        assert int(m.group(2)) == sum(counts)
+    totals = [int((np.concatenate(want) == c).sum()) for c in range(4)]
+    assert (
+        f"all 8 examples, response tokens kept by: both {totals[0]} · A only {totals[1]} · "
+        f"B only {totals[2]} · neither {totals[3]}"
+    ) in out
+    # The plain markers wrap exactly the tokens of each category.
+    for eid, block in blocks(out, COMPARE_HEADER).items():
+        row = next(r for _, r in rows.iterrows() if str(r["example_id"]) == eid)
+        cat = want[int(row["source_index"])]
+        ids = np.asarray(row["input_ids"])
+        text = {
+            c: [smollm2_tokenizer.decode([int(i)]).replace("\n", "\\n") for i in ids[cat == c]]
+            for c in (1, 2)
+        }
+        assert re.findall(r"\{A:([^}]*)\}", block) == text[1]
+        assert re.findall(r"\{B:([^}]*)\}", block) == text[2]
+
+
+def test_unknown_column_and_bad_rules_are_refused_in_one_line(
+    signals_out: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import score_demo
+
+    def error(*argv: str) -> str:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ")
+        return lines[0]
+
+    out = str(signals_out)
+    assert error("inspect", out, "--color-by", "nope") == (
+        f"error: no per-token column 'nope' in {out}; choose from: prob, logprobs, entropy, "
+        "rank, top1_logprob"
+    )
+    assert "no per-token column 'top1_id'" in error("inspect", out, "--color-by", "top1_id")
+    assert "start with one of stored, higher" in error(
+        "inspect", out, "--compare", "stored", "bogus"
+    )
+    assert "expected KEY=VALUE with KEY in tau, tau_low" in error(
+        "inspect", out, "--compare", "stored", "higher:cutoff=0.3"
+    )
+    assert "tau must be a probability" in error(
+        "inspect", out, "--compare", "stored", "higher:tau=2"
+    )
+    assert "is not a float" in error("inspect", out, "--compare", "stored", "top:fraction=x")
+    assert "drop --tau" in error("inspect", out, "--compare", "stored", "higher", "--tau", "0.3")
+    assert "choose one" in error(
+        "inspect", out, "--compare", "stored", "higher", "--color-by", "rank"
+    )
+    assert "excess_loss needs a reference" in error(
+        "inspect", out, "--compare", "stored", "top:signal=excess_loss,fraction=0.5"
+    )
+    # An output scored without --signals says how to get more columns.
+    plain = str(score_demo(tmp_path / "plain", tiny_model_dir, limit=2))
+    capsys.readouterr()  # the model's loading messages
+    assert error("inspect", plain, "--color-by", "entropy") == (
+        f"error: no per-token column 'entropy' in {plain}; choose from: prob, logprobs "
+        "(score with --signals entropy,top1,rank for more)"
+    )
+    assert "no per-token column 'rank'" in error(
+        "inspect", plain, "--compare", "stored", "band:signal=rank,hi=3"
+    )

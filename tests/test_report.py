@@ -14,9 +14,16 @@ import pytest
 from profit_prep.cli import main
 
 BROWSER_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--enable-logging=stderr", "--v=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
 ]
 EXAMPLES, PER_PAGE = 10, 4  # fewer than the 24 scored rows: sampling and pagination both apply
 
@@ -33,7 +40,9 @@ def run_browser(tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
     return subprocess.run(
         [chromium(), *BROWSER_FLAGS, f"--user-data-dir={profile}", *extra, url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -87,8 +96,21 @@ def parse_dom(text: str) -> Dom:
 @pytest.fixture(scope="module")
 def report(scored_output: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("report") / "report.html"
-    assert main(["report", str(scored_output), "--html", str(path), "--examples", str(EXAMPLES),
-                 "--per-page", str(PER_PAGE)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(scored_output),
+                "--html",
+                str(path),
+                "--examples",
+                str(EXAMPLES),
+                "--per-page",
+                str(PER_PAGE),
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -140,8 +162,9 @@ def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     visible = [i for i, ex in enumerate(dom.examples) if "hidden" not in ex]
     assert len(dom.examples) == EXAMPLES and visible == list(range(PER_PAGE))
     # A masked token is shown on the visible page, with its probability on hover.
-    shown_masked = [t for i, t in zip(dom.masked_in, dom.masked_titles, strict=True)
-                    if i in visible]
+    shown_masked = [
+        t for i, t in zip(dom.masked_in, dom.masked_titles, strict=True) if i in visible
+    ]
     assert shown_masked
     for title in shown_masked:
         p = float(re.fullmatch(r"p=([\d.]+) · masked", title).group(1))
@@ -164,10 +187,173 @@ def test_browser_check_catches_script_errors(report: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_demo_prints_where_its_report_is(tmp_path: Path, smollm2_dir: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_prints_where_its_report_is(
+    tmp_path: Path, smollm2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--rows", "2", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"report      {out / 'report.html'}" in lines
     assert "<h1>profit-prep report</h1>" in (out / "report.html").read_text()
+
+
+# -- --color-by and --compare: the token view carries the chosen column --------------------------
+
+
+class Tokens(HTMLParser):
+    """Each example's response-token spans: classes, tooltip, data-v and text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.examples: dict[str, dict[str, str | None]] = {}  # example id -> section attributes
+        self.tokens: dict[str, list[dict[str, object]]] = {}
+        self._current: str | None = None
+        self._span: dict[str, object] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "section" and "example" in classes:
+            self._current = (a.get("id") or "").removeprefix("ex-")
+            self.examples[self._current] = a
+            self.tokens[self._current] = []
+        elif tag == "span" and "tok" in classes and self._current is not None:
+            self._span = {
+                "classes": classes,
+                "title": a.get("title"),
+                "v": a.get("data-v"),
+                "text": "",
+            }
+            self.tokens[self._current].append(self._span)
+
+    def handle_data(self, data: str) -> None:
+        if self._span is not None:
+            self._span["text"] = str(self._span["text"]) + data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "span":
+            self._span = None
+
+
+@pytest.fixture(scope="module")
+def signals_out(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """8 GSM8K rows scored by the tiny Llama with every signal; tau = 2e-5 keeps about half."""
+    from tests.conftest import score_demo
+
+    return score_demo(
+        tmp_path_factory.mktemp("sig") / "out",
+        tiny_model_dir,
+        signals="entropy,top1,rank",
+        tau=2e-5,
+    )
+
+
+def stored_rows(out: Path) -> list[dict[str, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in sorted((out / "data").glob("part-*.parquet")):
+        for r in pq.read_table(f).to_pylist():
+            rows.append({k: np.asarray(v) if isinstance(v, list) else v for k, v in r.items()})
+    return rows
+
+
+def report_tokens(out: Path, html_path: Path, *argv: str) -> Tokens:
+    assert main(["report", str(out), "--html", str(html_path), *argv]) == 0
+    page = Tokens()
+    page.feed(html_path.read_text())
+    return page
+
+
+def test_report_color_by_carries_the_column_and_every_signal(
+    signals_out: Path, tmp_path: Path, smollm2_tokenizer
+) -> None:
+    rows = stored_rows(signals_out)
+    resp_all = [r["response_mask"].astype(bool) for r in rows]
+    pool = np.concatenate([r["entropy"][m] for r, m in zip(rows, resp_all, strict=True)])
+    edges = np.unique(np.quantile(pool.astype(np.float64), np.linspace(0, 1, 6)))
+    assert len(edges) == 6  # five buckets: class q<b> is bucket b
+
+    page = report_tokens(signals_out, tmp_path / "r.html", "--color-by", "entropy")
+    assert set(page.tokens) == {r["example_id"] for r in rows}
+    for r, resp in zip(rows, resp_all, strict=True):
+        spans = page.tokens[r["example_id"]]
+        assert len(spans) == int(resp.sum())  # one span per response token, prompt runs merged
+        entropy = r["entropy"][resp].astype(np.float64)
+        assert [s["v"] for s in spans] == [f"{v:.4g}" for v in entropy]
+        buckets = np.digitize(entropy, edges[1:-1])
+        assert [next(c for c in s["classes"] if re.fullmatch(r"q\d", c)) for s in spans] == [
+            f"q{b}" for b in buckets
+        ]
+        masked = resp & ~r["loss_mask"].astype(bool)
+        assert ["masked" in s["classes"] for s in spans] == masked[resp].tolist()
+        p = np.exp(r["logprobs"][resp].astype(np.float64))
+        for s, pv, e, rk, t1, t1_id in zip(
+            spans,
+            p,
+            entropy,
+            r["rank"][resp],
+            r["top1_logprob"][resp],
+            r["top1_id"][resp],
+            strict=True,
+        ):
+            parts = str(s["title"]).split(" · ")
+            assert parts[0] == f"p={pv:.4f}"
+            assert f"entropy={e:.4g}" in parts and f"rank={rk}" in parts
+            assert f"top1_logprob={float(t1):.4g}" in parts
+            assert parts[-1] == f"top-1: {smollm2_tokenizer.decode([int(t1_id)])!r}"
+    text = (tmp_path / "r.html").read_text()
+    assert 'id="colour-by">entropy</code>' in text
+    for b in range(5):  # the legend shows each bucket's edges
+        assert f'<span class="tok q{b}">{edges[b]:.4g}–{edges[b + 1]:.4g}</span>' in text
+
+
+def test_report_compare_marks_categories(signals_out: Path, tmp_path: Path) -> None:
+    rows = stored_rows(signals_out)
+    page = report_tokens(
+        signals_out,
+        tmp_path / "c.html",
+        "--compare",
+        "stored",
+        "top:signal=entropy,fraction=0.5",
+        "--examples",
+        "5",
+    )
+    assert len(page.tokens) == 5
+    names = ["both", "a-only", "b-only", "neither"]
+    seen = set()
+    for r in rows:
+        if r["example_id"] not in page.tokens:
+            continue
+        resp = r["response_mask"].astype(bool)
+        a = r["loss_mask"].astype(bool)[resp]
+        # B: per example, the ceil(50%) response tokens of highest entropy (ties: earlier first)
+        ent = r["entropy"][resp].astype(np.float64)
+        b = np.zeros(len(ent), dtype=bool)
+        b[np.argsort(-ent, kind="stable")[: int(np.ceil(0.5 * len(ent)))]] = True
+        cat = np.select([a & b, a & ~b, ~a & b], [0, 1, 2], 3)
+        spans = page.tokens[r["example_id"]]
+        classes = ["cmp-both", "cmp-a", "cmp-b", "cmp-none"]
+        assert [next(c for c in s["classes"] if c.startswith("cmp-")) for s in spans] == [
+            classes[c] for c in cat
+        ]
+        section = page.examples[r["example_id"]]
+        assert [int(section[f"data-{n}"] or -1) for n in names] == [
+            int((cat == c).sum()) for c in range(4)
+        ]
+        seen.update(cat.tolist())
+    assert seen == {0, 1, 2, 3}
+
+
+def test_report_refuses_an_unknown_column(
+    signals_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["report", str(signals_out), "--html", str(tmp_path / "x.html"), "--color-by", "loss_mask"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        f"error: no per-token column 'loss_mask' in {signals_out}; choose from: prob, "
+        "logprobs, entropy, rank, top1_logprob"
+    ]
+    assert not (tmp_path / "x.html").exists()
