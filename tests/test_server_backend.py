@@ -256,3 +256,46 @@ def test_ray_workers_as_server_clients_give_the_same_output(
     assert manifest["scorer"]["backend"] == "server"
     files = [p for p in (tmp_path / "ray").rglob("*") if p.is_file()]
     assert [p for p in files if SECRET.encode() in p.read_bytes()] == []
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_server_signals_match_the_full_distribution(
+    server: Server, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """--signals through a server: top-1 and rank as a plain forward's, entropy as the top-k
+    lower bound computed from the plain forward's own top 5 (the server allows 5 logprobs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_vllm_backend import lower_bound_entropy
+
+    out = tmp_path / "out"
+    signals = ["--signals", "entropy,top1,rank", "--signals-top-k", "5"]
+    result = cli(*score_args(server.url, smollm2_dir, out, limit=3), *signals)
+    assert result.returncode == 0, result.stderr
+    rows = pq.read_table(out / "data").sort_by("source_index").to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    off = n = 0
+    for r in rows:
+        x = torch.tensor(r["input_ids"])[None]
+        with torch.inference_mode():
+            logp = model(x).logits[0, :-1].double().log_softmax(-1)
+        gold = logp.gather(1, x[0, 1:, None])
+        rank = 1 + (logp > gold).sum(-1).numpy()
+        entropy = np.array(r["entropy"][1:], np.float64)
+        np.testing.assert_allclose(entropy, lower_bound_entropy(logp.topk(5).values.numpy()),
+                                   atol=1e-3)
+        assert (entropy <= -(logp.exp() * logp).sum(-1).numpy() + 1e-3).all()
+        off += int((np.array(r["top1_id"][1:]) != logp.argmax(-1).numpy()).sum())
+        off += int((np.array(r["rank"][1:]) != rank).sum())
+        n += len(rank)
+        assert r["rank"][0] == -1 and r["top1_id"][0] == -1
+    assert off <= n // 200  # only float near-ties may order differently
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scorer"]["signals_top_k"] == 5 and "top 5" in manifest["columns"]["entropy"]
+    refused = cli(*score_args(server.url, smollm2_dir, tmp_path / "o6", limit=1),
+                  "--signals", "entropy", "--signals-top-k", "6")
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "answered 400" in errors[0]

@@ -121,12 +121,10 @@ def test_pipeline_stores_signal_columns(tmp_path: Path, tiny_model_dir: Path) ->
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [({"backend": "vllm"}, "vllm backend returns only top-k"),
-     ({"server": "http://localhost:1"}, "server backend returns only top-k"),
-     ({"num_workers": 2}, "not supported with Ray"),
-     ({"signals": "entropy,nope"}, "unknown signal 'nope'")],
+    [({"signals": "entropy,nope"}, "unknown signal 'nope'"),
+     ({"backend": "vllm", "signals_top_k": 0}, "--signals-top-k 0: must be at least 1")],
 )
-def test_signals_refused_where_not_exact(tmp_path: Path, extra: dict, message: str) -> None:
+def test_bad_signal_options_are_refused(tmp_path: Path, extra: dict, message: str) -> None:
     from profit_prep import ScoreConfig
     from profit_prep.pipeline import prepare
 
@@ -146,3 +144,78 @@ def test_smollm2_signals_equal_full_softmax(smollm2_dir: Path, smollm2_tokenizer
     got = TransformersScorer(smollm2_dir, signals="entropy,top1,rank").score_with_signals(seqs)
     for seq, g in zip(seqs, got, strict=True):
         check_against_direct(g, direct_signals(smollm2_dir, seq))
+
+
+# --------------------------------------------------------------------------- top-k backends
+
+
+def vllm_style_entries(logp: np.ndarray, gold: np.ndarray, k: int) -> list:
+    """What vLLM returns per position (vllm/v1/sample/sampler.py, vllm/logprobs.py): the actual
+    token with rank = #{logprob >= its own}, then the top k with ranks 1..k, which overwrite the
+    actual token's entry when it is among them. Ties are put highest id first, the opposite of
+    argmax, so the code under test cannot lean on vLLM's tie order."""
+    entries: list = [None]
+    for row, g in zip(logp, gold, strict=True):
+        order = sorted(range(len(row)), key=lambda v: (-row[v], -v))[:k]
+        entry = {int(g): (float(row[g]), int((row >= row[g]).sum()))}
+        entry.update({v: (float(row[v]), r) for r, v in enumerate(order, 1)})
+        entries.append(entry)
+    return entries
+
+
+def lower_bound_entropy(top: np.ndarray) -> np.ndarray:
+    """The top-k estimator written out once more, for rows sorted descending."""
+    p = np.exp(top)
+    tail = np.maximum(1 - p.sum(-1), 0)
+    bound = np.maximum(np.minimum(tail, p[:, -1]), 1e-300)
+    return -(p * top).sum(-1) + np.where(tail > 0, -tail * np.log(bound), 0)
+
+
+def test_top_k_signals_equal_full_distribution_figures() -> None:
+    from profit_prep.scoring import top_k_signals
+
+    rng = np.random.default_rng(1)
+    vocab, n, k = 40, 60, 5
+    z = rng.normal(0, 3, (n - 1, vocab))
+    z[3, 7] = z[3, 11] = z[3].max() + 1  # top-1 tie: argmax takes the lowest id (7)
+    z[5, 9] = z[5, 2] = z[5].max() + 1  # top-1 tie again, with the higher id listed first
+    gold = rng.integers(0, vocab, n - 1)
+    gold[0], gold[1] = np.argsort(-z[0])[0], np.argsort(-z[1])[30]  # the top-1, far outside
+    gold[5] = 9  # the actual token shares the best logit: rank 1
+    order = np.argsort(-z[7])
+    # tied with the k-th, lower id: listed after it, outside the top k (rank counted k + 1)
+    gold[7] = min(order[k - 1], order[k + 3])
+    z[7, gold[7]] = z[7, max(order[k - 1], order[k + 3])] = z[7, order[k - 1]]
+    logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+    ids = np.concatenate([[0], gold])
+    got = top_k_signals(ids, vllm_style_entries(logp, gold, k), k, ("entropy", "top1", "rank"))
+    exact_h = -(np.exp(logp) * logp).sum(-1)
+    assert set(got) == {"logprobs", *SIGNAL_COLS} and all(len(v) == n for v in got.values())
+    assert np.isnan(got["entropy"][0]) and got["top1_id"][0] == -1 and got["rank"][0] == -1
+    np.testing.assert_allclose(got["logprobs"][1:], logp[np.arange(n - 1), gold], atol=1e-6)
+    np.testing.assert_array_equal(got["top1_id"][1:], z.argmax(-1))
+    np.testing.assert_allclose(got["top1_logprob"][1:], logp.max(-1), atol=1e-6)
+    gold_z = z[np.arange(n - 1), gold]
+    np.testing.assert_array_equal(got["rank"][1:], 1 + (z > gold_z[:, None]).sum(-1))
+    assert got["rank"][1] == 1 and got["rank"][2] == 31 and got["rank"][6] == 1
+    assert got["rank"][8] == k
+    assert got["top1_id"][4] == 7 and got["top1_id"][6] == 2
+    top = -np.sort(-logp, axis=-1)[:, :k]
+    np.testing.assert_allclose(got["entropy"][1:], lower_bound_entropy(top), atol=1e-5)
+    assert (got["entropy"][1:] <= exact_h + 1e-5).all()  # a lower bound
+    # With k = vocab the "estimate" is the exact entropy.
+    full = top_k_signals(ids, vllm_style_entries(logp, gold, vocab), vocab, ("entropy",))
+    np.testing.assert_allclose(full["entropy"][1:], exact_h, atol=1e-5)
+
+
+def test_top_k_signals_edges_and_malformed_answers() -> None:
+    from profit_prep.scoring import top_k_signals
+
+    assert {k: v.shape for k, v in top_k_signals([], [], 3, ("rank",)).items()} == {
+        "logprobs": (0,), "rank": (0,)}
+    one = top_k_signals([4], [None], 3, ("entropy",))
+    assert np.isnan(one["entropy"]).all() and one["entropy"].shape == (1,)
+    with pytest.raises(RuntimeError, match="lack the actual token 8 at position 1"):
+        top_k_signals([1, 8], [None, {3: (-0.1, 1)}], 1, ("rank",))
+    with pytest.raises(RuntimeError, match="2 prompt logprobs for 3 tokens"):
+        top_k_signals([1, 8, 9], [None, {8: (-0.1, 1)}], 1, ("rank",))
