@@ -7,10 +7,11 @@ transformers backend here is also the correctness oracle for the vLLM backend
 (:mod:`profit_prep.vllm_backend`).
 
 The transformers backend never materialises full-vocabulary logits for a whole batch: it runs
-the decoder once, then applies the LM head to a bounded number of positions at a time and takes
-``logit[gold] - logsumexp(logits)`` chunk by chunk. On GPUs, sequences are sorted by length
-and batched under a token budget, so padding costs little; on CPU one row per forward measured
-fastest (benchmarks/), so that is the CPU default.
+the decoder once (with no KV cache: scoring never reads one back), then applies the LM head to a
+bounded number of positions at a time and takes ``logit[gold] - logsumexp(logits)`` chunk by
+chunk; an 8,000-token SmolLM2 row peaks ~300 MB above the loaded model (benchmarks/). On GPUs,
+sequences are sorted by length and batched under a token budget, so padding costs little; on CPU
+one row per forward measured fastest (benchmarks/), so that is the CPU default.
 
 With ``signals`` (any of :data:`SIGNALS`), the same LM-head chunks also give per-token signals
 of the distribution that predicted token t, from the full fp32 logits: ``entropy`` (exact, nats),
@@ -223,7 +224,11 @@ class TransformersScorer:
             ids[row, : len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
             attention[row, : len(seq)] = 1
         ids, attention = ids.to(self.device), attention.to(self.device)
-        hidden = self.decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+        # use_cache=False: the config default (True) builds a KV cache of every layer that
+        # scoring never reads, ~370 MB on an 8,000-token SmolLM2 row (benchmarks/run.py).
+        hidden = self.decoder(
+            input_ids=ids, attention_mask=attention, use_cache=False
+        ).last_hidden_state
         # Hidden state at t-1 predicts token t: gather the real positions of every row.
         h = torch.cat([hidden[row, : len(seq) - 1] for row, seq in enumerate(sequences)])
         targets = torch.cat([ids[row, 1 : len(seq)] for row, seq in enumerate(sequences)])

@@ -57,3 +57,20 @@ def test_length_batches_cover_every_row_within_budget() -> None:
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 400
+
+
+def test_long_row_scores_without_a_kv_cache(tiny_model_dir: Path, sequences) -> None:
+    """Scoring never reads past keys/values: building the cache cost ~370 MB on an 8k row.
+
+    The decoder's own output says whether it built one; the long row still matches the oracle.
+    """
+    long_row = np.random.default_rng(1).integers(0, 49152, size=3000).astype(np.int32)
+    rows = [*sequences, long_row]
+    [expected] = oracle_logprobs(tiny_model_dir, [long_row])
+    for budget in (1, 100_000):  # one row per forward, and padded batches (masked attention)
+        scorer = TransformersScorer(tiny_model_dir, max_batch_tokens=budget)
+        outputs: list = []
+        scorer.decoder.register_forward_hook(lambda _m, _a, out, seen=outputs: seen.append(out))
+        got = scorer.score(rows)
+        assert outputs and all(out.past_key_values is None for out in outputs)
+        np.testing.assert_allclose(got[-1][1:], expected[1:], atol=1e-5, rtol=0)
