@@ -56,10 +56,10 @@ class Job:
     """What the stages need, shipped to Ray workers by pickle (no open files, no models)."""
 
     config: ScoreConfig
-    source: Source
+    source: Source | None  # None in the writer's copy
     fmt: str
     fields: FieldMap
-    renderer: Renderer
+    renderer: Renderer | None  # None in the writer's copy
     model_dir: Path
     out: str
     cpus_per_worker: float
@@ -72,6 +72,7 @@ class Job:
 
 def render_shard(item: dict[str, Any], job: Job) -> dict[str, Any]:
     """Stage 1 (CPU task): read and render one shard's input range."""
+    assert job.source is not None and job.renderer is not None
     t0 = time.perf_counter()
     rows = job.source.read(int(item["start"]), int(item["stop"]))
     t1 = time.perf_counter()
@@ -149,6 +150,7 @@ class ScoringActor:
             else:
                 payload["logprobs"] = self.scorer.score(ids) if ids else []
             payload["timing"]["score_s"] = time.perf_counter() - t0
+            payload["timing"]["scored_at"] = time.time()  # wall clock: comparable across nodes
             payload["scorer"] = self.describe
             payload["model_load_s"], self.load_s = self.load_s, None
             payloads.append(pickle.dumps(payload, protocol=5))
@@ -258,7 +260,9 @@ def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
                     for row in _dataset(job, prepared, todo, workers).iter_rows():
                         progress.update(int(row["rows"]), int(row["tokens"]))
                         scored_tokens += int(row["tokens"])
-                        finished.append((time.perf_counter(), int(row["tokens"])))
+                        # When the actor finished it, not when the driver heard: Ray Data hands
+                        # results over in bursts, which would distort the steady rate.
+                        finished.append((float(row["scored_at"]), int(row["tokens"])))
                         for key in timing:
                             timing[key] += float(row[key])
                         if row["model_load_s"] is not None and not np.isnan(row["model_load_s"]):
@@ -289,7 +293,7 @@ def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
             "worker_tokens_per_s": (
                 round(scored_tokens / timing["score_s"], 1) if scored_tokens else None
             ),
-            "steady_tokens_per_s": _steady_rate(finished, workers),
+            "steady_tokens_per_s": _steady_rate(sorted(finished), workers),
             "resumed_shards": prepared.n_shards - len(todo),
             "num_workers": workers,
             "ray_start_s": round(ray_start_s, 3),
@@ -357,7 +361,13 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
             num_cpus=job.cpus_per_worker,
             num_gpus=gpus,
-            runtime_env={"env_vars": ray_env_vars()},
+            # Ray starts workers at nice 15, so on a small node its own processes (driver,
+            # raylet, the light tasks) preempt the scorer and stall its OpenMP threads; the
+            # actor is the job, so it runs at normal priority (as Ray Jobs does for drivers).
+            runtime_env={"env_vars": {**ray_env_vars(), "RAY_worker_niceness": "0"}},
         )
-        .map(write_shard, fn_kwargs={"job": job}, **light)
+        # The writer needs only the config and --out: without the tokenizer (and source) in its
+        # pickle, a write worker does not import transformers (~2 s of CPU taken from scoring).
+        .map(write_shard, fn_kwargs={"job": dataclasses.replace(job, renderer=None, source=None)},
+             **light)
     )
