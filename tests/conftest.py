@@ -6,6 +6,7 @@ import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +116,24 @@ def scored_output(tmp_path_factory, smollm2_dir: Path) -> Path:
                       prompt_field="question", response_field="answer", limit=24,
                       shard_size=8, quiet=True))
     return out
+
+
+def final_hidden_grads(trainer: Any, batch: dict) -> tuple[Any, Any]:
+    """d loss / d final-norm output at every position t-1, and the loss, for one batch.
+
+    The final norm's output at t-1 feeds only the prediction of token t, so its gradient there is
+    zero exactly when token t is out of the loss (or has weight 0): how the trainer tests see which
+    tokens reach the loss, and by how much.
+    """
+    model, captured = trainer.model, {}
+
+    def keep(_module: Any, _inputs: Any, output: Any) -> None:
+        output.retain_grad()
+        captured["h"] = output
+
+    handle = model.model.norm.register_forward_hook(keep)
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    handle.remove()
+    return captured["h"].grad[:, :-1].clone(), loss.detach()

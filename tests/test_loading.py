@@ -14,7 +14,7 @@ import pytest
 from profit_prep.errors import InputError
 from profit_prep.loading import load
 from profit_prep.output import read_manifest
-from tests.conftest import score_demo
+from tests.conftest import final_hidden_grads, score_demo
 
 pytestmark = pytest.mark.usefixtures("private_datasets_cache")
 
@@ -239,23 +239,10 @@ def test_trl_sft_trainer_masked_tokens_get_no_gradient(
         return trainer.data_collator([trainer.train_dataset[by_id[e]] for e in ids])
 
     def grads(trainer: SFTTrainer, batch: dict):
-        model = trainer.model
-        captured = {}
-
-        def keep_final_hidden(_module, _inputs, output):
-            output.retain_grad()
-            captured["h"] = output
-
-        # The final norm's output at position t-1 feeds only the prediction of token t, so its
-        # gradient there is zero exactly when token t is out of the loss.
-        handle = model.model.norm.register_forward_hook(keep_final_hidden)
-        model.zero_grad()
-        loss = trainer.compute_loss(model, dict(batch))
-        loss.backward()
-        handle.remove()
-        hidden = captured["h"].grad[:, :-1].abs().sum(-1)
-        params = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        return hidden, loss.detach(), params.clone()
+        hidden, loss = final_hidden_grads(trainer, batch)  # zero exactly where t is not trained
+        params = torch.cat([p.grad.flatten() for p in trainer.model.parameters()
+                            if p.grad is not None])
+        return hidden.abs().sum(-1), loss, params.clone()
 
     trainer = trainer_for(load(scored_output, max_length=MAX_LENGTH), "profit")
     ids = list(trainer.train_dataset["example_id"][:4])

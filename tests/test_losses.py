@@ -135,22 +135,6 @@ def _stored(out: Path) -> dict[str, dict[str, np.ndarray]]:
             for r in table.to_pylist()}
 
 
-def _hidden_grads(trainer: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """d loss / d final-norm output at each position t-1 (it feeds only the prediction of t)."""
-    model, captured = trainer.model, {}
-
-    def keep(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-        output.retain_grad()
-        captured["h"] = output
-
-    handle = model.model.norm.register_forward_hook(keep)
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    handle.remove()
-    return captured["h"].grad[:, :-1].clone(), loss.detach()
-
-
 @pytest.mark.slow
 def test_sft_trainer_dft_weights_and_rho1_mask_reach_the_loss(
     scored_output: Path, tiny_model_dir: Path, tmp_path: Path
@@ -163,7 +147,7 @@ def test_sft_trainer_dft_weights_and_rho1_mask_reach_the_loss(
     from profit_prep.loading import load
     from profit_prep.losses import ProFitLossMixin
     from profit_prep.rules import Select
-    from tests.conftest import score_demo
+    from tests.conftest import final_hidden_grads, score_demo
 
     class ProFitSFTTrainer(ProFitLossMixin, SFTTrainer):
         pass
@@ -202,8 +186,8 @@ def test_sft_trainer_dft_weights_and_rho1_mask_reach_the_loss(
         np.testing.assert_allclose(weights[i, :n].numpy(), expect, rtol=1e-6, atol=1e-7)
     trained = batch_plain["labels"][:, 1:] != -100
     assert weights[:, 1:][trained].std() > 0.1  # weights really vary, so the check can fail
-    g_plain, loss_plain = _hidden_grads(plain, batch_plain)
-    g_dft, loss_dft = _hidden_grads(dft, batch_dft)
+    g_plain, loss_plain = final_hidden_grads(plain, batch_plain)
+    g_dft, loss_dft = final_hidden_grads(dft, batch_dft)
     # same denominator (kept tokens), so token t's gradient scales by exactly its weight
     torch.testing.assert_close(g_dft, g_plain * weights[:, 1:, None], atol=1e-9, rtol=1e-4)
     with torch.no_grad():  # and the loss is sum(w * nll) / kept, from an independent forward
@@ -234,7 +218,7 @@ def test_sft_trainer_dft_weights_and_rho1_mask_reach_the_loss(
         np.testing.assert_array_equal(batch_rho1["labels"][i].numpy(), expect)
         differs_from_profit += int((keep != r["loss_mask"].astype(bool)).sum())
     assert differs_from_profit > 0  # not the stored ProFit mask in disguise
-    grad, _ = _hidden_grads(rho1, batch_rho1)
+    grad, _ = final_hidden_grads(rho1, batch_rho1)
     selected = batch_rho1["labels"][:, 1:] != -100
     per_position = grad.abs().sum(-1)
     assert (per_position[~selected] == 0).all() and (per_position[selected] > 0).all()
