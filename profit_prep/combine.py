@@ -130,15 +130,17 @@ def combine(
     ref = Reference(out, reference)
     ref_manifest = read_manifest(ref.path)
     # Check every row before writing any: a refusal leaves no half-combined output behind.
-    tables = [pq.read_table(out / s["file"]) for s in manifest["shards"]]
-    for table in tables:
-        ref.logprobs_for(table)
-    source = {"path": str(out), "shards": [s["sha256"] for s in manifest["shards"]]}
+    # Shard by shard, ids only: OUT is never held in memory whole.
+    shards = manifest["shards"]
+    for shard in shards:
+        ref.logprobs_for(pq.read_table(out / shard["file"], columns=["example_id", "input_ids"]))
+    source = {"path": str(out), "shards": [s["sha256"] for s in shards]}
     target = OutputDir(into)
     with target.open({"combine": source, "reference": ref.describe()}, overwrite=overwrite):
-        for index, table in enumerate(tables):
+        for index, shard in enumerate(shards):
             if target.shard_done(index):
                 continue
+            table = pq.read_table(out / shard["file"])
             ref_logprobs = ref.logprobs_for(table)
             logprobs, offsets = _flat(table["logprobs"])
             offsets = pa.array(offsets, type=pa.int32())
@@ -146,7 +148,7 @@ def combine(
                                  ("excess_loss", ref_logprobs - logprobs)):
                 column = pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32)))
                 table = table.append_column(name, column)
-            name = Path(manifest["shards"][index]["file"]).stem
+            name = Path(shard["file"]).stem
             rejected_file = out / "rejected" / f"{name}.jsonl"
             rejected = [json.loads(line) for line in rejected_file.read_text().splitlines()
                         ] if rejected_file.exists() else []
@@ -164,5 +166,5 @@ def combine(
                     "scorer": ref_manifest.get("scorer"),
                 },
             },
-            len(tables),
+            len(shards),
         )
