@@ -137,3 +137,11 @@ def final_hidden_grads(trainer: Any, batch: dict) -> tuple[Any, Any]:
     loss.backward()
     handle.remove()
     return captured["h"].grad[:, :-1].clone(), loss.detach()
+
+
+def assert_one_error_line(result: Any, message: str) -> None:
+    """A refused CLI run: exit 2, no traceback, exactly one ``error:`` line naming ``message``."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and message in errors[0], result.stderr

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.pipeline import ScoreConfig
-from tests.conftest import ALPACA, DEMO_GSM8K, need_shared, write_jsonl
+from tests.conftest import ALPACA, DEMO_GSM8K, assert_one_error_line, need_shared, write_jsonl
 from tests.test_scoring import oracle_logprobs
 
 
@@ -41,10 +41,7 @@ def test_score_help_documents_every_option() -> None:
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path, extra, message) -> None:
     result = run_cli("score", "--data", str(DEMO_GSM8K), "--out", str(tmp_path / "o"), *extra)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert_one_error_line(result, message)
 
 
 @pytest.mark.slow

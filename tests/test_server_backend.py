@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.server_backend import ServerError, parse_prompt_logprobs
-from tests.conftest import DEMO_GSM8K
+from tests.conftest import DEMO_GSM8K, assert_one_error_line
 
 SECRET = "sk-test-do-not-leak-4242"
 SERVED_NAME = "smollm2-ref"
@@ -198,18 +198,14 @@ def test_mismatches_and_bad_keys_are_refused_before_scoring(
         key, extra = "sk-wrong", []
     out = tmp_path / "out"
     result = cli(*score_args(server.url, tokenizer, out), *extra, key=key)
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr and SECRET not in result.stderr
+    assert_one_error_line(result, message)
+    assert SECRET not in result.stderr
     assert not list(out.glob("data/part-*.parquet"))  # refused before any row was scored
 
 
 def test_wrong_url_is_one_clear_line(smollm2_dir: Path, tmp_path: Path) -> None:
     result = cli(*score_args(f"http://127.0.0.1:{free_port()}", smollm2_dir, tmp_path / "o"))
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "failed after" in errors[0] and "Traceback" not in result.stderr
+    assert_one_error_line(result, "failed after")
 
 
 @needs_vllm
@@ -297,5 +293,4 @@ def test_server_signals_match_the_full_distribution(
     assert manifest["scorer"]["signals_top_k"] == 5 and "top 5" in manifest["columns"]["entropy"]
     refused = cli(*score_args(server.url, smollm2_dir, tmp_path / "o6", limit=1),
                   "--signals", "entropy", "--signals-top-k", "6")
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert refused.returncode == 2 and len(errors) == 1 and "answered 400" in errors[0]
+    assert_one_error_line(refused, "answered 400")
