@@ -193,6 +193,17 @@ def render_rows(
     return rendered, rejected
 
 
+def score_sequences(
+    scorer: Any, sequences: list[np.ndarray], signals: tuple[str, ...]
+) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]] | None]:
+    """Step 2: log-probabilities per sequence, and with ``signals`` their per-token columns."""
+    if not signals:
+        return scorer.score(sequences), None
+    scored = scorer.score_with_signals(sequences)
+    extras = [{k: v for k, v in d.items() if k != "logprobs"} for d in scored]
+    return [d["logprobs"] for d in scored], extras
+
+
 def mask_examples(
     rendered: list[tuple[RawRow, Rendered]],
     logprobs: list[np.ndarray],
@@ -556,12 +567,10 @@ def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
             for i in range(0, len(rendered), step):
                 part = [r.input_ids for _, r in rendered[i : i + step]]
                 t = time.perf_counter()
-                if extras is not None:
-                    scored = scorer.score_with_signals(part)
-                    logprobs += [d["logprobs"] for d in scored]
-                    extras += [{k: v for k, v in d.items() if k != "logprobs"} for d in scored]
-                else:
-                    logprobs += scorer.score(part)
+                part_logprobs, part_extras = score_sequences(scorer, part, signals)
+                logprobs += part_logprobs
+                if extras is not None and part_extras is not None:
+                    extras += part_extras
                 timing["score_s"] += time.perf_counter() - t
                 n_tok = sum(len(p) for p in part)
                 scored_tokens += n_tok

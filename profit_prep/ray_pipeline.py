@@ -45,6 +45,7 @@ from profit_prep.pipeline import (
     mask_examples,
     prepare,
     render_rows,
+    score_sequences,
 )
 from profit_prep.reading import FieldMap, Source
 from profit_prep.rendering import Renderer
@@ -141,14 +142,10 @@ class ScoringActor:
             payload = pickle.loads(blob)
             ids = [r.input_ids for _, r in payload["rendered"]]
             t0 = time.perf_counter()
-            if self.signals:  # per-token signal columns travel with the logprobs
-                scored = self.scorer.score_with_signals(ids) if ids else []
-                payload["logprobs"] = [d["logprobs"] for d in scored]
-                payload["extras"] = [
-                    {k: v for k, v in d.items() if k != "logprobs"} for d in scored
-                ]
-            else:
-                payload["logprobs"] = self.scorer.score(ids) if ids else []
+            # per-token signal columns, if any, travel with the logprobs
+            payload["logprobs"], payload["extras"] = (
+                score_sequences(self.scorer, ids, self.signals) if ids else ([], None)
+            )
             payload["timing"]["score_s"] = time.perf_counter() - t0
             payload["timing"]["scored_at"] = time.time()  # wall clock: comparable across nodes
             payload["scorer"] = self.describe
