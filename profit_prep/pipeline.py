@@ -41,7 +41,7 @@ from profit_prep.reading import (
 )
 from profit_prep.rendering import Rendered, Renderer, load_tokenizer, resolve_template
 from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
-from profit_prep.scoring import parse_signals, signal_columns
+from profit_prep.scoring import parse_signals, parse_top_k_signals, signal_columns
 
 
 @dataclass
@@ -363,10 +363,9 @@ def check_signals(config: ScoreConfig) -> tuple[str, ...]:
     The transformers backend computes them from the full distribution; vLLM and servers from
     ``signals_top_k`` prompt logprobs per position (exact top-1 and rank, entropy estimated).
     """
-    signals = parse_signals(config.signals)
-    if signals and top_k_backend(config) and config.signals_top_k < 1:
-        raise InputError(f"--signals-top-k {config.signals_top_k}: must be at least 1")
-    return signals
+    if top_k_backend(config):
+        return parse_top_k_signals(config.signals, config.signals_top_k)
+    return parse_signals(config.signals)
 
 
 def find_duplicates(source: Source, n_rows: int, chunk: int = 10_000) -> dict[int, int]:

@@ -277,6 +277,23 @@ TOP_K_ENTROPY = (
 )
 
 
+def parse_top_k_signals(
+    signals: str | Sequence[str] | None, top_k: int
+) -> tuple[str, ...]:
+    """:func:`parse_signals` for the top-k backends (vLLM, servers), with ``top_k`` checked."""
+    parsed = parse_signals(signals)
+    if parsed and top_k < 1:
+        raise InputError(f"--signals-top-k {top_k}: must be at least 1")
+    return parsed
+
+
+def describe_top_k_signals(signals: Sequence[str], top_k: int) -> dict[str, Any]:
+    """What a top-k backend's manifest ``scorer`` records about its signals (nothing if none)."""
+    if not signals:
+        return {}
+    return {"signals": list(signals), "signals_top_k": top_k, "entropy_estimator": TOP_K_ENTROPY}
+
+
 def top_k_entropy(top_logprobs: np.ndarray) -> np.ndarray:
     """Entropy (nats) estimated from each row's top-k log-probabilities: a lower bound.
 

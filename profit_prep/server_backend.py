@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.scoring import TOP_K_ENTROPY, parse_signals, top_k_signals
+from profit_prep.scoring import describe_top_k_signals, parse_top_k_signals, top_k_signals
 
 API_KEY_ENV = "PROFIT_PREP_API_KEY"
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -84,9 +84,7 @@ class ServerScorer:
     ) -> None:
         if not urls:
             raise InputError("--server needs at least one URL")
-        self.signals = parse_signals(signals)
-        if self.signals and top_k < 1:
-            raise InputError(f"--signals-top-k {top_k}: must be at least 1")
+        self.signals = parse_top_k_signals(signals, top_k)
         self.top_k = top_k
         self.urls = [u.rstrip("/") for u in urls]
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -190,16 +188,8 @@ class ServerScorer:
 
     def describe(self) -> dict[str, Any]:
         # Never the API key: this goes into the manifest.
-        signals = (
-            {
-                "signals": list(self.signals),
-                "signals_top_k": self.top_k,
-                "entropy_estimator": TOP_K_ENTROPY,
-            }
-            if self.signals
-            else {}
-        )
-        return {"backend": "server", "model": self.model, "servers": len(self.urls), **signals}
+        return {"backend": "server", "model": self.model, "servers": len(self.urls),
+                **describe_top_k_signals(self.signals, self.top_k)}
 
     def close(self) -> None:
         pass

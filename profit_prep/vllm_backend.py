@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.scoring import TOP_K_ENTROPY, parse_signals, top_k_signals
+from profit_prep.scoring import describe_top_k_signals, parse_top_k_signals, top_k_signals
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -144,9 +144,7 @@ class VLLMScorer:
     ) -> None:
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: choose {', '.join(DTYPES)}")
-        self.signals = parse_signals(signals)
-        if self.signals and top_k < 1:
-            raise InputError(f"--signals-top-k {top_k}: must be at least 1")
+        self.signals = parse_top_k_signals(signals, top_k)
         self.top_k = top_k
         self.on_cpu = device == "cpu" or (device is None and not _has_cuda())
         if self.on_cpu:
@@ -209,15 +207,7 @@ class VLLMScorer:
             "device": "cpu" if self.on_cpu else "cuda",
             "prompt_logprobs": self.k,
             **{k: v for k, v in self.options.items() if k != "skip_tokenizer_init"},
-            **(
-                {
-                    "signals": list(self.signals),
-                    "signals_top_k": self.top_k,
-                    "entropy_estimator": TOP_K_ENTROPY,
-                }
-                if self.signals
-                else {}
-            ),
+            **describe_top_k_signals(self.signals, self.top_k),
         }
 
     def close(self) -> None:
