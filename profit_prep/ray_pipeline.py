@@ -1,11 +1,11 @@
-"""Score with Ray Data: render on CPU tasks, score on a pool of model actors, write shards.
+"""Score with Ray Data: render, score on a pool of model actors, write shards.
 
 The same steps as :func:`profit_prep.pipeline.score`, chained as Ray Data stages::
 
     from_items([{index, start, stop} of each missing shard])    # one block per shard
-      .map(render a shard)              CPU tasks: read the source range, render_rows
+      .map(RenderShards)                an actor: read the source range, render_rows
       .map_batches(ScoringActor, batch_size=1, concurrency=num_workers, num_gpus=...)
-      .map(write a shard)               OutputDir.write_shard (atomic), returns counts
+      .map(WriteShards)                 an actor: OutputDir.write_shard (atomic), counts
       .iter_rows()                      the driver prints progress as shards finish
 
 One Ray row carries one whole shard, pickled into a single ``bytes`` value: a shard never
@@ -71,22 +71,32 @@ class Job:
 # --------------------------------------------------------------------------- stages
 
 
-def render_shard(item: dict[str, Any], job: Job) -> dict[str, Any]:
-    """Stage 1 (CPU task): read and render one shard's input range."""
-    assert job.source is not None and job.renderer is not None
-    t0 = time.perf_counter()
-    rows = job.source.read(int(item["start"]), int(item["stop"]))
-    t1 = time.perf_counter()
-    rendered, rejected = render_rows(rows, job.fmt, job.fields, job.renderer, job.duplicates)
-    # The raw text is not needed downstream; dropping it keeps the payload small.
-    rendered = [(dataclasses.replace(row, data=None), r) for row, r in rendered]
-    payload = {
-        "index": int(item["index"]),
-        "rendered": rendered,
-        "rejected": rejected,
-        "timing": {"read_s": t1 - t0, "render_s": time.perf_counter() - t1},
-    }
-    return {"index": int(item["index"]), "payload": pickle.dumps(payload, protocol=5)}
+class RenderShards:
+    """Stage 1 (actor on the driver's node): read and render one shard's input range per call.
+
+    An actor rather than a task: Ray kills idle task workers and starts new ones, and each new
+    worker imports transformers and the tokenizer again (seconds of CPU taken from scoring).
+    """
+
+    def __init__(self, job: Job) -> None:
+        assert job.source is not None and job.renderer is not None
+        self.job, self.source, self.renderer = job, job.source, job.renderer
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        job = self.job
+        t0 = time.perf_counter()
+        rows = self.source.read(int(item["start"]), int(item["stop"]))
+        t1 = time.perf_counter()
+        rendered, rejected = render_rows(rows, job.fmt, job.fields, self.renderer, job.duplicates)
+        # The raw text is not needed downstream; dropping it keeps the payload small.
+        rendered = [(dataclasses.replace(row, data=None), r) for row, r in rendered]
+        payload = {
+            "index": int(item["index"]),
+            "rendered": rendered,
+            "rejected": rejected,
+            "timing": {"read_s": t1 - t0, "render_s": time.perf_counter() - t1},
+        }
+        return {"index": int(item["index"]), "payload": pickle.dumps(payload, protocol=5)}
 
 
 class ScoringActor:
@@ -154,23 +164,30 @@ class ScoringActor:
         return {"index": batch["index"], "payload": np.array(payloads, dtype=object)}
 
 
-def write_shard(item: dict[str, Any], job: Job) -> dict[str, Any]:
-    """Stage 3 (CPU task): mask and write one shard atomically; return its counts."""
-    payload = pickle.loads(item["payload"])
-    t0 = time.perf_counter()
-    examples = mask_examples(
-        payload["rendered"], payload["logprobs"], job.config.mask_rule(), payload.get("extras")
-    )
-    OutputDir(job.out).write_shard(payload["index"], to_table(examples), payload["rejected"])
-    timing = {**payload["timing"], "write_s": time.perf_counter() - t0}
-    return {
-        "index": payload["index"],
-        "rows": len(payload["rendered"]) + len(payload["rejected"]),
-        "tokens": sum(len(r.input_ids) for _, r in payload["rendered"]),
-        **timing,
-        "model_load_s": payload["model_load_s"],
-        "scorer": pickle.dumps(payload["scorer"]),
-    }
+class WriteShards:
+    """Stage 3 (actor on the driver's node): mask and write one shard atomically per call."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.out = OutputDir(job.out)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        payload = pickle.loads(item["payload"])
+        t0 = time.perf_counter()
+        examples = mask_examples(
+            payload["rendered"], payload["logprobs"], self.job.config.mask_rule(),
+            payload.get("extras"),
+        )
+        self.out.write_shard(payload["index"], to_table(examples), payload["rejected"])
+        timing = {**payload["timing"], "write_s": time.perf_counter() - t0}
+        return {
+            "index": payload["index"],
+            "rows": len(payload["rendered"]) + len(payload["rejected"]),
+            "tokens": sum(len(r.input_ids) for _, r in payload["rendered"]),
+            **timing,
+            "model_load_s": payload["model_load_s"],
+            "scorer": pickle.dumps(payload["scorer"]),
+        }
 
 
 # --------------------------------------------------------------------------- driver
@@ -194,14 +211,15 @@ def connect(config: ScoreConfig) -> bool:
     if ray.is_initialized():
         return False
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": ray_env_vars()}
     log = not config.quiet
+    # No job-wide runtime_env: only the scoring actors need the VLLM_* variables (they get them
+    # in their own), and a job-wide one would keep every task from using the idle workers Ray
+    # starts ahead, so each would start (and import) a fresh process.
     try:
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=log)
+            ray.init(address=address, log_to_driver=log)
         else:
-            ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, log_to_driver=log,
-                     include_dashboard=False)
+            ray.init(num_cpus=os.cpu_count(), log_to_driver=log, include_dashboard=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = address or "a local cluster"
         raise InputError(f"cannot connect to Ray at {where}: {exc}") from None
@@ -338,16 +356,19 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
     gpus = 0
     if job.use_gpu:
         gpus = job.config.tensor_parallel_size if job.config.backend == "vllm" else 1
-    # Render/write tasks take no CPU reservation: they are light next to scoring, and the
-    # actors may hold every CPU on a CPU-only machine (a reservation would then deadlock).
-    # They run on the driver's node, so the input and --out need only exist there; only the
-    # scoring actors (GPU nodes) travel, and they need just the model folder.
+    # Render and write run in small, long-lived actor pools with no CPU reservation: they are
+    # light next to scoring, and the scoring actors may hold every CPU on a CPU-only machine (a
+    # reservation would then deadlock). Actors, not tasks: Ray recycles idle task workers, and
+    # each fresh one re-imports ray.data, transformers and pyarrow (measured: ~8 new workers in
+    # a 12-shard run, which cost a 2-core node a quarter of its scoring speed). They run on the
+    # driver's node, so the input and --out need only exist there; only the scoring actors (GPU
+    # nodes) travel, and they need just the model folder.
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # Ray's built-in label
-    light = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(2, workers)),
-             "label_selector": here}
+    light = {"num_cpus": 0, "label_selector": here,
+             "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers))}
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map(render_shard, fn_kwargs={"job": job}, **light)
+        .map(RenderShards, fn_constructor_kwargs={"job": job}, **light)
         .map_batches(
             ScoringActor,
             fn_constructor_kwargs={"job": job},
@@ -364,7 +385,8 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
             runtime_env={"env_vars": {**ray_env_vars(), "RAY_worker_niceness": "0"}},
         )
         # The writer needs only the config and --out: without the tokenizer (and source) in its
-        # pickle, a write worker does not import transformers (~2 s of CPU taken from scoring).
-        .map(write_shard, fn_kwargs={"job": dataclasses.replace(job, renderer=None, source=None)},
+        # pickle, a write actor does not import transformers (~2 s of CPU taken from scoring).
+        .map(WriteShards,
+             fn_constructor_kwargs={"job": dataclasses.replace(job, renderer=None, source=None)},
              **light)
     )
