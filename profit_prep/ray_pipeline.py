@@ -195,9 +195,12 @@ class WriteShards:
 
 def ray_env_vars() -> dict[str, str]:
     """VLLM_* variables the workers should see: the caller's, else the CPU defaults."""
-    from profit_prep.vllm_backend import cpu_env_defaults
+    from profit_prep.vllm_backend import ENV_SET_BY_DEFAULTS, cpu_env_defaults
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+    env = {
+        k: v for k, v in os.environ.items()
+        if k.startswith("VLLM_") and k not in ENV_SET_BY_DEFAULTS
+    }
     defaults = cpu_env_defaults()
     # Per-actor core binding is done in ScoringActor; only pass a binding the user set.
     defaults.pop("VLLM_CPU_OMP_THREADS_BIND")

@@ -64,6 +64,20 @@ def cpu_env_defaults(cpus: Sequence[int] | None = None) -> dict[str, str]:
     }
 
 
+# The VLLM_* variables set_cpu_env_defaults put into os.environ. They are this process's
+# defaults, not a user's choice: Ray workers must not inherit them (a core binding made for
+# this process would pin every scoring actor to the same cores).
+ENV_SET_BY_DEFAULTS: set[str] = set()
+
+
+def set_cpu_env_defaults() -> None:
+    """Put :func:`cpu_env_defaults` into os.environ where the user set nothing (before import)."""
+    for key, value in cpu_env_defaults().items():
+        if key not in os.environ:
+            os.environ[key] = value
+            ENV_SET_BY_DEFAULTS.add(key)
+
+
 def _has_cuda() -> bool:
     try:
         import torch
@@ -149,8 +163,7 @@ class VLLMScorer:
         self.on_cpu = device == "cpu" or (device is None and not _has_cuda())
         if self.on_cpu:
             # Must happen before vllm is imported: vllm.envs reads them at import/first use.
-            for key, value in cpu_env_defaults().items():
-                os.environ.setdefault(key, value)
+            set_cpu_env_defaults()
         try:
             import vllm
             from vllm import LLM, SamplingParams

@@ -212,3 +212,33 @@ def test_ray_with_vllm_matches_transformers(smollm2_dir: Path, tmp_path: Path):
     assert worst < 2e-3, worst
     manifest = json.loads((tmp_path / "vllm" / "manifest.json").read_text())
     assert manifest["scorer"]["backend"] == "vllm"
+
+
+def test_workers_get_the_users_vllm_settings_not_the_drivers_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A vLLM engine started in the driver first sets a core binding for the driver itself.
+
+    Ray actors must still claim their own cores: passing that binding on would pin every
+    scoring actor to the same cores. Settings the user made do travel.
+    """
+    import profit_prep.vllm_backend as backend
+    from profit_prep.ray_pipeline import ray_env_vars
+
+    for key in backend.cpu_env_defaults():
+        monkeypatch.setenv(key, "")  # so that monkeypatch removes what the test leaves behind
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(backend, "ENV_SET_BY_DEFAULTS", set())
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # the user's choice
+
+    backend.set_cpu_env_defaults()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"]  # bound for this process
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"  # not overridden
+    env = ray_env_vars()
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env  # each actor binds its own slot
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # still the CPU default
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # now the user sets one
+    backend.ENV_SET_BY_DEFAULTS.discard("VLLM_CPU_OMP_THREADS_BIND")
+    assert ray_env_vars()["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
