@@ -104,6 +104,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default="ray_overhead.json")
     args = parser.parse_args()
+    if -(-args.rows // args.shard_size) <= max(args.workers):
+        # the steady rate starts after every worker's first shard: it needs one more than that
+        parser.error("--rows / --shard-size must give more shards than the most --workers")
 
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
@@ -121,19 +124,19 @@ def main() -> int:
 
     before = bare()
     with tempfile.TemporaryDirectory() as tmp:
-        pending: list[dict[str, Any]] = []  # this round's Ray runs, awaiting the next bare pass
         for round_ in range(args.rounds):
+            runs = []
             for workers in args.workers:
                 run = {"round": round_, **ray_run(args, workers, os.path.join(tmp, f"w{workers}"))}
-                result["ray"].append(run)
-                pending.append(run)
+                runs.append(run)
                 print(f"ray {workers} worker(s):", run, flush=True)
             after = bare()
-            around = (before + after) / 2
-            for run in pending:
+            around = (before + after) / 2  # the bare passes either side of this round
+            for run in runs:
                 run["bare_tokens_per_s"] = round(around, 1)
                 run["overhead_vs_bare"] = round(1 - run["steady_tokens_per_s"] / around, 3)
-            pending, before = [], after
+            result["ray"] += runs
+            before = after
 
     fastest = max(b["tokens_per_s"] for b in result["bare"])
     result["summary"] = {}
