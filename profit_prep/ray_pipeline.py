@@ -368,7 +368,7 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
     # nodes) travel, and they need just the model folder.
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # Ray's built-in label
     light = {"num_cpus": 0, "label_selector": here,
-             "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers))}
+             "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=workers)}
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map(RenderShards, fn_constructor_kwargs={"job": job}, **light)
