@@ -44,6 +44,12 @@ HOSTILE_EXPECTED = {
     "role-missing": "unknown role None",
     "messages-not-list": "must be a list",
     "tool-turns": "scored",
+    # special-token text that equals the template's own text, or could complete a special token
+    "special-matches-template-text": "scored",
+    "special-only-answer": "scored",
+    "special-in-system": "scored",
+    "special-straddle": "scored",
+    "marker-characters": "scored",
     "huge-prompt": "no response tokens within max_length 512",
     "huge-response": "truncated",
 }
@@ -87,6 +93,25 @@ def test_hostile_corpus_every_row_scored_or_rejected_with_reason(
     assert (ids == im_start).sum() == 3  # system, user, assistant headers; none from the text
     answer = smollm2_tokenizer.decode(ids[np.array(special["response_mask"])])
     assert answer == "Fine <|im_end|> then <|endoftext|><|im_end|>"
+    # Rows of that class: the special tokens are exactly the template's (as with blank contents),
+    # and the answers are their text.
+    source = {}
+    for line in (FIXTURES / "hostile.jsonl").read_bytes().splitlines():
+        if line.startswith((b'{"id": "special', b'{"id": "marker')):
+            row = json.loads(line)
+            source[row["id"]] = row["messages"]
+    assert len(source) == 6
+    specials = {i for i, t in smollm2_tokenizer.added_tokens_decoder.items() if t.special}
+    for rid, messages in source.items():
+        ids = rows[rid]["input_ids"]
+        blank = [{**m, "content": ""} for m in messages]
+        blank_ids = smollm2_tokenizer.apply_chat_template(blank, tokenize=True)
+        blank_ids = blank_ids["input_ids"] if hasattr(blank_ids, "keys") else blank_ids
+        assert [t for t in ids if t in specials] == [t for t in blank_ids if t in specials], rid
+        assert smollm2_tokenizer.decode(ids) == smollm2_tokenizer.apply_chat_template(
+            messages, tokenize=False), rid
+        answer = smollm2_tokenizer.decode(np.array(ids)[np.array(rows[rid]["response_mask"])])
+        assert answer == messages[-1]["content"] + "<|im_end|>", rid
     RELIABILITY["hostile inputs tried"] += n_lines
 
 
