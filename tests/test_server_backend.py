@@ -5,18 +5,32 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from profit_prep.server_backend import ServerError, parse_prompt_logprobs
+from profit_prep.errors import InputError
+from profit_prep.server_backend import (
+    ServerError,
+    ServerScorer,
+    check_completion,
+    check_models,
+    check_tokens,
+    normalize_server_url,
+    parse_prompt_logprobs,
+)
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 
 SECRET = "sk-test-do-not-leak-4242"
@@ -294,3 +308,427 @@ def test_server_signals_match_the_full_distribution(
     refused = cli(*score_args(server.url, smollm2_dir, tmp_path / "o6", limit=1),
                   "--signals", "entropy", "--signals-top-k", "6")
     assert_one_error_line(refused, "answered 400")
+
+
+# --------------------------------------------------------------------------- failing safely
+# A fake vLLM OpenAI server (a few lines of http.server on 127.0.0.1) that can be told to hang,
+# send garbage, HTML, a redirect, wrong shapes or NaN: every fault must end in one clear line.
+
+FAKE_MODEL = "fake-ref"
+HANG_S = 30.0  # how long a hanging fake waits at most: far beyond the test timeouts
+COMPLETIONS = "/v1/completions"
+
+
+def fake_logprob(token: int, t: int) -> float:
+    """Cheap, deterministic and varied (probabilities 0.02..1) so masks keep some tokens."""
+    return -((token * 31 + t) % 40) / 10
+
+
+def good_completion(ids: list[int], k: int) -> dict:
+    entries: list = [None]
+    for t in range(1, len(ids)):
+        entry = {str(ids[t]): {"logprob": fake_logprob(ids[t], t), "rank": 3,
+                               "decoded_token": "x"}}
+        for j in range(k):  # top-k entries above the gold token
+            entry.setdefault(str(40000 + j), {"logprob": -0.01 * (j + 1), "rank": j + 1})
+        entries.append(entry)
+    return {"id": "cmpl-1", "object": "text_completion", "model": FAKE_MODEL,
+            "choices": [{"index": 0, "text": "x", "prompt_logprobs": entries}]}
+
+
+class FakeServer:
+    """Answers like vLLM's OpenAI server, or misbehaves as ``mode`` says on ``paths``.
+
+    ``good_first`` completions are answered well before the mode applies; ``mutate`` rewrites a
+    good completion (wrong shapes); ``seen`` lists the request paths.
+    """
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer, self.mode, self.paths = tokenizer, "good", {COMPLETIONS}
+        self.mutate: Callable[[dict], Any] | None = None
+        self.good_first, self.completions, self.seen = 0, 0, []
+        self.stop, self.lock = threading.Event(), threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake.handle(self)
+
+            do_POST = do_GET
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda *args: None  # clients that hang up early are expected
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        request = json.loads(h.rfile.read(int(h.headers.get("content-length") or 0)) or b"null")
+        with self.lock:
+            self.seen.append(h.path)
+            if h.path == COMPLETIONS:
+                self.completions += 1
+            misbehave = h.path in self.paths and (
+                h.path != COMPLETIONS or self.completions > self.good_first)
+        if h.path == "/v1/models":
+            good: Any = {"object": "list", "data": [{"id": FAKE_MODEL, "object": "model"}]}
+        elif h.path == "/tokenize":
+            good = {"tokens": self.tokenizer(request["prompt"], add_special_tokens=False)
+                    ["input_ids"]}
+        elif h.path == COMPLETIONS:
+            good = good_completion(request["prompt"], request["prompt_logprobs"])
+            if misbehave and self.mutate is not None:
+                good = self.mutate(good)
+        else:
+            return self.send(h, 404, b'{"detail": "Not Found"}')
+        mode = self.mode if misbehave else "good"
+        key = h.headers.get("authorization", "")
+        if mode == "hang":  # the connection is accepted; nothing ever comes back
+            self.stop.wait(HANG_S)
+        elif mode == "hang_body":  # headers, then silence
+            h.send_response(200)
+            h.send_header("content-length", "1000")
+            h.end_headers()
+            h.wfile.flush()
+            self.stop.wait(HANG_S)
+        elif mode == "trickle":  # a byte now and then: never idle long enough for a read timeout
+            h.send_response(200)
+            h.send_header("content-length", "100000")
+            h.end_headers()
+            for _ in range(int(HANG_S / 0.2)):
+                if self.stop.wait(0.2):
+                    break
+                h.wfile.write(b" ")
+                h.wfile.flush()
+        elif mode == "garbage":
+            self.send(h, 200, bytes(range(256)) * 4, "application/octet-stream")
+        elif mode == "html":
+            self.send(h, 200, b"<html><body>\n<h1>502 Bad Gateway</h1><hr>nginx\n</body></html>",
+                      "text/html")
+        elif mode == "redirect":
+            h.send_response(302)
+            h.send_header("location", "https://elsewhere.invalid/v1/completions")
+            h.send_header("content-length", "0")
+            h.end_headers()
+        elif mode == "echo_key":  # a debugging proxy that echoes the request's headers
+            self.send(h, 200, f"you sent {key}\x1b[31m\x00".encode(), "text/plain")
+        elif mode == "echo_key_400":
+            self.send(h, 400, json.dumps({"error": {"message": f"bad auth {key}"}}).encode())
+        else:  # json.dumps writes float NaN/inf as the bare tokens NaN/Infinity
+            self.send(h, 200, json.dumps(good).encode())
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, status: int, body: bytes,
+             content_type: str = "application/json") -> None:
+        h.send_response(status)
+        h.send_header("content-type", content_type)
+        h.send_header("content-length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+
+@pytest.fixture()
+def fake():
+    server = FakeServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def fake_with_tokenizer(smollm2_tokenizer):
+    server = FakeServer(smollm2_tokenizer)
+    yield server
+    server.close()
+
+
+def fast_scorer(url: str, **kwargs: Any) -> ServerScorer:
+    return ServerScorer(url, **{"timeout_s": 1.0, "backoff_s": 0.05, **kwargs})
+
+
+IDS = np.array([1, 10, 20])
+ROW_IDS = np.array([1, 504, 2783, 2])
+
+
+def answer(*entries: Any) -> dict:
+    return {"choices": [{"prompt_logprobs": [None, *entries]}]}
+
+
+GOLD_10 = {"10": {"logprob": -0.5, "rank": 1}}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([1, 2], "the answer is a list"),
+        ("<html>", "the answer is a string"),
+        (None, "the answer is null"),
+        ({"id": "x"}, "no 'choices' list"),
+        ({"error": {"message": "model overloaded"}}, "no 'choices' list (it says: model over"),
+        ({"choices": []}, "'choices' is empty"),
+        ({"choices": [5]}, "choices[0] is a number"),
+        ({"choices": [{"text": "x"}]}, "no prompt_logprobs"),
+        ({"choices": [{"prompt_logprobs": "x"}]}, "prompt_logprobs is a string"),
+        (answer(GOLD_10), "2 prompt logprobs for 3 tokens"),
+        (answer(GOLD_10, GOLD_10, GOLD_10), "4 prompt logprobs for 3 tokens"),
+        (answer(None, {"20": {"logprob": -1}}), "prompt_logprobs[1] is null"),
+        (answer({}, {"20": {"logprob": -1}}), "prompt_logprobs[1] is empty"),
+        (answer([-0.5], {"20": {"logprob": -1}}), "prompt_logprobs[1] is a list"),
+        (answer({"abc": {"logprob": -1}}, {}), "key 'abc', not a token id"),
+        (answer({"10": -0.5}, {}), "no logprob at position 1 (token 10)"),
+        (answer({"10": {"rank": 1}}, {}), "no logprob at position 1 (token 10)"),
+        (answer({"10": {"logprob": float("nan")}}, {}), "logprob NaN at position 1 (token 10)"),
+        (answer({"10": {"logprob": "NaN"}}, {}), "logprob 'NaN' at position 1 (token 10) is a "
+                                                  "string, not a number"),
+        (answer({"10": {"logprob": float("inf")}}, {}), "logprob inf at position 1 (token 10) is "
+                                                         "above 0"),
+        (answer({"10": {"logprob": 0.5}}, {}), "logprob 0.5 at position 1 (token 10) is above 0"),
+        (answer({"10": {"logprob": True}}, {}), "is a boolean, not a number"),
+        (answer({"10": {"logprob": None}}, {}), "is null, not a number"),
+        (answer({"10": {"logprob": -1, "rank": 0}}, {}), "rank 0 at position 1 (token 10)"),
+        (answer({"10": {"logprob": -1, "rank": "1"}}, {}), "rank '1' at position 1"),
+        # the top-k entries that signals come from are checked like the actual token's
+        (answer(GOLD_10, {"20": {"logprob": -1}, "7": {"logprob": float("nan")}}),
+         "logprob NaN at position 2 (token 7)"),
+        (answer(GOLD_10, {"20": {"logprob": -1}, "7": {"logprob": "-Infinity"}}),
+         "position 2 (token 7) is a string"),
+        (answer(GOLD_10, {"7": {"logprob": -1.0}}), "lacks the actual token 20 at position 2"),
+    ],
+)
+def test_bad_completion_answers_are_refused_naming_what_is_wrong(body: Any, message: str) -> None:
+    with pytest.raises(ServerError) as caught:
+        check_completion(body, IDS)
+    assert message in str(caught.value)
+
+
+def test_good_completion_answers_pass_the_check() -> None:
+    entries = check_completion(answer(GOLD_10, {"20": {"logprob": float("-inf"), "rank": 9},
+                                                "7": {"logprob": 1e-6, "rank": 1}}), IDS)
+    assert entries == [None, {10: (-0.5, 1)}, {20: (float("-inf"), 9), 7: (1e-6, 1)}]
+
+
+@pytest.mark.parametrize(
+    ("check", "body"),
+    [(check_models, [{"id": "m"}]), (check_models, {"data": [{"name": "m"}]}),
+     (check_models, {}), (check_tokens, {"tokens": ["a"]}), (check_tokens, {"ids": [1]}),
+     (check_tokens, {"tokens": [True]})],
+)
+def test_bad_models_and_tokenize_answers_are_refused(check: Any, body: Any) -> None:
+    with pytest.raises(ServerError, match="expected"):
+        check(body)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://gpu-a:8000", "http://gpu-a:8000"),
+        ("http://gpu-a:8000/", "http://gpu-a:8000"),
+        ("http://gpu-a:8000/v1", "http://gpu-a:8000"),
+        ("http://gpu-a:8000/v1/", "http://gpu-a:8000"),
+        ("  HTTPS://gpu-a:8000//v1// ", "https://gpu-a:8000"),
+        ("https://gateway.example/team-a/v1", "https://gateway.example/team-a"),
+        ("http://[::1]:8000/v1", "http://[::1]:8000"),
+    ],
+)
+def test_server_url_forms_name_the_same_server(url: str, expected: str) -> None:
+    assert normalize_server_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["gpu-a:8000", "ftp://gpu-a:8000", "http://", "http://h:port",
+                                 "http://h:8000/v1?x=1", "http://h:8000#v1"])
+def test_bad_server_urls_are_one_clear_line(url: str) -> None:
+    with pytest.raises(InputError, match="--server"):
+        normalize_server_url(url)
+
+
+def test_every_url_form_hits_the_same_paths(fake: FakeServer) -> None:
+    for form in ("", "/", "/v1", "/v1/"):
+        fake.seen.clear()
+        scorer = fast_scorer(fake.url + form)
+        [lp] = scorer.score([ROW_IDS])
+        assert fake.seen == ["/v1/models", COMPLETIONS], form
+        assert lp[1:].tolist() == pytest.approx([fake_logprob(t, i) for i, t in
+                                                 enumerate(ROW_IDS) if i], abs=1e-6)
+
+
+def test_config_urls_are_split_normalised_and_get_the_request_timeout(fake: FakeServer) -> None:
+    from profit_prep.pipeline import ScoreConfig, make_scorer
+
+    other = FakeServer()
+    try:
+        config = ScoreConfig(data="d", out="o", server=f" {fake.url}/v1/ , {other.url}/v1,"
+                             f"{fake.url}", request_timeout=7.5)
+        scorer = make_scorer(config, Path("."))
+        assert scorer.urls == [fake.url, other.url] and scorer.timeout_s == 7.5
+        scorer.score([ROW_IDS, ROW_IDS])
+        assert COMPLETIONS in fake.seen and COMPLETIONS in other.seen  # round-robin
+    finally:
+        other.close()
+    assert ScoreConfig(data="d", out="o").request_timeout == 300
+    with pytest.raises(InputError, match="--request-timeout must be a positive"):
+        ServerScorer(fake.url, timeout_s=0)
+
+
+@pytest.mark.parametrize("mode", ["hang", "hang_body", "trickle"])
+def test_a_hung_server_ends_in_one_error_within_twice_the_timeout(
+    fake: FakeServer, mode: str, capsys: pytest.CaptureFixture
+) -> None:
+    scorer = fast_scorer(fake.url, notice_s=0.4)
+    fake.mode = mode
+    t0 = time.monotonic()
+    with pytest.raises(ServerError) as caught:
+        scorer.score([ROW_IDS, ROW_IDS])
+    took = time.monotonic() - t0
+    assert 2.0 <= took < 8.0, took  # two tries of 1 s each, then the run stops
+    message = str(caught.value)
+    assert message.startswith(f"server {fake.url} did not answer POST {COMPLETIONS} within the "
+                              "request timeout") and "--request-timeout" in message
+    waiting = capsys.readouterr().err
+    assert re.search(rf"waiting for {fake.url}: no answer for [0-9.]+ s \(request timeout 1 s\)",
+                     waiting), waiting
+
+
+def test_a_server_that_hangs_at_start_up_fails_too(fake: FakeServer) -> None:
+    fake.mode, fake.paths = "hang", {"/v1/models"}
+    with pytest.raises(ServerError, match="did not answer GET /v1/models within"):
+        fast_scorer(fake.url)
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("garbage", "not JSON (application/octet-stream: 1024 bytes, not text: b'\\x00\\x01"),
+        ("html", "not JSON (text/html: '<html><body> <h1>502 Bad Gateway</h1><hr>nginx"),
+        ("redirect", "with 302, a redirect to https://elsewhere.invalid/v1/completions"),
+    ],
+)
+def test_answers_that_are_not_the_api_are_one_clear_line(fake: FakeServer, mode: str,
+                                                         message: str) -> None:
+    scorer = fast_scorer(fake.url)
+    fake.mode = mode
+    with pytest.raises(ServerError) as caught:
+        scorer.score([ROW_IDS])
+    text = str(caught.value)
+    assert text.startswith(f"server {fake.url} ") and message in text, text
+    assert all(c.isprintable() for c in text) and len(text) < 500, text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda good: [good], "the answer is a list"),
+        (lambda good: {"object": "text_completion"}, "no 'choices' list"),
+        (lambda good: {**good, "choices": []}, "'choices' is empty"),
+        (lambda good: {"choices": [{"text": "x", "prompt_logprobs": None}]}, "no prompt_logprobs"),
+        (lambda good: set_logprob(good, float("nan")), "logprob NaN at position 2 (token 2783)"),
+        (lambda good: set_logprob(good, "NaN"), "logprob 'NaN' at position 2 (token 2783) is a"),
+        (lambda good: set_logprob(good, float("inf")), "logprob inf at position 2 (token 2783)"),
+        (lambda good: set_logprob(good, 3.0), "logprob 3 at position 2 (token 2783) is above 0"),
+    ],
+)
+def test_wrong_shapes_and_nan_over_the_wire_are_refused(fake: FakeServer, mutate: Any,
+                                                        message: str) -> None:
+    scorer = fast_scorer(fake.url)
+    fake.mutate = mutate
+    with pytest.raises(ServerError) as caught:
+        scorer.score([ROW_IDS])
+    assert str(caught.value).startswith(
+        f"server {fake.url} gave an unusable answer to POST {COMPLETIONS}: ")
+    assert message in str(caught.value)
+    value_problem = message.startswith("logprob") and "'NaN'" not in message  # not a shape
+    assert ("dtype on the server" if value_problem else "vLLM OpenAI server") in str(caught.value)
+
+
+def set_logprob(good: dict, value: Any, t: int = 2) -> dict:
+    [entry] = good["choices"][0]["prompt_logprobs"][t].values()
+    entry["logprob"] = value
+    return good
+
+
+def test_nan_in_the_top_k_used_for_signals_is_refused(fake: FakeServer) -> None:
+    def nan_in_top_k(good: dict) -> dict:
+        good["choices"][0]["prompt_logprobs"][3]["40001"]["logprob"] = float("nan")
+        return good
+
+    scorer = fast_scorer(fake.url, signals="entropy,rank", top_k=3)
+    assert scorer.score_with_signals([ROW_IDS])[0]["rank"].tolist() == [-1, 4, 4, 4]
+    fake.mutate = nan_in_top_k
+    with pytest.raises(ServerError, match=r"logprob NaN at position 3 \(token 40001\)"):
+        scorer.score_with_signals([ROW_IDS])
+
+
+@pytest.mark.parametrize("mode", ["echo_key", "echo_key_400"])
+def test_server_text_in_messages_never_shows_the_key(fake: FakeServer, mode: str) -> None:
+    scorer = fast_scorer(fake.url, api_key=SECRET)
+    fake.mode = mode
+    with pytest.raises(ServerError) as caught:
+        scorer.score([ROW_IDS])
+    assert SECRET not in str(caught.value) and "Bearer ***" in str(caught.value)
+    assert all(c.isprintable() for c in str(caught.value))
+
+
+def fake_score_args(fake: FakeServer, tokenizer: Path, out: Path, *extra: str) -> list[str]:
+    return [*score_args(fake.url, tokenizer, out, limit=6), "--request-timeout", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("hang", f"did not answer POST {COMPLETIONS} within the request timeout"),
+        ("garbage", "is not JSON"),
+        ("redirect", "a redirect to https://elsewhere.invalid/v1/completions"),
+        ("nan", "logprob NaN at position"),
+    ],
+)
+def test_cli_against_a_faulty_server_is_one_error_line_and_no_manifest(
+    fake_with_tokenizer: FakeServer, smollm2_dir: Path, tmp_path: Path, mode: str, message: str
+) -> None:
+    fake = fake_with_tokenizer
+    if mode == "nan":
+        fake.mutate = lambda good: set_logprob(good, float("nan"), t=5)
+    else:
+        fake.mode = mode
+    if mode == "redirect":  # e.g. http:// sent on to https://: the very first request
+        fake.paths = {"/v1/models", "/tokenize", COMPLETIONS}
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    result = cli(*fake_score_args(fake, smollm2_dir, out))
+    assert_one_error_line(result, message)
+    assert f"server {fake.url}" in result.stderr and SECRET not in result.stderr
+    assert not (out / "manifest.json").exists()
+    if mode == "hang":
+        assert f"waiting for {fake.url}: no answer for" in result.stderr
+        assert time.monotonic() - t0 < HANG_S, "the timeout did not stop the hung request"
+
+
+def test_a_run_stopped_by_a_bad_server_resumes_against_a_good_one(
+    fake_with_tokenizer: FakeServer, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    fake = fake_with_tokenizer
+    fake.good_first = 3  # the first shard (3 rows) is scored, then NaN comes back
+    fake.mutate = lambda good: set_logprob(good, float("nan"), t=5)
+    out = tmp_path / "out"
+    failed = cli(*fake_score_args(fake, smollm2_dir, out))
+    assert_one_error_line(failed, "logprob NaN at position 5")
+    assert len(list(out.glob("data/part-*.parquet"))) == 1
+    assert not (out / "manifest.json").exists()
+    fake.mutate = None  # a good server, and a longer timeout: still the same run, it resumes
+    resumed = cli(*fake_score_args(fake, smollm2_dir, out, "--request-timeout", "5"))
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["resumed_shards"] == 1 and manifest["counts"]["scored_rows"] == 6
+    rows = pq.read_table(out / "data").sort_by("source_index").to_pylist()
+    assert [r["source_index"] for r in rows] == list(range(6))
+    for r in rows:
+        ids, lp = r["input_ids"], np.array(r["logprobs"])
+        assert np.allclose(lp[1:], [fake_logprob(t, i) for i, t in enumerate(ids) if i])
