@@ -27,7 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +88,11 @@ class Source:
     def read(self, start: int, stop: int) -> list[RawRow]:
         raise NotImplementedError
 
+    def digest(self, start: int, stop: int) -> str:
+        """A hash of rows ``[start, stop)`` as stored: a resumed run compares it with the one
+        kept beside each finished shard, so an input edited between runs is never mixed in."""
+        raise NotImplementedError
+
     def _wrap(self, index: int, data: Any, id_field: str | None) -> RawRow:
         if not isinstance(data, Mapping):
             kind = type(data).__name__
@@ -128,8 +137,132 @@ class JsonlSource(Source):
                 except json.JSONDecodeError as exc:
                     rows.append(RawRow(index, str(index), None, f"malformed JSON: {exc.msg}"))
                     continue
+                except RecursionError:
+                    rows.append(RawRow(index, str(index), None, TOO_DEEP))
+                    continue
                 rows.append(self._wrap(index, data, self.id_field))
         return rows
+
+    def digest(self, start: int, stop: int) -> str:
+        stop = min(stop, len(self))
+        if start >= stop:
+            return _sha256(b"")
+        begin = self.offsets[start]
+        with open(self.path, "rb") as f:
+            end = self.offsets[stop] if stop < len(self) else f.seek(0, os.SEEK_END)
+            f.seek(begin)
+            return _hash_stream(f, end - begin)
+
+
+class JsonArraySource(Source):
+    """A JSON file holding one array of rows. The array is indexed once (byte span of every
+    element, found without parsing), so memory does not grow with the file and a row that cannot
+    be parsed (malformed, nested too deeply) is rejected alone."""
+
+    def __init__(self, path: Path, id_field: str | None = None) -> None:
+        self.path = str(path)
+        self.id_field = id_field
+        self.spans = json_array_spans(path)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def read(self, start: int, stop: int) -> list[RawRow]:
+        rows = []
+        with open(self.path, "rb") as f:
+            for index in range(start, min(stop, len(self))):
+                begin, end = self.spans[index]
+                f.seek(begin)
+                rows.append(self._parse(index, f.read(end - begin)))
+        return rows
+
+    def _parse(self, index: int, raw: bytes) -> RawRow:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return RawRow(index, str(index), None, f"invalid UTF-8: {exc.reason}")
+        except json.JSONDecodeError as exc:
+            return RawRow(index, str(index), None, f"malformed JSON: {exc.msg}")
+        except RecursionError:
+            return RawRow(index, str(index), None, TOO_DEEP)
+        return self._wrap(index, data, self.id_field)
+
+    def digest(self, start: int, stop: int) -> str:
+        stop = min(stop, len(self))
+        if start >= stop:
+            return _sha256(b"")
+        begin, end = self.spans[start][0], self.spans[stop - 1][1]
+        with open(self.path, "rb") as f:
+            f.seek(begin)
+            return _hash_stream(f, end - begin)
+
+
+TOO_DEEP = "JSON nested too deeply to parse"
+_STRUCTURE = re.compile(rb'[\[\]{},"]')
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+def json_array_spans(path: Path) -> list[tuple[int, int]]:
+    """Byte spans of the elements of the JSON array in ``path``, found by a scan that tracks
+    strings and bracket depth without recursion (so any nesting depth is fine)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            raise InputError(f"{path}: empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            pos = 3 if data[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte-order mark
+            while pos < size and data[pos : pos + 1].isspace():
+                pos += 1
+            if data[pos : pos + 1] != b"[":
+                raise InputError(f"{path}: expected a JSON array of rows")
+            spans: list[tuple[int, int]] = []
+            depth, element, pos = 0, pos + 1, pos + 1
+            while True:
+                match = _STRUCTURE.search(data, pos)
+                if match is None:
+                    raise InputError(f"{path}: the JSON array is not closed (file truncated?)")
+                char, at = match.group(), match.start()
+                if char == b'"':
+                    string = _STRING.match(data, at)
+                    if string is None:
+                        raise InputError(f"{path}: unterminated string at byte {at}")
+                    pos = string.end()
+                    continue
+                pos = at + 1
+                if depth > 0 and char == b",":
+                    continue
+                if char in b"[{":
+                    depth += 1
+                elif depth > 0 and char in b"]}":
+                    depth -= 1
+                elif char == b"}":
+                    raise InputError(f"{path}: unbalanced '}}' at byte {at}")
+                elif char in b",]":  # the end of an element at the array's own level
+                    raw = data[element:at]
+                    lead = len(raw) - len(raw.lstrip())
+                    span = (element + lead, element + len(raw.rstrip()))
+                    if char == b"," or spans or span[1] > span[0]:
+                        spans.append(span)
+                    element = pos
+                    if char == b"]":
+                        if data[pos:].strip():
+                            raise InputError(f"{path}: text after the JSON array (byte {pos})")
+                        return spans
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _hash_stream(f: Any, length: int) -> str:
+    digest = hashlib.sha256()
+    while length > 0:
+        block = f.read(min(length, 1 << 20))
+        if not block:
+            break
+        digest.update(block)
+        length -= len(block)
+    return "sha256:" + digest.hexdigest()
 
 
 class ListSource(Source):
@@ -146,6 +279,10 @@ class ListSource(Source):
     def read(self, start: int, stop: int) -> list[RawRow]:
         stop = min(stop, len(self.rows))
         return [self._wrap(i, self.rows[i], self.id_field) for i in range(start, stop)]
+
+    def digest(self, start: int, stop: int) -> str:
+        rows = self.rows[start:stop]
+        return _sha256(json.dumps(rows, sort_keys=True, default=str).encode())
 
 
 class ArrowSource(Source):
@@ -164,6 +301,19 @@ class ArrowSource(Source):
         table = self.dataset.data.slice(start, stop - start).to_pylist()
         return [self._wrap(start + i, row, self.id_field) for i, row in enumerate(table)]
 
+    def digest(self, start: int, stop: int) -> str:
+        import pyarrow as pa
+
+        stop = min(stop, len(self))
+        table = self.dataset.data.slice(start, max(stop - start, 0)).table
+        # A slice shares its parent's buffers (IPC would write other rows' bytes too): take()
+        # copies just these rows; the schema metadata holds datasets' whole-file facts.
+        table = table.take(pa.array(range(table.num_rows))).replace_schema_metadata(None)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return _sha256(sink.getvalue().to_pybytes())
+
 
 def open_source(
     path: str | Path, *, id_field: str | None = None, split: str = "train"
@@ -178,27 +328,21 @@ def open_source(
         if suffix in (".jsonl", ".ndjson"):
             return JsonlSource(p, id_field)
         if suffix == ".json":
-            try:
-                data = json.loads(p.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(
-                    f"{p}: not valid JSON ({exc}); use .jsonl for one row per line"
-                ) from None
-            if isinstance(data, dict):
-                lists = [k for k, v in data.items() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise InputError(f"{p}: expected a JSON list of rows")
-                data = data[lists[0]]
-            if not isinstance(data, list):
-                raise InputError(f"{p}: expected a JSON list of rows, got {type(data).__name__}")
-            return ListSource(data, name, id_field)
+            first = _first_byte(p)
+            if not first:
+                raise InputError(f"{p}: empty file")
+            if first == b"[":
+                return JsonArraySource(p, id_field)
+            return _json_object_source(p, id_field)
         if suffix == ".parquet":
+            _check_parquet([p])
             ds = datasets.Dataset.from_parquet(name, keep_in_memory=False)
             return ArrowSource(ds, name, id_field)
         raise InputError(f"{p}: unknown file type {suffix!r} (use .jsonl, .json or .parquet)")
     if p.is_dir():
         if any(p.glob("*.parquet")):
             files = sorted(str(f) for f in p.glob("*.parquet"))
+            _check_parquet([Path(f) for f in files])
             return ArrowSource(datasets.Dataset.from_parquet(files), name, id_field)
         try:
             ds = datasets.load_from_disk(name)
@@ -216,6 +360,43 @@ def open_source(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{name}: no such file, and load_dataset failed: {first}") from None
     return ArrowSource(ds, name, id_field)
+
+
+def _first_byte(path: Path) -> bytes:
+    """The first byte that is not whitespace (or a byte-order mark)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1]
+
+
+def _json_object_source(p: Path, id_field: str | None) -> Source:
+    """A JSON object with one list of rows (``{"data": [...]}``): parsed whole, as it must be."""
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: not valid JSON ({exc}); use .jsonl for one row per line") from None
+    except RecursionError:
+        raise InputError(f"{p}: {TOO_DEEP}; use .jsonl for one row per line") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise InputError(f"{p}: expected a JSON list of rows")
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise InputError(f"{p}: expected a JSON list of rows, got {type(data).__name__}")
+    return ListSource(data, str(p), id_field)
+
+
+def _check_parquet(files: list[Path]) -> None:
+    """One clear line for a truncated or non-Parquet file, before datasets reads it."""
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for one fault
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{file}: not a readable Parquet file ({first})") from None
 
 
 # --------------------------------------------------------------------------- formats

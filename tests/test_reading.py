@@ -145,3 +145,86 @@ def test_missing_field_is_a_row_error() -> None:
 def test_undetectable_format_names_the_columns() -> None:
     with pytest.raises(InputError, match=r"\['x', 'y'\]"):
         detect_format({"x": 1, "y": 2}, FieldMap())
+
+
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_deeply_nested_row_is_rejected_alone(tmp_path: Path, kind: str) -> None:
+    good = {"instruction": "hi", "output": "there"}
+    rows = [json.dumps(good), '{"instruction": "x", "output": ' + _deep(100_000) + "}",
+            json.dumps({**good, "extra": json.loads(_deep(500))}), json.dumps(good)]
+    path = tmp_path / f"rows.{kind}"
+    path.write_text("\n".join(rows) if kind == "jsonl" else "[" + ",\n".join(rows) + "]")
+    read = open_source(path).read(0, 10)
+    assert [r.error for r in read] == [None, "JSON nested too deeply to parse", None, None]
+    assert read[0].data == read[3].data == good
+
+
+@pytest.mark.parametrize(
+    ("text", "rows"),
+    [("[]", []), (" \n[ ]\n", []), ("\ufeff[{\"a\": 1}]", [{"a": 1}]),
+     ('[{"a": "x,]}\\"[{"}, {"b": [1, {"c": []}]}]', [{"a": 'x,]}"[{'}, {"b": [1, {"c": []}]}]),
+     ('[\n  {"s": "\\\\"},\n  {"t": "\\u00e9\u00e9"}\n]', [{"s": "\\"}, {"t": "\u00e9\u00e9"}])],
+)
+def test_json_array_rows_are_found_without_parsing_the_whole_file(tmp_path: Path, text: str,
+                                                                  rows: list) -> None:
+    (tmp_path / "a.json").write_text(text, encoding="utf-8")
+    source = open_source(tmp_path / "a.json")
+    assert [r.data for r in source.read(0, 10)] == rows
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("[{\"a\": 1}, {\"b\"", "not closed"), ('[{"a": "b', "unterminated string"),
+     ("[1}]", "unbalanced"), ("[1] [2]", "text after the JSON array"), ("", "empty file"),
+     ('{"rows": [1], "more": [2]}', "expected a JSON list"), ("{", "not valid JSON")],
+)
+def test_broken_json_array_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "a.json").write_text(text)
+    with pytest.raises(InputError, match=message):
+        open_source(tmp_path / "a.json")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "empty"])
+def test_damaged_parquet_input_is_one_clear_error(tmp_path: Path, damage: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a"] * 100, "completion": ["b"] * 100}), path)
+    blob = path.read_bytes()
+    path.write_bytes({"truncated": blob[: len(blob) // 2], "text": b"id,text\n1,hello\n",
+                      "empty": b""}[damage])
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        open_source(path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    path.rename(folder / "part-0.parquet")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        open_source(folder)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+def test_digest_changes_with_content_not_with_other_rows(tmp_path: Path, kind: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def digests(rows: list[dict]) -> list[str]:
+        path = tmp_path / f"d.{kind}"
+        if kind == "jsonl":
+            write_jsonl(path, rows)
+        elif kind == "json":
+            path.write_text(json.dumps(rows))
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        source = open_source(path)
+        return [source.digest(0, 2), source.digest(2, 4)]
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]
+    edited = [dict(r) for r in rows]
+    edited[3]["completion"] = "c9"
+    first, second = digests(rows), digests(edited)
+    assert first[0] == second[0] and first[1] != second[1]
