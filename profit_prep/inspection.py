@@ -20,6 +20,7 @@ Besides the mask, the view can colour response tokens by any stored numeric per-
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from collections.abc import Iterator, Sequence
@@ -34,8 +35,15 @@ import pyarrow.parquet as pq
 
 from profit_prep import rules
 from profit_prep.errors import InputError
-from profit_prep.masks import STRATEGIES, MaskRule, keep_flat
-from profit_prep.output import read_manifest
+from profit_prep.masks import (
+    STRATEGIES,
+    MaskRule,
+    apply_rule,
+    end_of_turn_ids_of,
+    end_of_turn_tokens,
+)
+from profit_prep.masks import resolve_rule as resolve_stored_rule
+from profit_prep.output import check_shards, read_manifest
 from profit_prep.rules import Select
 
 SWEEP_THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
@@ -87,6 +95,7 @@ class Flat:
     keep: np.ndarray  # bool per token
     top1: np.ndarray | None = None  # int per token, when the output has a top1_id column
     stored_keep: np.ndarray | None = None  # the stored loss_mask, even when re-thresholded
+    end_of_turn: np.ndarray | None = None  # bool per token: a response token closing a turn
     signals: dict[str, np.ndarray] = field(default_factory=dict)  # extra per-token columns read
 
     @property
@@ -131,11 +140,26 @@ def read_table(out: str | Path, columns: Sequence[str] | None = None) -> pa.Tabl
     files = [Path(out) / s["file"] for s in manifest["shards"]]
     if not files:
         raise InputError(f"{out}: the output holds no shards")
+    # A shard copied over another, truncated or missing is refused, never shown (twice).
+    check_shards(out, manifest)
     names = set(pq.read_schema(files[0]).names)
     wanted = [c for c in (columns or CORE_COLUMNS) if c in names]
     if TOP1_COLUMN in names and TOP1_COLUMN not in wanted:
         wanted.append(TOP1_COLUMN)
-    return pa.concat_tables([pq.read_table(f, columns=wanted) for f in files])
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, columns=wanted))
+        except (pa.ArrowException, OSError) as exc:  # a damaged page behind a valid footer
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"{out}: damaged output: {f.relative_to(out)} cannot be read ({reason}); "
+                f"`profit-prep verify {out}` lists every problem"
+            ) from None
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowInvalid as exc:  # shards of different schemas
+        raise InputError(f"{out}: damaged output: the shards' columns differ ({exc})") from None
 
 
 def numeric_columns(out: str | Path) -> list[str]:
@@ -147,6 +171,7 @@ def numeric_columns(out: str | Path) -> list[str]:
     manifest = read_manifest(out)
     if not manifest["shards"]:
         return ["logprobs"]
+    check_shards(out, manifest, checksum=False)  # readable Parquet, as the manifest says
     schema = pq.read_schema(Path(out) / manifest["shards"][0]["file"])
     return [
         f.name
@@ -170,51 +195,34 @@ def check_columns(out: str | Path, names: Sequence[str]) -> None:
             )
 
 
-def resolve_rule(
-    manifest: dict[str, Any],
-    strategy: str | None = None,
-    tau: float | None = None,
-    tau_low: float | None = None,
-    tau_high: float | None = None,
-) -> tuple[MaskRule, bool]:
-    """The stored rule, with any given parameter replaced; True when something was replaced.
+# The rule parameters every view takes (``--strategy``, ``--tau``, ... ``--protect``).
+RULE_PARAMETERS = ("strategy", "tau", "tau_low", "tau_high", "keep_fraction", "seed", "protect")
+
+
+def resolve_rule(manifest: dict[str, Any], **overrides: Any) -> tuple[MaskRule, bool]:
+    """The stored rule with the given parameters (see :func:`profit_prep.masks.resolve_rule`),
+    and True when one was given.
 
     >>> rule, changed = resolve_rule({"mask": {"strategy": "higher", "tau": 0.1}}, tau=0.3)
     >>> rule.strategy, rule.tau, changed
     ('higher', 0.3, True)
     """
-    stored = MaskRule(**manifest.get("mask", {}))
-    changes = {
-        k: v
-        for k, v in (
-            ("strategy", strategy),
-            ("tau", tau),
-            ("tau_low", tau_low),
-            ("tau_high", tau_high),
-        )
-        if v is not None
-    }
-    if not changes:
-        return stored, False
-    return dataclasses.replace(stored, **changes), True
+    rule = resolve_stored_rule(manifest.get("mask"), **overrides)
+    return rule, any(v is not None for v in overrides.values())
 
 
-def load_flat(
-    out: str | Path,
-    *,
-    strategy: str | None = None,
-    tau: float | None = None,
-    tau_low: float | None = None,
-    tau_high: float | None = None,
-    columns: Sequence[str] = (),
-) -> Flat:
-    """Read an output into a :class:`Flat`; any rule parameter given re-thresholds the mask.
+def load_flat(out: str | Path, *, columns: Sequence[str] = (), **rule: Any) -> Flat:
+    """Read an output into a :class:`Flat`; any rule parameter given (``strategy``, ``tau``,
+    ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``, ``protect``) re-thresholds the mask.
 
     ``columns`` names extra per-token columns to read into ``Flat.signals`` (see
     :func:`numeric_columns`); ``prob`` and ``logprobs`` are always there.
     """
+    unknown = sorted(set(rule) - set(RULE_PARAMETERS))
+    if unknown:
+        raise TypeError(f"load_flat got unknown rule parameters {unknown}")
     manifest = read_manifest(out)
-    rule, changed = resolve_rule(manifest, strategy, tau, tau_low, tau_high)
+    rule_used, changed = resolve_rule(manifest, **rule)
     extra = [c for c in dict.fromkeys(columns) if c not in (PROB, "logprobs")]
     check_columns(out, extra)
     table = read_table(out, [*CORE_COLUMNS, *extra])
@@ -225,27 +233,31 @@ def load_flat(
     response = _flat_values(table.column("response_mask")).astype(bool)
     logprobs = _flat_values(table.column("logprobs")).astype(np.float32)
     stored_keep = _flat_values(table.column("loss_mask")).astype(bool)
+    input_ids = _flat_values(table.column("input_ids")).astype(np.int32)
+    end_ids = (manifest.get("render") or {}).get("end_of_turn_ids") or []
+    end_of_turn = end_of_turn_tokens(input_ids, response, end_ids)
     if changed:
-        keep = response & keep_flat(
-            logprobs, rule, lengths=np.diff(offsets), example_ids=example_ids
-        )
+        end_of_turn_ids_of(manifest, rule_used)  # a clear error when it cannot protect
+        keep = apply_rule(rule_used, logprobs, response, lengths=np.diff(offsets),
+                          example_ids=example_ids, end_of_turn=end_of_turn)
     else:
         keep = stored_keep
     top1 = _flat_values(table.column(TOP1_COLUMN)) if TOP1_COLUMN in table.column_names else None
     return Flat(
         manifest=manifest,
-        rule=rule,
+        rule=rule_used,
         rethresholded=changed,
         example_ids=example_ids,
         source_index=table.column("source_index").to_numpy(),
         truncated=table.column("truncated").to_numpy(zero_copy_only=False),
         offsets=offsets,
-        input_ids=_flat_values(table.column("input_ids")).astype(np.int32),
+        input_ids=input_ids,
         response=response,
         logprobs=logprobs,
         keep=keep,
         top1=top1,
         stored_keep=stored_keep,
+        end_of_turn=end_of_turn,
         signals={c: _flat_values(table.column(c)) for c in extra},
     )
 
@@ -257,8 +269,10 @@ def load_output_tokenizer(out: str | Path, override: str | Path | None = None) -
     path = override or read_manifest(out).get("tokenizer", {}).get("path")
     if not path:
         raise InputError(f"{out}: the manifest names no tokenizer; pass --tokenizer")
-    if override is None and not Path(path).exists():
-        raise InputError(f"tokenizer {path} (from the manifest) is absent here; pass --tokenizer")
+    if override is None and not Path(str(path)).exists():
+        raise InputError(
+            f"tokenizer {visible(str(path))} (from the manifest) is absent here; pass --tokenizer"
+        )
     return load_tokenizer(path)
 
 
@@ -269,7 +283,59 @@ def describe_rule(rule: MaskRule) -> str:
     'middle tau_low=0.1 tau_high=0.9'
     """
     params = " ".join(f"{k}={v}" for k, v in rule.to_dict().items() if k != "strategy")
-    return f"{rule.strategy} {params}"
+    return visible(f"{rule.strategy} {params}")  # parameters come from the manifest
+
+
+# -- text from the data, shown safely -----------------------------------------------------------
+
+# Characters that must never reach a terminal (or a page) raw from the data: C0 controls except
+# line break and tab (ESC starts CSI/OSC sequences: screen clear, window title, OSC 52 clipboard),
+# DEL, C1 controls (0x9b is an 8-bit CSI, 0x9d an 8-bit OSC), the Unicode bidi controls that
+# reorder how text reads (U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069), the line/paragraph
+# separators U+2028/9, other invisible format controls that can hide text (U+206A-U+206F,
+# U+FFF9-U+FFFB, the tag characters U+E0000-U+E007F), and lone surrogates (not encodable:
+# printing one would fail).
+CONTROL_CHARS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u206f"
+    "\ufff9-\ufffb\U000e0000-\U000e007f\ud800-\udfff]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every control character shown as an escape: the one function every view
+    (inspect, stats, the HTML report, error lines) passes data-derived text through, so that only
+    the view's own colour codes reach the terminal. Line breaks and tabs are kept (layout).
+
+    >>> visible("a\x1b[2Jb\x9b\u202ec\n")
+    'a\\x1b[2Jb\\x9b\\u202ec\n'
+    """
+    return CONTROL_CHARS.sub(_escape, text)
+
+
+def stats_json(stats: dict[str, Any]) -> str:
+    r"""``stats`` as JSON for a terminal: readable UTF-8, but every control character escaped
+    (``json.dumps`` escapes only U+0000-U+001F; DEL, C1 and bidi controls would stay raw).
+
+    >>> stats_json({"token": "\x9b\u202e\x1b"})
+    '{\n  "token": "\\u009b\\u202e\\u001b"\n}'
+    """
+    text = json.dumps(stats, indent=2, ensure_ascii=False)
+    return CONTROL_CHARS.sub(_json_escape, text)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # JSON writes a character beyond the BMP as a surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 # -- token text ------------------------------------------------------------------------------
@@ -369,6 +435,8 @@ def compute_stats(
     per_example["histogram"] = _histogram(frac, bins)
 
     n_masked = int(masked.sum())
+    end = flat.end_of_turn if flat.end_of_turn is not None else np.zeros_like(resp)
+    n_end, n_end_masked = int(end.sum()), int((end & masked).sum())
     return {
         "examples": flat.n_examples,
         "tokens": int(flat.input_ids.size),
@@ -383,7 +451,17 @@ def compute_stats(
         "top_masked": _top_tokens(flat.input_ids[masked], top, tokenizer),
         "top_kept": _top_tokens(flat.input_ids[flat.keep], top, tokenizer),
         "per_example_masked_fraction": per_example,
+        "end_of_turn": {"tokens": n_end, "masked": n_end_masked,
+                        "masked_fraction": n_end_masked / n_end if n_end else None},
     }
+
+
+def _end_of_turn_line(stats: dict[str, Any]) -> str:
+    end = stats.get("end_of_turn") or {}
+    if not end.get("tokens"):
+        return "end of turn (no end-of-turn tokens in the responses)"
+    return (f"end of turn {end['masked']} of {end['tokens']} masked "
+            f"({end['masked_fraction']:.1%}; the tokens that close each answer)")
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -393,7 +471,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"tokens      {stats['tokens']} total, {stats['response_tokens']} response, "
         f"{stats['kept_tokens']} kept",
         f"masked      {stats['masked_fraction']:.1%} of response tokens "
-        f"({describe_rule(MaskRule(**stats['rule']))}, {stats['rule_source']})",
+        f"({describe_rule(MaskRule.from_dict(stats['rule']))}, {stats['rule_source']})",
+        _end_of_turn_line(stats),
         "",
         "threshold sweep (strategy higher: masked = response tokens with p < tau)",
     ]
@@ -418,7 +497,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     for key, title in (("top_masked", "most often masked"), ("top_kept", "most often kept")):
         lines += ["", title]
         lines += [f"  {t['count']:7d}  {_show(t['token'], t['token_id'])}" for t in stats[key]]
-    return "\n".join(lines)
+    return visible("\n".join(lines))  # token texts are repr()s already; this is the backstop
 
 
 def _show(text: str | None, token_id: int) -> str:
@@ -496,16 +575,22 @@ def _parse_value(raw: str, kind: Any, where: str) -> Any:
         raise InputError(f"{where}: {raw!r} is not a {kind.__name__}") from None
 
 
-def parse_rule(text: str) -> Rule:
+def parse_rule(text: str, stored: dict[str, Any] | None = None) -> Rule:
     """A rule written ``NAME[:KEY=VALUE,...]``: the fields of :class:`MaskRule` or :class:`Select`.
+
+    With ``stored`` (the manifest's ``mask``), a ProFit rule's unset keys keep the stored values
+    (:func:`profit_prep.masks.resolve_rule`, as ``load`` and ``--tau`` do); without it they take
+    the dataclass defaults.
 
     ``stored`` is the stored ``loss_mask``; ``higher``/``lower``/``middle``/``random`` a ProFit
     rule (keys ``tau``, ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``, as in ``--tau``);
     ``top``/``band`` a load-time selection rule (keys ``signal``, ``fraction``, ``scope``,
     ``largest``, ``lo``, ``hi``). Unset keys take the dataclass defaults; the dataclasses validate.
 
-    >>> parse_rule("higher:tau=0.3")
-    MaskRule(strategy='higher', tau=0.3, tau_low=None, tau_high=None, keep_fraction=0.5, seed=0)
+    >>> parse_rule("higher:tau=0.3").tau
+    0.3
+    >>> parse_rule("lower", stored={"strategy": "higher", "tau": 0.3}).tau
+    0.3
     >>> parse_rule("top:signal=entropy,fraction=0.2,scope=global").scope
     'global'
     >>> parse_rule("stored") is None
@@ -529,6 +614,8 @@ def parse_rule(text: str) -> Rule:
         if not eq or key not in keys:
             raise InputError(f"rule {text!r}: expected KEY=VALUE with KEY in {', '.join(keys)}")
         values[key] = _parse_value(raw.strip(), hints[key], f"rule {text!r}, {key}")
+    if cls is MaskRule and stored is not None:
+        return resolve_stored_rule(stored, **values)
     return cls(**values)
 
 
@@ -546,11 +633,11 @@ def describe_any(rule: Rule) -> str:
         ("signal", "fraction", "scope", "largest") if rule.kind == "top" else ("signal", "lo", "hi")
     )
     d = rule.to_dict()
-    return rule.kind + "".join(
+    return visible(rule.kind + "".join(
         f" {k}={d[k]:g}" if isinstance(d[k], float) else f" {k}={d[k]}"
         for k in used
         if d[k] is not None
-    )
+    ))
 
 
 def rule_columns(rule: Rule) -> list[str]:
@@ -569,8 +656,9 @@ def rule_keep(flat: Flat, rule: Rule) -> np.ndarray:
         stored = flat.stored_keep if flat.stored_keep is not None else flat.keep
         return flat.response & stored
     if isinstance(rule, MaskRule):
-        ids = flat.example_ids if rule.strategy == "random" else None
-        return flat.response & keep_flat(flat.logprobs, rule, lengths=flat.lengths, example_ids=ids)
+        end_of_turn_ids_of(flat.manifest, rule)  # a clear error when it cannot protect
+        return apply_rule(rule, flat.logprobs, flat.response, lengths=flat.lengths,
+                          example_ids=flat.example_ids, end_of_turn=flat.end_of_turn)
     if rule.signal == "excess_loss":
         raise InputError("signal excess_loss needs a reference output; load(reference=...) has it")
     if rule.signal in (PROB, "loss"):
@@ -648,7 +736,7 @@ def example_header(flat: Flat, i: int) -> str:
     st = example_stats(flat, i)
     trunc = " · truncated" if flat.truncated[i] else ""
     return (
-        f"example {flat.example_ids[i]} (source row {int(flat.source_index[i])}) · "
+        f"example {visible(flat.example_ids[i])} (source row {int(flat.source_index[i])}) · "
         f"{st['tokens']} tokens · {st['response']} response · {st['kept']} kept · "
         f"{st['masked_fraction']:.1%} masked{trunc}"
     )
@@ -658,14 +746,18 @@ def example_tokens(
     flat: Flat, i: int, tokenizer: Any
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
     """One example's token texts, probabilities, response and masked flags, and the top-1 text
-    of each masked token (when stored): what both the terminal view and the report draw."""
+    of each masked token (when stored): what both the terminal view and the report draw.
+
+    Texts are :func:`visible`: control characters in the data show as escapes (``\\x1b``)."""
     s = flat.row(i)
-    pieces = token_strings(tokenizer, flat.input_ids[s])
+    pieces = [visible(p) for p in token_strings(tokenizer, flat.input_ids[s])]
     # Slice before computing: the whole-output properties would cost O(all tokens) per example.
     probs = np.exp(flat.logprobs[s].astype(np.float64))
     resp = flat.response[s]
     masked = resp & ~flat.keep[s]
-    top1 = token_strings(tokenizer, flat.top1[s][masked]) if flat.top1 is not None else None
+    top1 = None
+    if flat.top1 is not None:
+        top1 = [visible(t) for t in token_strings(tokenizer, flat.top1[s][masked])]
     return pieces, probs, resp, masked, top1
 
 
@@ -794,10 +886,10 @@ def select_examples(
     ``grep`` is case-insensitive and matches the decoded conversation text.
     """
     if row is not None:
-        try:
-            return [flat.example_ids.index(row)]
-        except ValueError:
-            raise InputError(f"no example with id {row!r} in this output") from None
+        for ids in (flat.example_ids, [visible(e) for e in flat.example_ids]):
+            if row in ids:  # the raw id, or the id as the views print it (escapes)
+                return [ids.index(row)]
+        raise InputError(f"no example with id {row!r} in this output")
     picked: list[int] = []
     pattern = re.compile(re.escape(grep), re.IGNORECASE) if grep else None
     for i in range(flat.n_examples):
@@ -840,15 +932,16 @@ def _legend(
             yield f"{mask} · [token] = masked response token"
         return
     n = int(np.isfinite(flat.column(scale.column)[flat.response].astype(np.float64)).sum())
+    column = visible(scale.column)  # a column name of the Parquet files
     if color:
         yield f"{mask} · {PROMPT_STYLE}prompt{RESET} · {STRIKE}masked{RESET} (struck through)"
         shades = " ".join(
             f"{_scale_style(scale, b)}■ {r}{RESET}" for b, r in enumerate(scale.ranges())
         )
     else:
-        yield f"{mask} · [token] = masked response token · token{{v}} = its {scale.column}"
+        yield f"{mask} · [token] = masked response token · token{{v}} = its {column}"
         shades = " · ".join(f"q{b} {r}" for b, r in enumerate(scale.ranges()))
-    yield f"{scale.column} by quantile over {n} response tokens: {shades}"
+    yield f"{column} by quantile over {n} response tokens: {shades}"
 
 
 def render_examples(
@@ -883,7 +976,8 @@ def render_examples(
             counts = " · ".join(f"{k} {v}" for k, v in comparison.counts(s).items())
             trunc = " · truncated" if flat.truncated[i] else ""
             head = (
-                f"example {flat.example_ids[i]} (source row {int(flat.source_index[i])}) · "
+                f"example {visible(flat.example_ids[i])} (source row "
+                f"{int(flat.source_index[i])}) · "
                 f"{s.stop - s.start} tokens · {int(flat.response[s].sum())} response · "
                 f"{counts}{trunc}"
             )

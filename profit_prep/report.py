@@ -42,6 +42,7 @@ from profit_prep.inspection import (
     numeric_columns,
     rule_columns,
     token_strings,
+    visible,
 )
 from profit_prep.output import atomic_write_bytes
 
@@ -266,7 +267,7 @@ def _title(p: float, masked: bool, signals: dict[str, float], top1: str | None) 
     text += "".join(f" · {k}={format_value(v)}" for k, v in signals.items())
     if top1 is not None:
         text += f" · top-1: {top1!r}"
-    return text
+    return visible(text)
 
 
 def example_html(
@@ -326,7 +327,7 @@ def example_html(
         parts.append(f'<span class="prompt">{html.escape("".join(prompt_run))}</span>')
     st = example_stats(flat, i)
     trunc = " · truncated" if flat.truncated[i] else ""
-    eid = html.escape(flat.example_ids[i], quote=True)
+    eid = html.escape(visible(flat.example_ids[i]), quote=True)
     if comparison is None:
         counts, data = f"{st['kept']} kept · {st['masked_fraction']:.1%} masked", ""
     else:
@@ -335,7 +336,7 @@ def example_html(
         data = "".join(f' data-{k.replace(" ", "-").lower()}="{v}"' for k, v in n.items())
     return (
         f'<section class="example" id="ex-{eid}" data-masked="{st["masked_fraction"]:.4f}"{data}>'
-        f'<h3>example {html.escape(flat.example_ids[i])} <span class="st">· source row '
+        f'<h3>example {eid} <span class="st">· source row '
         f"{int(flat.source_index[i])} · {st['tokens']} tokens · {st['response']} response · "
         f"{counts}{trunc}</span></h3>"
         f'<pre class="text">{"".join(parts)}</pre></section>'
@@ -364,9 +365,10 @@ def _legend(scale: Scale | None, comparison: Comparison | None) -> tuple[str, st
             f'<span class="tok q{scale.shade(k)}">{html.escape(r)}</span>'
             for k, r in enumerate(scale.ranges())
         )
+        column = visible(scale.column)
         return (
-            f"{html.escape(scale.column)} by quantile over the output's response tokens: {keys}",
-            scale.column,
+            f"{html.escape(column)} by quantile over the output's response tokens: {keys}",
+            column,
         )
     return (
         "".join(
@@ -382,9 +384,9 @@ def _table(head: list[str], rows: list[list[Any]], numeric: set[int]) -> str:
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td class="n">{html.escape(str(v))}</td>'
+            f'<td class="n">{html.escape(visible(str(v)))}</td>'
             if c in numeric
-            else f"<td>{html.escape(str(v))}</td>"
+            else f"<td>{html.escape(visible(str(v)))}</td>"
             for c, v in enumerate(r)
         )
         + "</tr>"
@@ -417,7 +419,7 @@ def build_html(
     plots = make_plots(stats)
     picked = sample_indices(flat.n_examples, examples, seed)
     manifest = flat.manifest
-    model = manifest.get("model", {}).get("name", "?")
+    model = visible(str(manifest.get("model", {}).get("name", "?")))  # the manifest's text
     rule = f"{describe_rule(flat.rule)} ({stats['rule_source']})"
     cards = [
         (stats["examples"], "examples"),
@@ -426,6 +428,9 @@ def build_html(
         (stats["kept_tokens"], "kept"),
         (f"{stats['masked_fraction']:.1%}", "masked (of response)"),
     ]
+    end = stats["end_of_turn"]
+    if end["tokens"]:
+        cards.append((f"{end['masked']} of {end['tokens']}", "end-of-turn tokens masked"))
     per = stats["per_example_masked_fraction"]
     quantiles = [[k, "n/a" if v is None else f"{v:.1%}"] for k, v in per["quantiles"].items()]
 
@@ -446,7 +451,7 @@ def build_html(
     )
     body = f"""
 <h1>profit-prep report</h1>
-<p class="meta">output <code>{html.escape(str(out))}</code>
+<p class="meta">output <code>{html.escape(visible(str(out)))}</code>
  · model <code>{html.escape(model)}</code> · mask <code>{html.escape(rule)}</code>
  · tokens coloured by <code id="colour-by">{html.escape(colours)}</code></p>
 <div class="cards">{
@@ -509,7 +514,7 @@ probability and every stored signal.</p>
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>profit-prep report · {html.escape(str(out))}</title>"
+        f"<title>profit-prep report · {html.escape(visible(str(out)))}</title>"
         f"<script>{ERROR_HOOK}</script><style>{CSS}</style></head>\n"
         f'<body data-examples="{len(picked)}" data-per-page="{per_page}">{body}'
         f'<script type="application/json" id="stats">'
@@ -531,19 +536,24 @@ def write_report(
     tau: float | None = None,
     tau_low: float | None = None,
     tau_high: float | None = None,
+    keep_fraction: float | None = None,
+    rule_seed: int | None = None,
+    protect: str | None = None,
     color_by: str = PROB,
     compare: tuple[Rule, Rule] | None = None,
 ) -> Path:
     """Write the HTML report of output ``out`` (default ``OUT/report.html``) and return its path.
 
     Every stored signal column is read, for the tooltips; ``color_by`` must be one of them,
-    ``logprobs`` or ``prob``.
+    ``logprobs`` or ``prob``. ``seed`` samples the examples shown; ``rule_seed`` is the random
+    strategy's seed (``--seed`` of the other commands).
     """
     check_columns(out, [color_by])
     rule_cols = [c for r in compare or () for c in rule_columns(r)]
     columns = [*numeric_columns(out), *rule_cols]
     flat = load_flat(
-        out, strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high, columns=columns
+        out, strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high,
+        keep_fraction=keep_fraction, seed=rule_seed, protect=protect, columns=columns,
     )
     if tokenizer is None:
         tokenizer = load_output_tokenizer(out, tokenizer_path)

@@ -549,3 +549,148 @@ def test_unknown_column_and_bad_rules_are_refused_in_one_line(
     assert "no per-token column 'rank'" in error(
         "inspect", plain, "--compare", "stored", "band:signal=rank,hi=3"
     )
+
+
+# -- control characters from the data never reach the terminal raw ------------------------------
+
+# Each kind of control sequence a dataset can carry: the raw text put into the rows (prompt,
+# response and example id), and how the views must show it (visible escapes).
+CONTROL_KINDS = {
+    "csi-screen-clear": ("\x1b[2J\x1b[H", r"\x1b[2J\x1b[H"),
+    "osc-window-title": ("\x1b]0;owned\x07", r"\x1b]0;owned\x07"),
+    "osc52-clipboard": ("\x1b]52;c;cm0gLXJmIH4K\x07", r"\x1b]52;c;cm0gLXJmIH4K\x07"),
+    "c0-controls": ("\x00\x01\x07\x08\r\x0b\x0c\x1f", r"\x00\x01\x07\x08\x0d\x0b\x0c\x1f"),
+    "del": ("\x7f", r"\x7f"),
+    "c1-csi": ("\x9b2J", r"\x9b2J"),
+    "c1-osc": ("\x9d0;owned\x9c", r"\x9d0;owned\x9c"),
+    "bidi-override": ("\u202eevil\u202c", r"\u202eevil\u202c"),
+    "bidi-embedding": ("\u202a\u202b\u202d", r"\u202a\u202b\u202d"),
+    "bidi-isolate": ("\u2066\u2067\u2068\u2069", r"\u2066\u2067\u2068\u2069"),
+    "bidi-marks": ("\u200e\u200f\u061c", r"\u200e\u200f\u061c"),
+    "line-separators": ("\u2028\u2029", r"\u2028\u2029"),
+    "invisible-tags": ("\U000e0041\U000e0042\u206e", r"\U000e0041\U000e0042\u206e"),
+}
+# In every row's response, so that control characters are among stats' most frequent tokens.
+CONTROL_NOISE = "\x1b[2J\x9b\u202e\x07" * 6
+# What must never appear raw in a view: C0 (not line break or tab), DEL, C1, bidi controls,
+# line separators, invisible format and tag characters.
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e"
+                         "\u2066-\u206f\U000e0000-\U000e007f]")
+SGR = re.compile(r"\x1b\[[0-9;]*m")  # the views' own colour codes: the only ESC allowed
+EVIL_MODEL = "evil\x1b]0;x\x07\u202emodel"
+
+
+def escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else \
+        f"\\U{code:08x}"
+
+
+def score_controls(out: Path, model: Path) -> Path:
+    """One row per kind of control sequence, scored by ``model``; the manifest's model name
+    carries control characters too."""
+    from profit_prep import ScoreConfig, score
+    from tests.conftest import write_jsonl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "id": f"id-{kind}-{raw}",
+            "question": f"Kind {kind} says {raw} in the prompt.",
+            "answer": f"Answer for {kind}: {raw} then {raw}\nand {CONTROL_NOISE} more {raw}.",
+        }
+        for kind, (raw, _) in CONTROL_KINDS.items()
+    ]
+    data = write_jsonl(out.parent / "controls.jsonl", rows)
+    summary = score(ScoreConfig(data=str(data), out=str(out), model=str(model),
+                                prompt_field="question", response_field="answer", id_field="id",
+                                tau=2e-5, shard_size=4, backend="transformers", quiet=True))
+    assert summary["scored_rows"] == len(CONTROL_KINDS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"]["name"] = EVIL_MODEL
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def control_out(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    return score_controls(tmp_path_factory.mktemp("controls") / "out", tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def control_views(control_out: Path) -> dict:
+    """What the real CLI writes to stdout for the views, on an output full of control chars."""
+    out = str(control_out)
+    commands = {
+        "inspect --color always": ["inspect", out, "--limit", "50", "--color", "always"],
+        "inspect --color never": ["inspect", out, "--limit", "50", "--color", "never"],
+        "inspect --color-by always": ["inspect", out, "--limit", "50", "--color", "always",
+                                      "--color-by", "logprobs"],
+        "stats": ["stats", out],
+        "stats --json": ["stats", out, "--json"],
+    }
+    views = {}
+    for name, argv in commands.items():
+        result = subprocess.run([sys.executable, "-m", "profit_prep.cli", *argv],
+                                capture_output=True, timeout=600)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        views[name] = result.stdout.decode("utf-8")  # strict: a raw 8-bit C1 byte would fail
+    return views
+
+
+VIEWS = ["inspect --color always", "inspect --color never", "inspect --color-by always", "stats",
+         "stats --json"]
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("kind", CONTROL_KINDS)
+def test_control_characters_from_the_data_are_shown_escaped(
+    control_views: dict, kind: str, view: str
+) -> None:
+    raw, shown = CONTROL_KINDS[kind]
+    text = control_views[view]
+    own_codes_removed = SGR.sub("", text)
+    assert "\x1b" not in own_codes_removed  # every ESC is one of the view's own colour codes
+    assert not RAW_CONTROL.search(own_codes_removed)
+    leaked = [c for c in raw if not c.isprintable() and c in own_codes_removed]
+    assert not leaked, leaked
+    if view.startswith("inspect"):
+        assert f"example id-{kind}-{shown} (source row" in own_codes_removed  # the id
+        for char in filter(lambda c: not c.isprintable(), raw):  # token texts, escaped
+            assert own_codes_removed.count(escaped(char)) >= 3, escaped(char)
+    if view == "inspect --color never":
+        assert SGR.search(text) is None
+    elif view.startswith("inspect"):
+        assert SGR.search(text)
+    if view == "stats":
+        assert r"\x1b" in text and r"\x07" in text  # noise tokens among the top ones
+    if view == "stats --json":
+        stats = json.loads(text)  # still valid JSON, with the real token texts in it
+        tokens = "".join(t["token"] for t in stats["top_masked"] + stats["top_kept"])
+        assert "\x1b" in tokens and "\x07" in tokens
+
+
+def test_stats_json_escapes_every_control_character() -> None:
+    from profit_prep.inspection import stats_json, visible
+
+    value = {"token": "".join(raw for raw, _ in CONTROL_KINDS.values()) + "\t\n\u2028é"}
+    text = stats_json(value)
+    assert json.loads(text) == value and not RAW_CONTROL.search(text) and "é" in text
+    assert "\u2028" not in text
+    # visible(): escapes, keeps line breaks and tabs, leaves ordinary text (and backslashes) alone
+    for raw, shown in CONTROL_KINDS.values():
+        assert visible(f"a{raw}\tb\n\\c") == f"a{shown}\tb\n\\c"
+    assert visible("x\ud800y") == "x\\ud800y"  # a lone surrogate could not even be printed
+    assert visible("naïve 数学 \u00a0 🙂") == "naïve 数学 \u00a0 🙂"
+
+
+def test_row_accepts_the_id_as_shown(control_out: Path) -> None:
+    """--row takes the example id as the views print it (escapes), not only the raw one."""
+    out = control_out
+    shown = CONTROL_KINDS["csi-screen-clear"][1]
+    result = subprocess.run(
+        [sys.executable, "-m", "profit_prep.cli", "inspect", str(out), "--row",
+         f"id-csi-screen-clear-{shown}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert [m.group(1) for m in HEADER.finditer(result.stdout)] == [
+        f"id-csi-screen-clear-{shown}"]

@@ -357,3 +357,32 @@ def test_report_refuses_an_unknown_column(
         "logprobs, entropy, rank, top1_logprob"
     ]
     assert not (tmp_path / "x.html").exists()
+
+
+def test_report_shows_control_characters_from_the_data_escaped(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Terminal control sequences and bidi controls in tokens, example ids and the manifest's
+    model name never appear raw in the page: they show as visible escapes, HTML-escaped."""
+    import html
+
+    from tests.test_inspection import (
+        CONTROL_KINDS,
+        EVIL_MODEL,
+        RAW_CONTROL,
+        escaped,
+        score_controls,
+    )
+
+    out = score_controls(tmp_path / "out", tiny_model_dir)
+    path = tmp_path / "r.html"
+    assert main(["report", str(out), "--html", str(path)]) == 0
+    text = path.read_text(encoding="utf-8")
+    assert not RAW_CONTROL.search(text), RAW_CONTROL.search(text)
+    assert "\u2028" not in text and "\u2029" not in text
+    for kind, (raw, shown) in CONTROL_KINDS.items():
+        assert f"example {html.escape(f'id-{kind}-{shown}')} " in text, kind
+        for char in filter(lambda c: not c.isprintable(), raw):  # token texts, escaped
+            assert text.count(escaped(char)) >= 3, (kind, escaped(char))
+    assert html.escape("".join(escaped(c) if c in "\x1b\x07\u202e" else c for c in EVIL_MODEL)) \
+        in text
