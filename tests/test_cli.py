@@ -103,3 +103,100 @@ def test_bad_input_file_finishes_with_summary(tmp_path: Path, tiny_model_dir: Pa
     assert result.returncode == 0, result.stderr
     assert "1 scored, 2 rejected" in result.stdout
     assert "rejected.jsonl" in result.stdout
+
+
+def _gsm_args(out: Path, model: Path, *extra: str) -> list[str]:
+    return ["score", "--data", str(DEMO_GSM8K), "--out", str(out), "--model", str(model),
+            "--prompt-field", "question", "--response-field", "answer", "--limit", "4",
+            "--quiet", *extra]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--limit", "-1"], "--limit must be at least 1"),
+    (["--shard-size", "0"], "--shard-size must be at least 1"),
+    (["--max-in-flight", "0"], "--max-in-flight must be at least 1"),
+])
+def test_out_of_range_numbers_are_one_line(tmp_path: Path, tiny_model_dir: Path, extra,
+                                           message) -> None:
+    args = _gsm_args(tmp_path / "o", tiny_model_dir)
+    args[args.index("--limit") : args.index("--limit") + 2] = []
+    assert_one_error_line(run_cli(*args, *extra), message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_on_a_users_folder_deletes_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The folder holding the input: the refusal names the files and suggests no --overwrite."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    data = folder / "train.jsonl"
+    data.write_bytes(DEMO_GSM8K.read_bytes())
+    args = _gsm_args(folder, tiny_model_dir)
+    args[args.index("--data") + 1] = str(data)
+    refused = run_cli(*args)
+    assert_one_error_line(refused, "holds no profit-prep output")
+    assert "--overwrite" not in refused.stderr
+    assert_one_error_line(run_cli(*args, "--overwrite"), "holds no profit-prep output")
+    assert sorted(p.name for p in folder.iterdir()) == ["train.jsonl"]
+    assert data.read_bytes() == DEMO_GSM8K.read_bytes()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "o").write_text("x")
+    assert_one_error_line(run_cli(*_gsm_args(tmp_path / "o", tiny_model_dir)), "is a file")
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path: Path, tiny_model_dir: Path,
+                                                      monkeypatch, capsys) -> None:
+    import errno
+
+    import pyarrow.parquet
+
+    from profit_prep.cli import main
+
+    real, calls = pyarrow.parquet.write_table, []
+
+    def fill_up(table, where, **kw):  # the second shard's write finds the disk full
+        calls.append(where)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", where)
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", fill_up)
+    args = _gsm_args(tmp_path / "o", tiny_model_dir, "--shard-size", "2")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: No space left on device: "), err
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    assert not list((tmp_path / "o" / "data").glob(".part-*"))  # no half-written shard
+    assert main(args) == 0  # the disk has room again: the rerun finishes the missing shard
+    assert "scored" in capsys.readouterr().out
+
+
+def test_damaged_inputs_and_outputs_are_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "o"
+    assert run_cli(*_gsm_args(out, tiny_model_dir)).returncode == 0
+    (out / "run.json").write_text("{truncated")
+    assert_one_error_line(run_cli(*_gsm_args(out, tiny_model_dir)), "run.json is damaged")
+    bad = tmp_path / "in.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    args = _gsm_args(tmp_path / "o2", tiny_model_dir)
+    args[args.index("--data") + 1] = str(bad)
+    assert_one_error_line(run_cli(*args), "not a readable Parquet file")
+
+
+def test_deeply_nested_rows_are_rejected_and_the_run_goes_on(tmp_path: Path,
+                                                            tiny_model_dir: Path) -> None:
+    good = {"prompt": "What is 2+2?", "completion": "4"}
+    deep = '{"prompt": "q", "completion": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    tools = {"messages": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "ok",
+                           "meta": json.loads("[" * 900 + "]" * 900)}]}
+    data = write_jsonl(tmp_path / "d.jsonl", [good, deep, good, json.dumps(tools)])
+    result = run_cli("score", "--data", str(data), "--out", str(tmp_path / "o"), "--model",
+                     str(tiny_model_dir), "--format", "prompt_completion", "--quiet")
+    assert result.returncode == 0, result.stderr
+    rejected = [json.loads(line) for line in (tmp_path / "o" / "rejected.jsonl").open()]
+    reasons = {r["source_index"]: r["reason"] for r in rejected}
+    assert reasons[1] == "JSON nested too deeply to parse"
+    assert {0, 2} <= set(pq.read_table(tmp_path / "o" / "data")["source_index"].to_pylist())
