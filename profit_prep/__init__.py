@@ -10,7 +10,7 @@ Example:
     ... # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from profit_prep.errors import InputError, RowError  # noqa: E402
 from profit_prep.loading import load  # noqa: E402 - cheap: datasets is imported on first call

@@ -49,12 +49,9 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from profit_prep.pipeline import ScoreConfig, faster_backend_hint, format_summary, score
+    from profit_prep.pipeline import ScoreConfig, end_of_turn_warning, format_summary, score
 
     config = config_from_args(ScoreConfig, args)
-    hint = None if config.quiet else faster_backend_hint(config)
-    if hint:
-        print(hint, file=sys.stderr)
     if config.num_workers > 0 or config.ray_address:
         from profit_prep.ray_pipeline import score_with_ray
 
@@ -62,6 +59,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         summary = score(config)
     print(format_summary(summary))
+    warning = end_of_turn_warning(summary)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 
@@ -126,8 +126,11 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def _rule_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The rule parameters of a view command (``report`` calls the rule's seed ``rule_seed``)."""
     return {"strategy": args.strategy, "tau": args.tau, "tau_low": args.tau_low,
-            "tau_high": args.tau_high}
+            "tau_high": args.tau_high, "keep_fraction": args.keep_fraction,
+            "seed": getattr(args, "rule_seed", getattr(args, "seed", None)),
+            "protect": args.protect}
 
 
 def _use_color(choice: str) -> bool:
@@ -153,7 +156,10 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     if given:
         raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
                          "(write the rule instead, e.g. higher:tau=0.3)")
-    a, b = (parse_rule(text) for text in args.compare)
+    from profit_prep.output import read_manifest
+
+    stored = read_manifest(args.out).get("mask")  # unset keys of a rule keep the stored values
+    a, b = (parse_rule(text, stored) for text in args.compare)
     return {"color_by": PROB, "compare": (a, b), "columns": rule_columns(a) + rule_columns(b),
             "rule_args": rule_args}
 
@@ -180,11 +186,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from profit_prep.inspection import compute_stats, format_stats, load_flat, load_output_tokenizer
+    from profit_prep.inspection import (
+        compute_stats,
+        format_stats,
+        load_flat,
+        load_output_tokenizer,
+        stats_json,
+    )
 
     flat = load_flat(args.out, **_rule_args(args))
     stats = compute_stats(flat, load_output_tokenizer(args.out, args.tokenizer))
-    print(json.dumps(stats, indent=2, ensure_ascii=False) if args.json else format_stats(stats))
+    print(stats_json(stats) if args.json else format_stats(stats))
     return 0
 
 
@@ -194,16 +206,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.examples < 1 or args.per_page < 1:
         raise InputError("--examples and --per-page must be at least 1")
     view = _view_options(args)
+    rule_args = dict(view["rule_args"])
+    rule_args["rule_seed"] = rule_args.pop("seed")
     path = write_report(args.out, args.html, examples=args.examples, seed=args.seed,
                         per_page=args.per_page, tokenizer_path=args.tokenizer,
-                        color_by=view["color_by"], compare=view["compare"], **view["rule_args"])
+                        color_by=view["color_by"], compare=view["compare"], **rule_args)
     print(f"report      {path}")
     return 0
 
 
-def _add_view_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by inspect, stats and report: the output, a tokenizer, a new mask rule."""
-    from profit_prep.masks import STRATEGIES
+def _add_view_arguments(p: argparse.ArgumentParser, rule_seed: str = "--seed") -> None:
+    """Arguments shared by inspect, stats and report: the output, a tokenizer, a new mask rule
+    (the same parameters as ``score`` and ``load``)."""
+    from profit_prep.masks import PROTECT, STRATEGIES
 
     p.add_argument("out", help="a finished profit-prep output directory")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -213,6 +228,12 @@ def _add_view_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, help="threshold for higher/lower")
     g.add_argument("--tau-low", type=float, help="lower threshold for middle")
     g.add_argument("--tau-high", type=float, help="upper threshold for middle")
+    g.add_argument("--keep-fraction", type=float, help="fraction kept by random")
+    g.add_argument(rule_seed, type=int, dest="rule_seed" if rule_seed != "--seed" else "seed",
+                   help="seed of random")
+    g.add_argument("--protect", choices=PROTECT,
+                   help="end_of_turn: keep every answer's end-of-turn token; none: the paper's "
+                   "rule (default: the stored rule's)")
 
 
 def _add_colour_arguments(p: argparse.ArgumentParser) -> None:
@@ -283,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands["stats"] = cmd_stats
 
     p = sub.add_parser("report", help="write a self-contained HTML report with plots")
-    _add_view_arguments(p)
+    _add_view_arguments(p, rule_seed="--rule-seed")
     p.add_argument("--html", metavar="FILE", help="report file (default: OUT/report.html)")
     p.add_argument("--examples", type=int, default=200,
                    help="examples to include, a seeded random sample (default: 200)")
@@ -296,13 +317,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """An error message as one line with no control characters: it may quote data."""
+    from profit_prep.inspection import visible
+
+    return visible(" ".join(text.split()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args._commands[args.command](args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `profit-prep stats OUT | head`: the reader left, stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # a full or read-only disk, a vanished file: the system's own words
+        if not exc.strerror:
+            raise
+        from profit_prep.output import os_reason
+
+        print(f"error: {os_reason(exc)}; fix that and rerun the same command (finished work is "
+              "kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

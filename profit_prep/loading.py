@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,8 +47,14 @@ import pyarrow.parquet as pq
 from profit_prep import rules
 from profit_prep.combine import Reference
 from profit_prep.errors import InputError
-from profit_prep.masks import MaskRule, keep_flat
-from profit_prep.output import read_manifest, verify
+from profit_prep.masks import (
+    MaskRule,
+    apply_rule,
+    end_of_turn_ids_of,
+    end_of_turn_tokens,
+    resolve_rule,
+)
+from profit_prep.output import check_shards, read_manifest, temporary_file
 from profit_prep.rules import Select
 
 if TYPE_CHECKING:
@@ -69,6 +74,7 @@ def load(
     tau_high: float | None = None,
     keep_fraction: float | None = None,
     seed: int | None = None,
+    protect: str | None = None,
     tokenizer: Any = None,
     allow_tokenizer_mismatch: bool = False,
     labels: bool = False,
@@ -96,13 +102,8 @@ def load(
     import datasets
 
     out = Path(path)
-    manifest = read_manifest(out)  # InputError when unfinished or absent
-    problems = verify(out)
-    if problems:
-        raise InputError(
-            f"{out}: damaged output, refusing to load ({'; '.join(problems)}); "
-            "rescore it or restore the files"
-        )
+    manifest = read_manifest(out)  # InputError when unfinished, absent or damaged
+    check_shards(out, manifest)  # presence, checksums, row counts, schema: one error line
     if tokenizer is not None:
         check_tokenizer(tokenizer, manifest, allow_mismatch=allow_tokenizer_mismatch)
     if weights is not None and weights not in WEIGHTS:
@@ -117,9 +118,13 @@ def load(
         ).items()
         if v is not None
     }
-    rule = _rule(manifest, overrides) if overrides else None
-    if select is not None and rule is not None:
+    if select is not None and overrides:
         raise InputError("pass either select= or ProFit rule parameters, not both")
+    # The stored mask serves as it is unless a parameter (protect included) changes the rule.
+    rule = resolve_rule(manifest.get("mask"), **overrides, protect=protect)
+    eot = end_of_turn_ids_of(manifest, rule)
+    if not overrides and protect is None:
+        rule = None
     ref = Reference(out, reference) if reference is not None else None
     if select is not None:
         _check_select(out, manifest, select, ref)
@@ -129,24 +134,15 @@ def load(
     key = hashlib.sha256(
         json.dumps(
             [LOADER_VERSION, [s["sha256"] for s in manifest["shards"]],
-             rule.to_dict() if rule else None, options,
+             rule.to_dict() if rule else None, options, eot,
              select.to_dict() if select else None, ref.describe() if ref else None],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:24]
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "profit_prep" / f"{key}.arrow"
     if not cache.exists():
-        _write(out, manifest, rule, options, cache, select, ref)
+        _write(out, manifest, rule, options, cache, select, ref, eot)
     return datasets.Dataset.from_file(str(cache))
-
-
-def _rule(manifest: dict[str, Any], overrides: dict[str, Any]) -> MaskRule:
-    """The scoring run's rule with the given parameters replaced (MaskRule validates them)."""
-    fields = MaskRule.__dataclass_fields__
-    stored = {k: v for k, v in (manifest.get("mask") or {}).items() if k in fields}
-    if overrides.get("strategy", stored.get("strategy")) != stored.get("strategy"):
-        stored = {}  # another rule: its parameters come from the caller or the defaults
-    return MaskRule(**{**stored, **overrides})
 
 
 def _check_select(
@@ -208,13 +204,14 @@ def global_threshold_of(
 def _write(
     out: Path, manifest: dict[str, Any], rule: MaskRule | None, options: dict[str, Any],
     target: Path, select: Select | None = None, ref: Reference | None = None,
+    end_of_turn_ids: list[int] | None = None,
 ) -> None:
     """Transform the shards one at a time into one Arrow IPC file, atomically renamed into place."""
     threshold = None
     if select is not None and select.kind == "top" and select.scope == "global":
         threshold = global_threshold_of(out, manifest, select, ref)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = temporary_file(target.parent, target.name)
     os.close(fd)
     try:
         writer = None
@@ -223,6 +220,7 @@ def _write(
                 out / shard["file"], columns=_shard_columns(select, ref), memory_map=True
             )
             batch = transform(table, rule, **options, select=select, threshold=threshold,
+                              end_of_turn_ids=end_of_turn_ids,
                               reference=ref)
             if writer is None:
                 writer = pa.ipc.new_stream(tmp, batch.schema)
@@ -275,8 +273,11 @@ def transform(
     select: Select | None = None,
     threshold: float | None = None,
     reference: Reference | None = None,
+    end_of_turn_ids: list[int] | None = None,
 ) -> pa.Table:
     """Scored rows -> loader columns, vectorised over all tokens (no Python loop over tokens).
+
+    ``end_of_turn_ids`` (the manifest's, when the rule protects them) stay in the loss.
 
     Example:
         >>> shard = pq.read_table("out/data/part-00000.parquet")  # doctest: +SKIP
@@ -292,10 +293,12 @@ def transform(
         keep, _ = _flat(table["loss_mask"])
     else:
         logprobs, _ = _flat(table["logprobs"])
-        keep = resp & keep_flat(
-            logprobs, rule, lengths=lengths,
+        keep = apply_rule(
+            rule, logprobs, resp, lengths=lengths,
             example_ids=table["example_id"].to_pylist() if rule.strategy == "random" else None,
         )
+    if end_of_turn_ids is not None:
+        keep = keep | end_of_turn_tokens(ids, resp, end_of_turn_ids)
     columns: dict[str, np.ndarray] = {"input_ids": ids, "completion_mask": keep.astype(np.int8)}
     if labels:
         columns["labels"] = np.where(keep, ids, np.int32(-100)).astype(np.int32)

