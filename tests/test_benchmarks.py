@@ -23,6 +23,7 @@ NULLABLE = {
     "transformers_compile_tokens_per_s": "compile_error",
     "vllm_tokens_per_s": "vllm_error",
     "bf16_tokens_per_s": "bf16_reason",
+    "vllm_bf16_tokens_per_s": "vllm_bf16_error",
 }
 
 
@@ -43,7 +44,10 @@ def test_smoke_run_writes_all_figures(tmp_path: Path) -> None:
     for key, reason in NULLABLE.items():
         assert key in res
         assert res[key] is None and res[reason] or res[key] > 0, (key, res.get(reason))
-    assert res["best_path"] in ("transformers", "transformers_compile", "vllm")
+    # best_path is what `score` with no --backend runs here (auto), measured or transformers.
+    assert res["default_path"] in ("transformers", "vllm") and res["default_reason"]
+    assert res["best_path"] in ("transformers", "vllm")
+    assert res["fastest_path"] in ("transformers", "transformers_compile", "vllm", "vllm_bf16")
     machine = res["machine"]
     for key in ("cpu_model", "cores", "avx2", "avx512", "avx512_bf16", "versions"):
         assert key in machine
