@@ -89,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     summary = score(config)
     print(format_summary(summary))
-    from profit_prep.report import write_report
+    from profit_prep.views.report import write_report
 
     print(f"report      {write_report(args.out)}")
     return 0
@@ -144,7 +144,8 @@ def _use_color(choice: str) -> bool:
 
 def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--color-by`` and ``--compare``, checked: rule arguments for ``load_flat`` included."""
-    from profit_prep.inspection import PROB, parse_rule, rule_columns
+    from profit_prep.rules import parse_rule, rule_columns
+    from profit_prep.views.flat import PROB
 
     rule_args = _rule_args(args)
     if args.compare is None:
@@ -165,7 +166,8 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from profit_prep.inspection import load_flat, load_output_tokenizer, render_examples
+    from profit_prep.views.flat import load_flat, load_output_tokenizer
+    from profit_prep.views.terminal import render_examples
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
@@ -186,13 +188,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from profit_prep.inspection import (
-        compute_stats,
-        format_stats,
-        load_flat,
-        load_output_tokenizer,
-        stats_json,
-    )
+    from profit_prep.views.flat import load_flat, load_output_tokenizer
+    from profit_prep.views.stats import compute_stats, format_stats
+    from profit_prep.views.text import stats_json
 
     flat = load_flat(args.out, **_rule_args(args))
     stats = compute_stats(flat, load_output_tokenizer(args.out, args.tokenizer))
@@ -201,7 +199,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from profit_prep.report import write_report
+    from profit_prep.views.report import write_report
 
     if args.examples < 1 or args.per_page < 1:
         raise InputError("--examples and --per-page must be at least 1")
@@ -319,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(text: str) -> str:
     """An error message as one line with no control characters: it may quote data."""
-    from profit_prep.inspection import visible
+    from profit_prep.views.text import visible
 
     return visible(" ".join(text.split()))
 

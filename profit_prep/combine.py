@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
+from profit_prep.format import flat_list
 from profit_prep.output import OutputDir, read_manifest, verify
 
 # The columns :func:`combine` adds (documented in the combined manifest and docs/format.md).
@@ -38,12 +39,6 @@ COMBINED_DOCS = {
     "excess_loss": "loss - reference loss = reference_logprobs - logprobs (Rho-1's score); "
     "NaN at t = 0",
 }
-
-
-def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy()
-    return arr.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 
 
 class Reference:
@@ -71,8 +66,8 @@ class Reference:
         ) if files else None
         if table is None or table.num_rows == 0:
             raise InputError(f"{self.path}: the reference output holds no rows")
-        self.ids, self.offsets = _flat(table["input_ids"])
-        self.logprobs, _ = _flat(table["logprobs"])
+        self.ids, self.offsets = flat_list(table["input_ids"])
+        self.logprobs, _ = flat_list(table["logprobs"])
         self.row_of = {e: i for i, e in enumerate(table["example_id"].to_pylist())}
 
     def describe(self) -> dict[str, Any]:
@@ -81,7 +76,7 @@ class Reference:
     def logprobs_for(self, table: pa.Table) -> np.ndarray:
         """The reference's log-probabilities aligned to ``table``'s flat tokens (checked)."""
         example_ids = table["example_id"].to_pylist()
-        ids, offsets = _flat(table["input_ids"])
+        ids, offsets = flat_list(table["input_ids"])
         rows = []
         for e in example_ids:
             if e not in self.row_of:
@@ -107,7 +102,7 @@ class Reference:
 
     def excess_loss(self, table: pa.Table) -> np.ndarray:
         """``loss_A - loss_B = logprobs_B - logprobs_A`` per flat token (NaN at t = 0)."""
-        logprobs, _ = _flat(table["logprobs"])
+        logprobs, _ = flat_list(table["logprobs"])
         return (self.logprobs_for(table) - logprobs).astype(np.float32)
 
 
@@ -142,7 +137,7 @@ def combine(
                 continue
             table = pq.read_table(out / shard["file"])
             ref_logprobs = ref.logprobs_for(table)
-            logprobs, offsets = _flat(table["logprobs"])
+            logprobs, offsets = flat_list(table["logprobs"])
             offsets = pa.array(offsets, type=pa.int32())
             for name, values in (("reference_logprobs", ref_logprobs),
                                  ("excess_loss", ref_logprobs - logprobs)):

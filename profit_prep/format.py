@@ -102,3 +102,11 @@ def to_table(examples: Sequence[ScoredExample]) -> pa.Table:
         arr = _list_array(values, pa.from_numpy_dtype(values[0].dtype))
         table = table.append_column(name, arr)
     return table
+
+
+def flat_list(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (values end to end, offsets from 0): the one way every reader turns
+    per-token columns into flat numpy arrays (honours slicing; copies only when it must)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    return arr.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]

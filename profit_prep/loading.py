@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from profit_prep import rules
 from profit_prep.combine import Reference
 from profit_prep.errors import InputError
+from profit_prep.format import flat_list
 from profit_prep.masks import (
     MaskRule,
     apply_rule,
@@ -176,16 +177,15 @@ def _shard_columns(select: Select | None, ref: Reference | None) -> list[str]:
 
 
 def signal_values(table: pa.Table, select: Select, ref: Reference | None) -> np.ndarray:
-    """The rule's signal per flat token of ``table``."""
+    """The rule's signal per flat token of ``table`` (float64, :func:`rules.signal_values`)."""
+    logprobs, _ = flat_list(table["logprobs"])
+    stored = None
     if select.signal == "excess_loss":
-        if ref is None:  # an output of `profit-prep combine`
-            return _flat(table["excess_loss"])[0].astype(np.float64)
-        return ref.excess_loss(table)
-    if select.signal in ("prob", "loss"):
-        logprobs, _ = _flat(table["logprobs"])
-        return np.exp(logprobs) if select.signal == "prob" else -logprobs
-    values, _ = _flat(table[select.column()])
-    return values.astype(np.float64)
+        # An output of `profit-prep combine` stores it; else the reference computes it.
+        stored = flat_list(table["excess_loss"])[0] if ref is None else ref.excess_loss(table)
+    elif select.signal not in ("prob", "loss"):
+        stored = flat_list(table[select.column()])[0]
+    return rules.signal_values(select, logprobs, stored)
 
 
 def global_threshold_of(
@@ -195,7 +195,7 @@ def global_threshold_of(
     parts = []
     for shard in manifest["shards"]:
         table = pq.read_table(out / shard["file"], columns=_shard_columns(select, ref))
-        resp, _ = _flat(table["response_mask"])
+        resp, _ = flat_list(table["response_mask"])
         parts.append(signal_values(table, select, ref)[resp])
     values = np.concatenate(parts) if parts else np.empty(0)
     return rules.global_threshold(values, select.fraction or 0.0, select.largest)
@@ -254,14 +254,6 @@ def _empty_schema(options: dict[str, Any], excess: bool = False) -> dict[str, pa
     return fields
 
 
-def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of a list column, offsets starting at 0 (copies only if sliced)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy()
-    values = arr.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slicing
-    return values, offsets - offsets[0]
-
-
 def transform(
     table: pa.Table,
     rule: MaskRule | None = None,
@@ -283,16 +275,16 @@ def transform(
         >>> shard = pq.read_table("out/data/part-00000.parquet")  # doctest: +SKIP
         >>> transform(shard, MaskRule(tau=0.3), labels=True)  # doctest: +SKIP
     """
-    ids, offsets = _flat(table["input_ids"])
-    resp, _ = _flat(table["response_mask"])
+    ids, offsets = flat_list(table["input_ids"])
+    resp, _ = flat_list(table["response_mask"])
     lengths = np.diff(offsets)
     if select is not None:
         values = signal_values(table, select, reference)
         keep = rules.apply(select, values, resp, lengths, threshold)
     elif rule is None:
-        keep, _ = _flat(table["loss_mask"])
+        keep, _ = flat_list(table["loss_mask"])
     else:
-        logprobs, _ = _flat(table["logprobs"])
+        logprobs, _ = flat_list(table["logprobs"])
         keep = apply_rule(
             rule, logprobs, resp, lengths=lengths,
             example_ids=table["example_id"].to_pylist() if rule.strategy == "random" else None,
@@ -305,7 +297,7 @@ def transform(
     if response_mask:
         columns["response_mask"] = resp.astype(np.int8)
     if weights == "prob":
-        logprobs, _ = _flat(table["logprobs"])
+        logprobs, _ = flat_list(table["logprobs"])
         # NaN at t = 0 is never a response token; np.where drops it before it can spread
         columns["weights"] = np.where(resp, np.exp(logprobs), np.float32(0)).astype(np.float32)
     if reference is not None:

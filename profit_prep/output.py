@@ -34,7 +34,7 @@ import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
-from profit_prep.format import FORMAT_VERSION, SCHEMA
+from profit_prep.format import FORMAT_VERSION, SCHEMA, flat_list
 
 MANIFEST = "manifest.json"
 # Per-row stat column -> the manifest count that sums it.
@@ -163,9 +163,9 @@ def read_json_object(path: Path, what: str, remedy: str) -> dict[str, Any]:
 def _end_of_turn_counts(path: Path, end_of_turn_ids: list[int]) -> tuple[int, int]:
     """Response tokens of a shard that close a turn, and how many of them are masked."""
     table = pq.read_table(path, columns=["input_ids", "response_mask", "loss_mask"])
-    ids = table["input_ids"].combine_chunks().flatten().to_numpy()
-    response = table["response_mask"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    kept = table["loss_mask"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    ids, _ = flat_list(table["input_ids"])
+    response, _ = flat_list(table["response_mask"])
+    kept, _ = flat_list(table["loss_mask"])
     end = response & np.isin(ids, np.asarray(end_of_turn_ids, dtype=ids.dtype))
     return int(end.sum()), int((end & ~kept).sum())
 

@@ -30,12 +30,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.masks import STRATEGIES, MaskRule
+from profit_prep.masks import resolve_rule as resolve_stored_rule
 
 SIGNALS = ("prob", "loss", "entropy", "top1_logprob", "rank", "excess_loss")
 STORED = {"entropy": "entropy", "top1_logprob": "top1_logprob", "rank": "rank"}
@@ -97,6 +101,23 @@ def keep_top_per_example(
     return keep
 
 
+def signal_values(
+    rule: Select, logprobs: np.ndarray, stored: np.ndarray | None = None
+) -> np.ndarray:
+    """The rule's signal per flat token, float64: the one mapping the loader and every view use
+    (so a top-k boundary falls on the same token everywhere).
+
+    ``prob`` and ``loss`` come from ``logprobs``; every other signal is ``stored`` (the output's
+    column, or the excess loss against a reference).
+    """
+    if rule.signal in ("prob", "loss"):
+        lp = np.asarray(logprobs, dtype=np.float64)
+        return np.exp(lp) if rule.signal == "prob" else -lp
+    if stored is None:
+        raise ValueError(f"signal {rule.signal!r} needs its stored values")
+    return np.asarray(stored, dtype=np.float64)
+
+
 def global_threshold(values: np.ndarray, fraction: float, largest: bool = True) -> float:
     """The exact k-th largest (smallest) of ``values``, ``k = ceil(fraction * len)``.
 
@@ -133,3 +154,72 @@ def apply(
             raise ValueError("a global top rule needs its threshold")
         keep = values >= threshold if rule.largest else values <= threshold
         return keep & resp
+
+
+# --------------------------------------------------------------------------- rules as text
+
+Rule = MaskRule | Select | None  # None: the stored loss_mask
+RULE_KINDS = ("stored", *STRATEGIES, "top", "band")
+
+
+def _parse_value(raw: str, kind: Any, where: str) -> Any:
+    if typing.get_args(kind):  # float | None -> float
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        return kind(raw)
+    except ValueError:
+        raise InputError(f"{where}: {raw!r} is not a {kind.__name__}") from None
+
+
+def parse_rule(text: str, stored: dict[str, Any] | None = None) -> Rule:
+    """A rule written ``NAME[:KEY=VALUE,...]``: the fields of :class:`MaskRule` or :class:`Select`.
+
+    With ``stored`` (the manifest's ``mask``), a ProFit rule's unset keys keep the stored values
+    (:func:`profit_prep.masks.resolve_rule`, as ``load`` and ``--tau`` do); without it they take
+    the dataclass defaults.
+
+    ``stored`` is the stored ``loss_mask``; ``higher``/``lower``/``middle``/``random`` a ProFit
+    rule (keys ``tau``, ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``, as in ``--tau``);
+    ``top``/``band`` a load-time selection rule (keys ``signal``, ``fraction``, ``scope``,
+    ``largest``, ``lo``, ``hi``). Unset keys take the dataclass defaults; the dataclasses validate.
+
+    >>> parse_rule("higher:tau=0.3").tau
+    0.3
+    >>> parse_rule("lower", stored={"strategy": "higher", "tau": 0.3}).tau
+    0.3
+    >>> parse_rule("top:signal=entropy,fraction=0.2,scope=global").scope
+    'global'
+    >>> parse_rule("stored") is None
+    True
+    """
+    name, _, params = text.strip().partition(":")
+    if name == "stored" and not params.strip():
+        return None
+    if name in STRATEGIES:
+        cls: type = MaskRule
+        values: dict[str, Any] = {"strategy": name}
+    elif name in ("top", "band"):
+        cls, values = Select, {"kind": name}
+    else:
+        raise InputError(f"rule {text!r}: start with one of {', '.join(RULE_KINDS)}")
+    hints = typing.get_type_hints(cls)
+    keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("strategy", "kind")]
+    for item in filter(None, (x.strip() for x in params.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in keys:
+            raise InputError(f"rule {text!r}: expected KEY=VALUE with KEY in {', '.join(keys)}")
+        values[key] = _parse_value(raw.strip(), hints[key], f"rule {text!r}, {key}")
+    if cls is MaskRule and stored is not None:
+        return resolve_stored_rule(stored, **values)
+    return cls(**values)
+
+
+def rule_columns(rule: Rule) -> list[str]:
+    """The stored columns a rule reads besides the core ones (for ``load_flat(columns=...)``)."""
+    column = rule.column() if isinstance(rule, Select) else None
+    return [column] if column else []

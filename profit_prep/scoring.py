@@ -301,7 +301,7 @@ def top_k_entropy(top_logprobs: np.ndarray) -> np.ndarray:
     of its tokens has ``p <= min(R, p_k)`` (``p_k`` the smallest known one), so its share is at
     least ``-R log min(R, p_k)``. Of the estimators measured on SmolLM2 (renormalised top-k,
     tail as one token, tail spread uniformly, this one) it has the smallest error
-    (pipelines/signals_error.py; docs/format.md has the figures).
+    (benchmarks/signals_error.py; docs/format.md has the figures).
 
     >>> lp = np.log(np.array([[0.5, 0.25, 0.25]]))  # the whole distribution: exact
     >>> round(float(top_k_entropy(lp)[0]), 6) == round(float(np.log(2) * 1.5), 6)

@@ -85,6 +85,20 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Rows as JSONL, a JSON array or Parquet, by ``path``'s suffix."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
 @pytest.fixture()
 def private_datasets_cache(tmp_path_factory, monkeypatch) -> None:
     """Loader cache files go to a temporary folder, not the user's datasets cache."""

@@ -59,13 +59,16 @@ def test_real_model_gsm8k_matches_oracle_and_mask_rule(tmp_path: Path, smollm2_d
     for row, exp in zip(rows, expected):
         lp = np.array(row["logprobs"], dtype=np.float32)
         worst = max(worst, float(np.nanmax(np.abs(lp[1:] - exp[1:]))))
-        resp = np.array(row["response_mask"])
-        assert np.array_equal(np.array(row["loss_mask"]), resp & (np.exp(lp) >= 0.1))
+        resp, ids = np.array(row["response_mask"]), np.array(row["input_ids"])
+        # The default rule: p >= 0.1, and the answer's <|im_end|> (id 2) protected.
+        assert np.array_equal(np.array(row["loss_mask"]),
+                              resp & ((np.exp(lp) >= 0.1) | (ids == 2)))
         assert row["n_kept"] == int(np.sum(row["loss_mask"])) < row["n_response"]
     assert worst < 1e-4, worst
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["scored_rows"] == 8 and len(manifest["shards"]) == 3
-    assert manifest["mask"] == {"strategy": "higher", "tau": 0.1}
+    assert manifest["mask"] == {"strategy": "higher", "tau": 0.1, "protect": "end_of_turn"}
+    assert manifest["render"]["end_of_turn_ids"] == [2]
     assert manifest["tokenizer"]["fingerprint"] and manifest["model"]["content_hash"]
 
 
@@ -165,8 +168,10 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path: Path, tiny_mode
     monkeypatch.setattr(pyarrow.parquet, "write_table", fill_up)
     args = _gsm_args(tmp_path / "o", tiny_model_dir, "--shard-size", "2")
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: No space left on device: "), err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err
+    assert len(errors) == 1 and errors[0].startswith("error: No space left on device: "), err
     assert not (tmp_path / "o" / "manifest.json").exists()
     assert not list((tmp_path / "o" / "data").glob(".part-*"))  # no half-written shard
     assert main(args) == 0  # the disk has room again: the rerun finishes the missing shard

@@ -7,6 +7,7 @@ import pytest
 
 from profit_prep.errors import InputError
 from profit_prep.masks import MaskRule, keep_flat, loss_mask
+from tests.test_rendering import CONVERSATION  # system, user, assistant and tool turns
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +82,6 @@ def test_bad_rules_are_refused(kwargs, message: str) -> None:
 
 # -- end-of-turn protection ------------------------------------------------------------------
 
-CONVERSATION = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": "4"},
-    {"role": "user", "content": "Look it up."},
-    {"role": "assistant", "content": "Calling the calculator."},
-    {"role": "tool", "content": "4"},
-    {"role": "assistant", "content": "It is 4, as computed."},
-]
 
 
 def _renderer(name: str, smollm2_tokenizer):

@@ -144,17 +144,10 @@ def _swap_digits(rows: list[dict], index: int) -> list[dict]:
 @pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
 def test_resume_on_an_input_changed_since_is_refused(tmp_path: Path, tiny_model_dir, gsm8k_rows,
                                                       kind: str) -> None:
-    import pyarrow as pa
+    from tests.conftest import write_rows
 
     def write(rows: list[dict]) -> Path:
-        path = tmp_path / f"in.{kind}"
-        if kind == "jsonl":
-            write_jsonl(path, rows)
-        elif kind == "json":
-            path.write_text(json.dumps(rows))
-        else:
-            pq.write_table(pa.Table.from_pylist(rows), path)
-        return path
+        return write_rows(tmp_path / f"in.{kind}", rows)
 
     rows = gsm8k_rows[:12]
     data = write(rows)

@@ -209,18 +209,10 @@ def test_damaged_parquet_input_is_one_clear_error(tmp_path: Path, damage: str) -
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
 def test_digest_changes_with_content_not_with_other_rows(tmp_path: Path, kind: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from tests.conftest import write_rows
 
     def digests(rows: list[dict]) -> list[str]:
-        path = tmp_path / f"d.{kind}"
-        if kind == "jsonl":
-            write_jsonl(path, rows)
-        elif kind == "json":
-            path.write_text(json.dumps(rows))
-        else:
-            pq.write_table(pa.Table.from_pylist(rows), path)
-        source = open_source(path)
+        source = open_source(write_rows(tmp_path / f"d.{kind}", rows))
         return [source.digest(0, 2), source.digest(2, 4)]
 
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]

@@ -127,7 +127,7 @@ def test_report_is_self_contained_and_escaped(report: Path) -> None:
     assert f"{PER_PAGE} per page" in text
     assert text.count('<section class="example"') == EXAMPLES
     # The same seed gives the same sample.
-    from profit_prep.report import sample_indices
+    from profit_prep.views.report import sample_indices
 
     assert np.array_equal(sample_indices(24, EXAMPLES, 0), sample_indices(24, EXAMPLES, 0))
 
@@ -366,7 +366,7 @@ def test_report_shows_control_characters_from_the_data_escaped(
     model name never appear raw in the page: they show as visible escapes, HTML-escaped."""
     import html
 
-    from tests.test_inspection import (
+    from tests.test_views import (
         CONTROL_KINDS,
         EVIL_MODEL,
         RAW_CONTROL,

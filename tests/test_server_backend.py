@@ -158,14 +158,28 @@ def test_server_matches_transformers_oracle_and_never_leaks_the_key(
     worst = max(float(np.nanmax(np.abs(np.array(r["logprobs"])[1:] - e[1:])))
                 for r, e in zip(rows, expected))
     assert worst < 2e-3, worst
-    for r in rows:
-        lp = np.array(r["logprobs"], dtype=np.float32)
+    for r in rows:  # the default rule: p >= 0.1, and each answer's <|im_end|> (id 2) protected
+        lp, ids = np.array(r["logprobs"], dtype=np.float32), np.array(r["input_ids"])
         assert np.array_equal(np.array(r["loss_mask"]), np.array(r["response_mask"])
-                              & (np.exp(lp) >= 0.1))
+                              & ((np.exp(lp) >= 0.1) | (ids == 2)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scorer"]["backend"] == "server" and manifest["model"]["name"] == SERVED_NAME
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == [] and SECRET not in result.stdout + result.stderr
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_every_base_url_form_scores_the_same_rows(server: Server, smollm2_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """http://host:port, .../, .../v1 and .../v1/ (the OpenAI client's form) are one server."""
+    forms = [server.url, server.url + "/", server.url + "/v1", server.url + "/v1/"]
+    for i, url in enumerate(forms):
+        result = cli(*score_args(url, smollm2_dir, tmp_path / f"o{i}", limit=2))
+        assert result.returncode == 0, (url, result.stderr[-500:])
+        if i:
+            assert_same_tokens_close_logprobs(tmp_path / "o0", tmp_path / f"o{i}")
 
 
 @needs_vllm

@@ -16,7 +16,7 @@ from profit_prep.vllm_backend import actual_token_logprobs, cpu_env_defaults
 ROWS = 8
 TOP_K = 20  # the engine's signals_top_k (the default)
 SIGNALS = "entropy,top1,rank"
-# pipelines/signals_error.py on 20 demo rows (these 8 among them), k = 20: max 1.289, mean 0.070.
+# benchmarks/signals_error.py on 20 demo rows (these 8 among them), k = 20: max 1.289, mean 0.070.
 MAX_ERROR_BOUND, MEAN_ERROR_BOUND = 1.35, 0.12
 
 
@@ -247,7 +247,7 @@ def test_vllm_signals_match_transformers_and_the_top_k_estimate(
           f"mean {err.mean():.4f} nats; top1/rank differ at {top1_near_ties}/{rank_near_ties} "
           f"of {n} positions (near-ties)")
     assert top1_near_ties + rank_near_ties <= n // 200
-    # The error pipelines/signals_error.py measured (docs/format.md), with a margin.
+    # The error benchmarks/signals_error.py measured (docs/format.md), with a margin.
     assert err.mean() < MEAN_ERROR_BOUND and err.max() < MAX_ERROR_BOUND
 
 

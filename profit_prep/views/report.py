@@ -20,31 +20,24 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.inspection import (
+from profit_prep.output import atomic_write_bytes
+from profit_prep.rules import Rule, rule_columns
+from profit_prep.views.colors import Scale, color_scale
+from profit_prep.views.flat import (
     BOTH,
     CATEGORY_NAMES,
     PROB,
     Comparison,
     Flat,
-    Rule,
-    Scale,
     check_columns,
-    color_scale,
     compare_rules,
-    compute_stats,
-    describe_any,
-    describe_rule,
-    example_stats,
-    example_tokens,
-    format_value,
     load_flat,
     load_output_tokenizer,
     numeric_columns,
-    rule_columns,
-    token_strings,
-    visible,
 )
-from profit_prep.output import atomic_write_bytes
+from profit_prep.views.stats import compute_stats
+from profit_prep.views.terminal import example_stats, example_tokens, format_value
+from profit_prep.views.text import describe_any, describe_rule, token_strings, visible
 
 PROB_BUCKETS = 10  # kept-token colour classes p0 .. p9
 # Token classes of a comparison, by category (BOTH, A_ONLY, B_ONLY, NEITHER).
@@ -409,7 +402,7 @@ def build_html(
     """The report page as one HTML string.
 
     ``color_by`` and ``compare`` choose the token colours as in
-    :func:`profit_prep.inspection.render_examples`; the column must be in ``flat.signals``.
+    :func:`profit_prep.views.terminal.render_examples`; the column must be in ``flat.signals``.
     """
     if compare is not None and color_by != PROB:
         raise InputError("--color-by and --compare both decide token colours; choose one")

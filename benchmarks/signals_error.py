@@ -8,7 +8,7 @@ distribution (to justify the choice), and how often top-1 and rank differ from t
 Prints the figures and writes them to ``--json``.
 
 Usage (from the repository root; ~5 min on 2 CPU cores):
-    python pipelines/signals_error.py --rows 20 --k 5,20 --json signals_error.json
+    python benchmarks/signals_error.py --rows 20 --k 5,20 --json signals_error.json
 """
 
 from __future__ import annotations

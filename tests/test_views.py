@@ -238,7 +238,7 @@ def run_in_pty(argv: list[str], timeout: float = 180) -> str:
 
 @pytest.mark.slow
 def test_inspect_in_a_terminal_is_coloured(scored_output: Path) -> None:
-    from profit_prep.inspection import MASKED_STYLE, PROMPT_STYLE
+    from profit_prep.views.terminal import MASKED_STYLE, PROMPT_STYLE
 
     text = run_in_pty(
         [sys.executable, "-m", "profit_prep.cli", "inspect", str(scored_output), "--limit", "2"]
@@ -340,7 +340,8 @@ def blocks(text: str, header: re.Pattern[str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("column", ["entropy", "rank", "top1_logprob", "logprobs"])
 def test_color_scale_buckets_equal_numpy_quantiles(signals_out: Path, column: str) -> None:
-    from profit_prep.inspection import color_scale, load_flat
+    from profit_prep.views.colors import color_scale
+    from profit_prep.views.flat import load_flat
 
     rows = read_rows(signals_out)
     edges, want = oracle_buckets(rows, column)
@@ -355,7 +356,7 @@ def test_color_scale_buckets_equal_numpy_quantiles(signals_out: Path, column: st
 def test_inspect_color_by_shades_and_prints_values(
     signals_out: Path, smollm2_tokenizer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from profit_prep.inspection import SCALE_CODES
+    from profit_prep.views.terminal import SCALE_CODES
 
     rows = read_rows(signals_out)
     by_id = {str(r["example_id"]): r for _, r in rows.iterrows()}
@@ -462,7 +463,8 @@ COMPARE_HEADER = re.compile(
 def test_compare_categories_equal_numpy(
     signals_out: Path, smollm2_tokenizer, a: str, b: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from profit_prep.inspection import compare_rules, load_flat, parse_rule, rule_columns
+    from profit_prep.rules import parse_rule, rule_columns
+    from profit_prep.views.flat import compare_rules, load_flat
 
     rows = read_rows(signals_out)
     keep_a, keep_b = numpy_keep(rows, a), numpy_keep(rows, b)
@@ -671,7 +673,7 @@ def test_control_characters_from_the_data_are_shown_escaped(
 
 
 def test_stats_json_escapes_every_control_character() -> None:
-    from profit_prep.inspection import stats_json, visible
+    from profit_prep.views.text import stats_json, visible
 
     value = {"token": "".join(raw for raw, _ in CONTROL_KINDS.values()) + "\t\n\u2028é"}
     text = stats_json(value)
@@ -694,3 +696,73 @@ def test_row_accepts_the_id_as_shown(control_out: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert [m.group(1) for m in HEADER.finditer(result.stdout)] == [
         f"id-csi-screen-clear-{shown}"]
+
+
+# -- one rule, one signal mapping, in every reader ------------------------------------------------
+
+
+def test_a_strategy_change_keeps_the_stored_tau_in_load_inspect_stats_and_report(
+    tmp_path: Path, tiny_model_dir: Path, private_datasets_cache, capsys
+) -> None:
+    """Issue 16's example: scored with higher at tau T, every reader masks `lower` at T."""
+    import pyarrow.parquet as pq
+
+    from profit_prep.loading import load
+    from profit_prep.views.flat import load_flat
+    from profit_prep.views.report import write_report
+    from tests.conftest import score_demo
+
+    first = score_demo(tmp_path / "first", tiny_model_dir, limit=6)
+    table = pq.read_table(first / "data")
+    resp = np.concatenate(table["response_mask"].to_numpy(zero_copy_only=False))
+    lp = np.concatenate(table["logprobs"].to_numpy(zero_copy_only=False))
+    tau = float(np.median(np.exp(lp[resp])))  # splits this random model's tokens in two
+    out = score_demo(tmp_path / "out", tiny_model_dir, limit=6, tau=tau)
+
+    loaded = np.concatenate([np.array(m, bool) for m in
+                             load(out, strategy="lower")["completion_mask"]])
+    flat = load_flat(out, strategy="lower")
+    np.testing.assert_array_equal(flat.keep, loaded)
+    end = flat.end_of_turn
+    with np.errstate(invalid="ignore"):
+        expect = flat.response & ((np.exp(flat.logprobs) < tau) | end)  # lower, at the stored T
+    np.testing.assert_array_equal(loaded, expect)
+    assert 0 < (flat.keep & ~end).sum() < (flat.response & ~end).sum()  # the rule really splits
+
+    assert main(["stats", str(out), "--strategy", "lower", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["rule"] == {"strategy": "lower", "tau": tau, "protect": "end_of_turn"}
+    assert stats["kept_tokens"] == int(loaded.sum())
+    page = write_report(out, tmp_path / "r.html", strategy="lower").read_text()
+    assert f"lower tau={tau}" in page and f">{int(loaded.sum())}<" in page
+
+
+def test_top_k_ties_fall_the_same_in_the_loader_and_the_views(tmp_path: Path,
+                                                              private_datasets_cache) -> None:
+    """Many tokens share the k-th probability: load and the views keep exactly the same ones."""
+    from profit_prep.format import ScoredExample, to_table
+    from profit_prep.loading import load
+    from profit_prep.output import OutputDir
+    from profit_prep.rules import parse_rule
+    from profit_prep.views.flat import load_flat, rule_keep
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(6):
+        n = 40
+        lp = np.log(rng.choice([0.05, 0.2, 0.2, 0.2, 0.7], size=n)).astype(np.float32)
+        lp[0] = np.nan
+        resp = np.arange(n) >= 5
+        examples.append(ScoredExample(str(i), i, rng.integers(3, 99, n).astype(np.int32), resp,
+                                      lp, resp.copy(), False, n))
+    out = OutputDir(tmp_path / "o")
+    with out.open({"t": 1}):
+        out.write_shard(0, to_table(examples), [])
+        out.finalize({"mask": {"strategy": "higher", "tau": 0.0},
+                      "render": {"end_of_turn_ids": []}}, 1)
+    for text in ("top:signal=prob,fraction=0.3,scope=global", "top:signal=prob,fraction=0.3",
+                 "top:signal=loss,fraction=0.45,scope=global,largest=false"):
+        rule = parse_rule(text)
+        loaded = np.concatenate([np.array(m, bool) for m in
+                                 load(tmp_path / "o", select=rule)["completion_mask"]])
+        np.testing.assert_array_equal(rule_keep(load_flat(tmp_path / "o"), rule), loaded, text)

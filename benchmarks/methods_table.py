@@ -6,7 +6,7 @@ Writes the markdown table of docs/methods.md to stdout (and --md FILE). The exce
 after a short SFT on *other* GSM8K rows (clean in-domain data; all response tokens trained), the
 model to be trained is SmolLM2 itself, and both score the same table rows.
 
-Usage: python pipelines/methods_table.py --rows 40 --work /tmp/methods [--train-reference 30]
+Usage: python benchmarks/methods_table.py --rows 40 --work /tmp/methods [--train-reference 30]
 """
 
 from __future__ import annotations
