@@ -23,7 +23,8 @@ from profit_prep.cli import demo_data_path
 from profit_prep.models import resolve_model
 from profit_prep.reading import FieldMap, to_messages
 from profit_prep.rendering import Renderer, load_tokenizer, resolve_template
-from profit_prep.scoring import TOP_K_ENTROPY, TransformersScorer, top_k_entropy
+from profit_prep.scoring import TransformersScorer
+from profit_prep.top_k import TOP_K_ENTROPY, top_k_entropy
 
 SIGNALS = "entropy,top1,rank"
 

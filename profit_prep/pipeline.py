@@ -48,7 +48,8 @@ from profit_prep.rendering import (
     resolve_template,
 )
 from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
-from profit_prep.scoring import parse_signals, parse_top_k_signals, signal_columns
+from profit_prep.scoring import Scorer, parse_signals, signal_columns
+from profit_prep.top_k import parse_top_k_signals
 
 
 @dataclass
@@ -225,10 +226,10 @@ def render_rows(
 
 
 def score_sequences(
-    scorer: Any, sequences: list[np.ndarray], signals: tuple[str, ...]
+    scorer: Scorer, sequences: list[np.ndarray]
 ) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]] | None]:
-    """Step 2: log-probabilities per sequence, and with ``signals`` their per-token columns."""
-    if not signals:
+    """Step 2: log-probabilities per sequence, and with the scorer's signals their columns."""
+    if not scorer.signals:
         return scorer.score(sequences), None
     scored = scorer.score_with_signals(sequences)
     extras = [{k: v for k, v in d.items() if k != "logprobs"} for d in scored]
@@ -571,7 +572,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def start_scorer(prepared: Prepared) -> tuple[Any, Prepared]:
+def start_scorer(prepared: Prepared) -> tuple[Scorer, Prepared]:
     """Build the scorer; under ``auto``, a vLLM that does not start falls back to transformers
     with one warning line instead of failing the run."""
     try:
@@ -586,7 +587,7 @@ def start_scorer(prepared: Prepared) -> tuple[Any, Prepared]:
         return make_scorer(prepared.config, prepared.model_dir), prepared
 
 
-def make_scorer(config: ScoreConfig, model_dir: Path) -> Any:
+def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
     """Build the scoring backend the config names."""
     if config.server:
         from profit_prep.server_backend import ServerScorer
@@ -665,7 +666,7 @@ class Progress:
 # --------------------------------------------------------------------------- driver
 
 
-def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
+def score(config: ScoreConfig, scorer: Scorer | None = None) -> dict[str, Any]:
     """Score ``config.data`` into ``config.out`` in this process; return the run's summary.
 
     A rerun with the same config resumes: finished shards are kept, the rest are done.
@@ -708,14 +709,13 @@ def score(config: ScoreConfig, scorer: Any = None) -> dict[str, Any]:
 
 
 def score_shards(
-    prepared: Prepared, out: OutputDir, scorer: Any, todo: list[int], progress: Progress
+    prepared: Prepared, out: OutputDir, scorer: Scorer, todo: list[int], progress: Progress
 ) -> tuple[dict[str, float], int]:
     """Read, render, score, mask and write each pending shard; seconds per step, tokens."""
     config = prepared.config
     timing = dict.fromkeys(("read_s", "render_s", "score_s", "write_s"), 0.0)
     scored_tokens = 0
     rule = config.mask_rule()
-    signals = parse_signals(config.signals)
     for index in todo:
         start, stop = prepared.shard_range(index)
         t = time.perf_counter()
@@ -729,12 +729,12 @@ def score_shards(
         timing["render_s"] += time.perf_counter() - t
         progress.update(len(rejected), 0)
         logprobs: list[np.ndarray] = []
-        extras: list[dict[str, np.ndarray]] | None = [] if signals else None
+        extras: list[dict[str, np.ndarray]] | None = [] if scorer.signals else None
         step = 16  # rows per scoring call: keeps the progress line moving on slow machines
         for i in range(0, len(rendered), step):
             part = [r.input_ids for _, r in rendered[i : i + step]]
             t = time.perf_counter()
-            part_logprobs, part_extras = score_sequences(scorer, part, signals)
+            part_logprobs, part_extras = score_sequences(scorer, part)
             logprobs += part_logprobs
             if extras is not None and part_extras is not None:
                 extras += part_extras

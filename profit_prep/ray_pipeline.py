@@ -24,11 +24,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 import pickle
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,8 @@ from profit_prep.pipeline import (
 )
 from profit_prep.reading import FieldMap, Source
 from profit_prep.rendering import Renderer
-from profit_prep.scoring import parse_signals
+from profit_prep.scoring import bind_threads
+from profit_prep.vllm_backend import worker_env
 
 
 @dataclass
@@ -113,42 +112,17 @@ class ScoringActor:
         if not job.use_gpu:
             self._bind_cpus(job, threads)
         self.scorer = make_scorer(job.config, job.model_dir)
-        self.signals = parse_signals(job.config.signals)
         self.describe = self.scorer.describe()
         self.load_s: float | None = time.perf_counter() - t0
 
     def _bind_cpus(self, job: Job, threads: int) -> None:
-        """Give each CPU actor on a node its own cores, so two engines never fight over one.
-
-        Ray reserves CPU *counts*, not core ids; actors claim a slot with a lock file instead
-        (released when the process dies).
-        """
+        """Each CPU actor's share of its node, set up by its backend."""
         if job.config.backend == "transformers":
-            import torch
+            bind_threads(threads)
+        else:
+            from profit_prep.vllm_backend import claim_cpu_slot
 
-            torch.set_num_threads(threads)
-            return
-        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-            return  # the user chose a binding
-        from profit_prep.vllm_backend import cpu_env_defaults
-
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        cores = cores or list(range(os.cpu_count() or 1))
-        slots = max(1, len(cores) // threads)
-        lock_dir = Path(tempfile.gettempdir()) / "profit-prep-cpu-slots"
-        lock_dir.mkdir(exist_ok=True)
-        for slot in range(slots):
-            handle = open(lock_dir / f"slot-{slot}.lock", "a+")  # noqa: SIM115 - held for life
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            self._slot = handle
-            mine = cores[slot * threads : (slot + 1) * threads]
-            os.environ.update(cpu_env_defaults(mine))
-            return
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # more actors than slots: let OS share
+            self._slot = claim_cpu_slot(threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
@@ -158,7 +132,7 @@ class ScoringActor:
             t0 = time.perf_counter()
             # per-token signal columns, if any, travel with the logprobs
             payload["logprobs"], payload["extras"] = (
-                score_sequences(self.scorer, ids, self.signals) if ids else ([], None)
+                score_sequences(self.scorer, ids) if ids else ([], None)
             )
             payload["timing"]["score_s"] = time.perf_counter() - t0
             payload["timing"]["scored_at"] = time.time()  # wall clock: comparable across nodes
@@ -196,20 +170,6 @@ class WriteShards:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def ray_env_vars() -> dict[str, str]:
-    """VLLM_* variables the workers should see: the caller's, else the CPU defaults."""
-    from profit_prep.vllm_backend import ENV_SET_BY_DEFAULTS, cpu_env_defaults
-
-    env = {
-        k: v for k, v in os.environ.items()
-        if k.startswith("VLLM_") and k not in ENV_SET_BY_DEFAULTS
-    }
-    defaults = cpu_env_defaults()
-    # Per-actor core binding is done in ScoringActor; only pass a binding the user set.
-    defaults.pop("VLLM_CPU_OMP_THREADS_BIND")
-    return {**defaults, **env}
 
 
 def connect(config: ScoreConfig) -> bool:
@@ -398,7 +358,7 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
             # Ray starts workers at nice 15, so on a small node its own processes (driver,
             # raylet, the light tasks) preempt the scorer and stall its OpenMP threads; the
             # actor is the job, so it runs at normal priority (as Ray Jobs does for drivers).
-            runtime_env={"env_vars": {**ray_env_vars(), "RAY_worker_niceness": "0"}},
+            runtime_env={"env_vars": {**worker_env(), "RAY_worker_niceness": "0"}},
         )
         # The writer needs only the config and --out: without the tokenizer (and source) in its
         # pickle, a write actor does not import transformers (~2 s of CPU taken from scoring).

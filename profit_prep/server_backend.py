@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.scoring import describe_top_k_signals, parse_top_k_signals, top_k_signals
+from profit_prep.top_k import TopKScorer, describe_top_k_signals, gold_logprobs, parse_top_k_signals
 
 API_KEY_ENV = "PROFIT_PREP_API_KEY"
 TIMEOUT_STATUS = {408, 504}  # the server (or a proxy) says the request timed out
@@ -258,20 +258,12 @@ def check_completion(body: Any, ids: Sequence[int] | np.ndarray) -> Entries:
     return check_prompt_logprobs(choices[0]["prompt_logprobs"], ids)
 
 
-def gold_logprobs(entries: Entries, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """The actual token's logprob at every position (NaN at 0) from checked entries."""
-    out = np.full(len(ids), np.nan, dtype=np.float32)
-    for t in range(1, len(ids)):
-        out[t] = entries[t][int(ids[t])][0]  # type: ignore[index]
-    return out
-
-
 def parse_prompt_logprobs(entries: list[Any], ids: np.ndarray) -> np.ndarray:
     """The actual token's logprob at every position (NaN at 0) from a server's answer."""
-    return gold_logprobs(check_prompt_logprobs(entries, ids), ids)
+    return gold_logprobs(check_prompt_logprobs(entries, ids), ids)[0]
 
 
-class ServerScorer:
+class ServerScorer(TopKScorer):
     """Scores through one or more vLLM servers (``/v1/completions`` with ``prompt_logprobs``)."""
 
     def __init__(
@@ -508,7 +500,9 @@ class ServerScorer:
     def close(self) -> None:
         pass
 
-    def _prompt_logprobs(self, sequences: Sequence[np.ndarray], k: int) -> list[Entries]:
+    backend = "server"
+
+    def prompt_logprobs(self, sequences: Sequence[np.ndarray], k: int) -> list[Entries]:
         """The servers' checked ``prompt_logprobs`` of every sequence, ``k`` top entries each."""
 
         async def score_all(client: Any) -> list[Entries]:
@@ -530,26 +524,5 @@ class ServerScorer:
 
         return self._run(score_all)
 
-    def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [
-            gold_logprobs(entries, seq)
-            for seq, entries in zip(sequences, self._prompt_logprobs(sequences, 0))
-        ]
-
-    def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Per sequence: ``logprobs`` plus the signal columns, as the vLLM backend computes them.
-
-        Example:
-            >>> s = ServerScorer(["http://127.0.0.1:8000"], signals="rank")  # doctest: +SKIP
-            >>> sorted(s.score_with_signals([np.array([1, 2, 3])])[0])  # doctest: +SKIP
-            ['logprobs', 'rank']
-        """
-        if not self.signals:
-            return [{"logprobs": lp} for lp in self.score(sequences)]
-        result = []
-        for seq, entries in zip(sequences, self._prompt_logprobs(sequences, self.top_k)):
-            try:
-                result.append(top_k_signals(seq, entries, self.top_k, self.signals))
-            except RuntimeError as exc:
-                raise ServerError(f"server answer: {exc}") from None
-        return result
+    def answer_error(self, exc: RuntimeError) -> Exception:
+        return ServerError(f"server answer: {exc}")

@@ -24,8 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.scoring import describe_top_k_signals, parse_top_k_signals, top_k_signals
+from profit_prep.top_k import (
+    Entry,
+    TopKScorer,
+    describe_top_k_signals,
+    gold_logprobs,
+    parse_top_k_signals,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,6 +86,45 @@ def set_cpu_env_defaults() -> None:
             ENV_SET_BY_DEFAULTS.add(key)
 
 
+def worker_env() -> dict[str, str]:
+    """VLLM_* variables Ray workers should see: the caller's own, else the CPU defaults (not the
+    defaults this process set for itself, and no core binding: each actor claims its own)."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k.startswith("VLLM_") and k not in ENV_SET_BY_DEFAULTS
+    }
+    defaults = cpu_env_defaults()
+    defaults.pop("VLLM_CPU_OMP_THREADS_BIND")
+    return {**defaults, **env}
+
+
+def claim_cpu_slot(threads: int) -> Any:
+    """Give this process (one CPU scoring actor) its own ``threads`` cores of the node.
+
+    Ray reserves CPU *counts*, not core ids, so two engines could fight over one core; actors
+    claim a slot with a lock file instead, held for the process's life (the returned handle).
+    With more actors than slots the OS shares the cores (``nobind``). A binding the user set
+    is left alone.
+    """
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = cores or list(range(os.cpu_count() or 1))
+    lock_dir = Path(tempfile.gettempdir()) / "profit-prep-cpu-slots"
+    lock_dir.mkdir(exist_ok=True)
+    for slot in range(max(1, len(cores) // threads)):
+        handle = open(lock_dir / f"slot-{slot}.lock", "a+")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        os.environ.update(cpu_env_defaults(cores[slot * threads : (slot + 1) * threads]))
+        return handle
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return None
+
+
 def _has_cuda() -> bool:
     try:
         import torch
@@ -87,37 +134,24 @@ def _has_cuda() -> bool:
         return False
 
 
+def vllm_entries(prompt_logprobs: Sequence[Mapping[int, Any] | None] | None) -> list[Entry | None]:
+    """vLLM's per-position prompt logprobs (dicts of ``Logprob``, or its ``FlatLogprobs``
+    container, which indexes the same way) as :data:`profit_prep.top_k.Entry` dicts."""
+    return [
+        {int(tid): (lp.logprob, lp.rank) for tid, lp in entry.items()} if entry else None
+        for entry in (prompt_logprobs if prompt_logprobs is not None else [])
+    ]
+
+
 def actual_token_logprobs(
     token_ids: Sequence[int], prompt_logprobs: Sequence[Mapping[int, Any] | None]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pick the actual token's log-probability and rank at every position.
-
-    ``prompt_logprobs`` is vLLM's per-position output (a list of dicts, or its ``FlatLogprobs``
-    container, which indexes the same way). Returns ``(logprobs float32, ranks int32)`` with NaN
-    and -1 at position 0. Looking the actual id up by key (not taking the best entry) is what
-    keeps ties and "actual token outside the top-k" right.
-
-    >>> from vllm.logprobs import Logprob  # doctest: +SKIP
-    >>> lp, rank = actual_token_logprobs([5, 7], [None, {9: Logprob(-0.1, 1), 7: Logprob(-2.5, 4)}])
-    ... # doctest: +SKIP
-    >>> float(lp[1]), int(rank[1])  # doctest: +SKIP
-    (-2.5, 4)
-    """
-    n = len(token_ids)
-    if len(prompt_logprobs) != n:
-        raise RuntimeError(f"vLLM returned {len(prompt_logprobs)} prompt logprobs for {n} tokens")
-    logprobs = np.full(n, np.nan, dtype=np.float32)
-    ranks = np.full(n, -1, dtype=np.int32)
-    for t in range(1, n):
-        entry = prompt_logprobs[t]
-        actual = int(token_ids[t])
-        found = entry.get(actual) if entry else None
-        if found is None:
-            # vLLM always includes the actual token; a miss means a mismatched request/output.
-            raise RuntimeError(f"vLLM prompt logprobs lack the actual token {actual} at {t}")
-        logprobs[t] = found.logprob
-        ranks[t] = -1 if found.rank is None else found.rank
-    return logprobs, ranks
+    """The actual token's log-probability and rank at every position of a vLLM answer
+    (NaN and -1 at position 0; :func:`profit_prep.top_k.gold_logprobs`)."""
+    try:
+        return gold_logprobs(vllm_entries(prompt_logprobs), token_ids)
+    except RuntimeError as exc:
+        raise RuntimeError(f"vLLM: {exc}") from None
 
 
 def _max_positions(model_dir: Path) -> int | None:
@@ -130,7 +164,7 @@ def _max_positions(model_dir: Path) -> int | None:
     return int(value) if value else None
 
 
-class VLLMScorer:
+class VLLMScorer(TopKScorer):
     """Scores with a vLLM engine (GPU, or CPU through ``vllm-cpu``).
 
     ``prompt_logprobs=0`` returns only the actual token per position (cheapest); ``k > 0`` also
@@ -205,12 +239,7 @@ class VLLMScorer:
             raise InputError(f"--backend vllm: the engine did not start: {text}") from None
         self.vllm_version = vllm.__version__
         self.k = prompt_logprobs
-        # No per-request seed: a seeded request gets its own generator, which vllm-cpu cannot
-        # rewind when a batch's prefill is chunked ("CPU Generator does not use offset"). The
-        # one generated token is discarded anyway; the engine-wide seed is set above.
-        self.params = SamplingParams(
-            max_tokens=1, prompt_logprobs=prompt_logprobs, detokenize=False
-        )
+        self._sampling_params = SamplingParams
         self.last_ranks: list[np.ndarray] = []
 
     def describe(self) -> dict[str, Any]:
@@ -230,8 +259,10 @@ class VLLMScorer:
             llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
-    def _prompt_logprobs(self, sequences: Sequence[np.ndarray], params: Any) -> list[Any]:
-        """vLLM's per-position prompt logprobs of every non-empty sequence (None for empty)."""
+    backend = "vLLM"
+
+    def prompt_logprobs(self, sequences: Sequence[np.ndarray], k: int) -> list[list[Entry | None]]:
+        """``k`` prompt logprobs per position of every sequence (an empty list for an empty one)."""
         from vllm import TokensPrompt
 
         todo = [i for i, s in enumerate(sequences) if len(s) > 0]
@@ -241,47 +272,14 @@ class VLLMScorer:
                     f"a {len(sequences[i])}-token row does not fit vLLM's max_model_len "
                     f"{self.max_model_len} (prompt + 1): lower --max-length"
                 )
+        # No per-request seed: a seeded request gets its own generator, which vllm-cpu cannot
+        # rewind when a batch's prefill is chunked ("CPU Generator does not use offset"). The
+        # one generated token is discarded anyway; the engine-wide seed is set in __init__.
+        params = self._sampling_params(max_tokens=1, prompt_logprobs=k, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in sequences[i]]) for i in todo]
         # One generate call for the whole batch: vLLM's scheduler packs it under its token budget.
         results = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        out: list[Any] = [None] * len(sequences)
+        out: list[list[Entry | None]] = [[] for _ in sequences]
         for i, result in zip(todo, results, strict=True):
-            out[i] = result.prompt_logprobs
+            out[i] = vllm_entries(result.prompt_logprobs)
         return out
-
-    def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
-        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(sequences)
-        ranks: list[np.ndarray] = [np.empty(0, np.int32)] * len(sequences)
-        for i, entries in enumerate(self._prompt_logprobs(sequences, self.params)):
-            if entries is not None:
-                out[i], ranks[i] = actual_token_logprobs(sequences[i], entries)
-        self.last_ranks = ranks
-        return out
-
-    def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Per sequence: ``logprobs`` plus the columns of the scorer's ``signals``.
-
-        The same shape, names and dtypes as
-        :meth:`profit_prep.scoring.TransformersScorer.score_with_signals`.
-
-        Example:
-            >>> s = VLLMScorer("model", signals="entropy,rank", top_k=20)  # doctest: +SKIP
-            >>> sorted(s.score_with_signals([np.array([1, 2, 3])])[0])  # doctest: +SKIP
-            ['entropy', 'logprobs', 'rank']
-        """
-        if not self.signals:
-            return [{"logprobs": lp} for lp in self.score(sequences)]
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False)
-        result = []
-        for seq, entries in zip(sequences, self._prompt_logprobs(sequences, params)):
-            per_position = [
-                {tid: (lp.logprob, lp.rank) for tid, lp in entry.items()} if entry else None
-                for entry in (entries if entries is not None else [])
-            ]
-            try:
-                result.append(top_k_signals(seq, per_position, self.top_k, self.signals))
-            except RuntimeError as exc:  # a mismatched request/output: say which backend
-                raise RuntimeError(f"vLLM: {exc}") from None
-        return result

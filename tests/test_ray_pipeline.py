@@ -223,7 +223,7 @@ def test_workers_get_the_users_vllm_settings_not_the_drivers_defaults(
     scoring actor to the same cores. Settings the user made do travel.
     """
     import profit_prep.vllm_backend as backend
-    from profit_prep.ray_pipeline import ray_env_vars
+    from profit_prep.vllm_backend import worker_env
 
     for key in backend.cpu_env_defaults():
         monkeypatch.setenv(key, "")  # so that monkeypatch removes what the test leaves behind
@@ -234,11 +234,11 @@ def test_workers_get_the_users_vllm_settings_not_the_drivers_defaults(
     backend.set_cpu_env_defaults()
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"]  # bound for this process
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"  # not overridden
-    env = ray_env_vars()
+    env = worker_env()
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env  # each actor binds its own slot
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # still the CPU default
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # now the user sets one
     backend.ENV_SET_BY_DEFAULTS.discard("VLLM_CPU_OMP_THREADS_BIND")
-    assert ray_env_vars()["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert worker_env()["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

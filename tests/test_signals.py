@@ -122,7 +122,7 @@ def test_pipeline_stores_signal_columns(tmp_path: Path, tiny_model_dir: Path) ->
 @pytest.mark.parametrize(
     ("extra", "message"),
     [({"signals": "entropy,nope"}, "unknown signal 'nope'"),
-     ({"backend": "vllm", "signals_top_k": 0}, "--signals-top-k 0: must be at least 1")],
+     ({"backend": "vllm", "signals_top_k": 0}, "--signals-top-k must be at least 1")],
 )
 def test_bad_signal_options_are_refused(tmp_path: Path, extra: dict, message: str) -> None:
     from profit_prep import ScoreConfig
@@ -172,7 +172,7 @@ def lower_bound_entropy(top: np.ndarray) -> np.ndarray:
 
 
 def test_top_k_signals_equal_full_distribution_figures() -> None:
-    from profit_prep.scoring import top_k_signals
+    from profit_prep.top_k import top_k_signals
 
     rng = np.random.default_rng(1)
     vocab, n, k = 40, 60, 5
@@ -209,7 +209,7 @@ def test_top_k_signals_equal_full_distribution_figures() -> None:
 
 
 def test_top_k_signals_edges_and_malformed_answers() -> None:
-    from profit_prep.scoring import top_k_signals
+    from profit_prep.top_k import top_k_signals
 
     assert {k: v.shape for k, v in top_k_signals([], [], 3, ("rank",)).items()} == {
         "logprobs": (0,), "rank": (0,)}

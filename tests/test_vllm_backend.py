@@ -191,17 +191,15 @@ def test_vllm_matches_transformers_and_a_plain_forward(
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_ranks_with_top_k_and_edge_lengths(vllm_scorer, gsm8k_rendered) -> None:
-    from vllm import SamplingParams
-
     seq = gsm8k_rendered[0].input_ids
     base = vllm_scorer.score([seq, np.array([1], np.int32), np.array([], np.int32)])
     assert np.isnan(base[1]).all() and base[1].shape == (1,) and base[2].shape == (0,)
-    saved = vllm_scorer.params
+    saved = vllm_scorer.k
     try:  # k > 0: same values, and the rank of the actual token comes back
-        vllm_scorer.params = SamplingParams(max_tokens=1, prompt_logprobs=3, detokenize=False)
+        vllm_scorer.k = 3
         [topk] = vllm_scorer.score([seq])
     finally:
-        vllm_scorer.params = saved
+        vllm_scorer.k = saved
     np.testing.assert_allclose(topk[1:], base[0][1:], atol=1e-4)
     ranks = vllm_scorer.last_ranks[0]
     assert ranks[0] == -1 and (ranks[1:] >= 1).all() and (ranks[1:] > 3).any()
