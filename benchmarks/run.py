@@ -516,7 +516,7 @@ def run(mode: Mode, checkpoint: Path | None = None) -> dict[str, Any]:
         # What `profit-prep score` gives with no --backend (auto) on this machine: the figure
         # users get, so best_path and speedup_vs_naive describe it.
         from profit_prep import ScoreConfig
-        from profit_prep.pipeline import choose_backend
+        from profit_prep.backends import choose_backend
 
         default, reason = choose_backend(ScoreConfig(data="-", out="-", device="cpu"))
         res["default_path"], res["default_reason"] = default, reason

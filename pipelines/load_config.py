@@ -1,4 +1,4 @@
-"""Read a pipeline config file (YAML or TOML) into a :class:`~profit_prep.pipeline.ScoreConfig`.
+"""Read a pipeline config file (YAML or TOML) into a :class:`~profit_prep.config.ScoreConfig`.
 
 Keys are ScoreConfig fields, i.e. the ``profit-prep score`` options (``max_length`` or
 ``max-length``). ``key=value`` arguments after the file override it, parsed as YAML scalars::
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from profit_prep.config import ScoreConfig  # noqa: E402
 from profit_prep.errors import InputError  # noqa: E402
-from profit_prep.pipeline import ScoreConfig  # noqa: E402
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> ScoreConfig:
 
 def run(argv: Sequence[str], *, force_ray: bool = False) -> int:
     """Shared main of the pipeline scripts: load, score, print the summary."""
-    from profit_prep.pipeline import format_summary, score
+    from profit_prep.driver import format_summary, score
 
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python {sys.argv[0]} CONFIG.yaml|CONFIG.toml [key=value ...]")

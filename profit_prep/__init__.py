@@ -12,9 +12,10 @@ Example:
 
 __version__ = "0.2.0"
 
+from profit_prep.config import ScoreConfig  # noqa: E402
+from profit_prep.driver import score  # noqa: E402
 from profit_prep.errors import InputError, RowError  # noqa: E402
 from profit_prep.loading import load  # noqa: E402 - cheap: datasets is imported on first call
 from profit_prep.masks import MaskRule  # noqa: E402
-from profit_prep.pipeline import ScoreConfig, score  # noqa: E402
 
 __all__ = ["InputError", "MaskRule", "RowError", "ScoreConfig", "load", "score", "__version__"]

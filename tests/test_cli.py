@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from profit_prep.pipeline import ScoreConfig
+from profit_prep.config import ScoreConfig
 from tests.conftest import ALPACA, DEMO_GSM8K, assert_one_error_line, need_shared, write_jsonl
 from tests.test_scoring import oracle_logprobs
 

@@ -146,5 +146,5 @@ def test_protect_in_rule_dicts_and_resolution() -> None:
     assert resolve_rule(MaskRule(tau=0.3).to_dict(), protect="none").protect == "none"
     with pytest.raises(InputError, match="unknown protect"):
         MaskRule(protect="eos")
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="malformed .unknown keys"):
         resolve_rule({"strategy": "higher", "tua": 0.1})

@@ -101,7 +101,7 @@ def test_missing_column_is_one_clear_error(tmp_path: Path, tiny_model_dir, gsm_f
     ],
 )
 def test_auto_backend_choice(flags, has_vllm, has_gpu, expect, why, monkeypatch) -> None:
-    from profit_prep.pipeline import choose_backend
+    from profit_prep.backends import choose_backend
 
     monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
     machine = dict(flags=flags, has_vllm=has_vllm, has_gpu=has_gpu)
@@ -120,7 +120,7 @@ def test_auto_backend_choice(flags, has_vllm, has_gpu, expect, why, monkeypatch)
 def test_auto_backend_reads_this_machine(monkeypatch) -> None:
     import importlib.util
 
-    from profit_prep.pipeline import choose_backend, cpu_flags
+    from profit_prep.backends import choose_backend, cpu_flags
 
     monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
     backend, _ = choose_backend(ScoreConfig(data="d.jsonl", out="o", device="cpu"))

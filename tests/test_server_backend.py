@@ -576,7 +576,8 @@ def test_every_url_form_hits_the_same_paths(fake: FakeServer) -> None:
 
 
 def test_config_urls_are_split_normalised_and_get_the_request_timeout(fake: FakeServer) -> None:
-    from profit_prep.pipeline import ScoreConfig, make_scorer
+    from profit_prep.backends import make_scorer
+    from profit_prep.config import ScoreConfig
 
     other = FakeServer()
     try:

