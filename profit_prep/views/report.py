@@ -36,7 +36,7 @@ from profit_prep.views.flat import (
     numeric_columns,
 )
 from profit_prep.views.stats import compute_stats
-from profit_prep.views.terminal import example_stats, example_tokens, format_value
+from profit_prep.views.terminal import example_counts, example_stats, example_tokens, format_value
 from profit_prep.views.text import describe_any, describe_rule, token_strings, visible
 
 PROB_BUCKETS = 10  # kept-token colour classes p0 .. p9
@@ -319,19 +319,13 @@ def example_html(
     if prompt_run:
         parts.append(f'<span class="prompt">{html.escape("".join(prompt_run))}</span>')
     st = example_stats(flat, i)
-    trunc = " · truncated" if flat.truncated[i] else ""
     eid = html.escape(visible(flat.example_ids[i]), quote=True)
-    if comparison is None:
-        counts, data = f"{st['kept']} kept · {st['masked_fraction']:.1%} masked", ""
-    else:
-        n = comparison.counts(s)
-        counts = " · ".join(f"{k} {v}" for k, v in n.items())
-        data = "".join(f' data-{k.replace(" ", "-").lower()}="{v}"' for k, v in n.items())
+    data = "" if comparison is None else "".join(
+        f' data-{k.replace(" ", "-").lower()}="{v}"' for k, v in comparison.counts(s).items())
     return (
         f'<section class="example" id="ex-{eid}" data-masked="{st["masked_fraction"]:.4f}"{data}>'
-        f'<h3>example {eid} <span class="st">· source row '
-        f"{int(flat.source_index[i])} · {st['tokens']} tokens · {st['response']} response · "
-        f"{counts}{trunc}</span></h3>"
+        f'<h3>example {eid} <span class="st">· source row {int(flat.source_index[i])} · '
+        f"{example_counts(flat, i, comparison)}</span></h3>"
         f'<pre class="text">{"".join(parts)}</pre></section>'
     )
 
@@ -561,6 +555,5 @@ def write_report(
         color_by=color_by,
         compare=compare,
     )
-    atomic_write_bytes(target, page.encode())
-    target.chmod(0o644)  # the temporary file is private; a report is meant to be shared
+    atomic_write_bytes(target, page.encode())  # readable as the umask allows, like any file
     return target

@@ -61,14 +61,22 @@ def example_stats(flat: Flat, i: int) -> dict[str, Any]:
     }
 
 
-def example_header(flat: Flat, i: int) -> str:
+def example_counts(flat: Flat, i: int, comparison: Comparison | None = None) -> str:
+    """``132 tokens · 62 response · 55 kept · 11.3% masked`` (with ``comparison``: tokens kept
+    by both rules, A only, ...), ``· truncated`` when cut: the one caption of an example that
+    the terminal view and the report both show."""
     st = example_stats(flat, i)
+    if comparison is None:
+        counts = f"{st['kept']} kept · {st['masked_fraction']:.1%} masked"
+    else:
+        counts = " · ".join(f"{k} {v}" for k, v in comparison.counts(flat.row(i)).items())
     trunc = " · truncated" if flat.truncated[i] else ""
-    return (
-        f"example {visible(flat.example_ids[i])} (source row {int(flat.source_index[i])}) · "
-        f"{st['tokens']} tokens · {st['response']} response · {st['kept']} kept · "
-        f"{st['masked_fraction']:.1%} masked{trunc}"
-    )
+    return f"{st['tokens']} tokens · {st['response']} response · {counts}{trunc}"
+
+
+def example_header(flat: Flat, i: int, comparison: Comparison | None = None) -> str:
+    return (f"example {visible(flat.example_ids[i])} (source row {int(flat.source_index[i])}) · "
+            f"{example_counts(flat, i, comparison)}")
 
 
 def example_tokens(
@@ -298,18 +306,7 @@ def render_examples(
     yield "\n".join(_legend(flat, color, scale, comparison))
     for i in picked:
         bar = "─" * 3
-        if comparison is None:
-            head = example_header(flat, i)
-        else:
-            s = flat.row(i)
-            counts = " · ".join(f"{k} {v}" for k, v in comparison.counts(s).items())
-            trunc = " · truncated" if flat.truncated[i] else ""
-            head = (
-                f"example {visible(flat.example_ids[i])} (source row "
-                f"{int(flat.source_index[i])}) · "
-                f"{s.stop - s.start} tokens · {int(flat.response[s].sum())} response · "
-                f"{counts}{trunc}"
-            )
+        head = example_header(flat, i, comparison)
         yield f"\n{bar} {head} {bar}" if not color else f"\n\x1b[1m{bar} {head} {bar}{RESET}"
         yield render_example(flat, i, tokenizer, color=color, scale=scale, comparison=comparison)
     if not picked:
