@@ -161,24 +161,6 @@ def render_rows(model_dir: Path, n: int, path: Path) -> list[np.ndarray]:
     return out
 
 
-def make_tiny_model(folder: Path, smollm2_dir: Path) -> Path:
-    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer (as tests/conftest.py)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2_dir / name).exists():
-            shutil.copy(smollm2_dir / name, folder / name)
-    return folder
-
-
 def count_params(model_dir: Path) -> int:
     from safetensors import safe_open
 
@@ -406,11 +388,238 @@ def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main run
 
 
+@dataclass
+class Bench:
+    """What the measurements share: the mode, the figures so far, the rows and the model."""
+
+    mode: Mode
+    res: dict[str, Any]
+    tmp: Path
+    model_dir: Path
+    data: Path
+    seqs: list[np.ndarray]
+    step: Callable[[str], None]
+    scorer: Any = None
+    ref: list[np.ndarray] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+
+def measure_scoring_paths(b: Bench) -> None:
+    """naive loop vs the transformers backend (and --compile): tokens/s in one run."""
+    from profit_prep.scoring import TransformersScorer
+
+    res, mode, model_dir, seqs, tokens, step = (
+        b.res, b.mode, b.model_dir, b.seqs, b.tokens, b.step)
+    scorer = TransformersScorer(model_dir)
+    paths: dict[str, Callable[[], Any]] = {
+        "naive": lambda: naive_score(scorer.model, seqs),
+        "transformers": lambda: scorer.score(seqs),
+    }
+    for fn in paths.values():  # warm up
+        fn()
+    ref = scorer.score(seqs)
+    res["transformers_max_abs_diff_vs_naive"] = max_abs_diff(ref, naive_score(scorer.model,
+                                                                              seqs))
+    res["transformers_compile_tokens_per_s"] = res["compile_s"] = None
+    if mode.compile:
+        step("compiling")
+        try:
+            compiled = TransformersScorer(model_dir, compile=True)
+            t0 = time.perf_counter()
+            # Rows of several lengths: dynamic shapes may still recompile once or twice.
+            for s in sorted(seqs, key=len)[:: max(1, len(seqs) // 3)]:
+                compiled.score([s])
+            res["compile_s"] = round(time.perf_counter() - t0, 1)
+            compiled.score(seqs[:2])
+            diff = max_abs_diff(ref, compiled.score(seqs))
+            res["compile_max_abs_diff"] = diff
+            res["compile_within_1e-4"] = diff <= 1e-4
+            paths["transformers_compile"] = lambda: compiled.score(seqs)
+        except Exception as exc:  # noqa: BLE001 - report, keep measuring the rest
+            res["compile_error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
+    else:
+        res["compile_error"] = f"skipped in --{mode.name}"
+    step(f"timing {list(paths)} x{mode.repeats} on {tokens} tokens")
+    seconds = time_paths(paths, mode.repeats)
+    for name, s in seconds.items():
+        res[f"{name}_tokens_per_s"] = round(tokens / s, 1)
+    b.scorer, b.ref = scorer, ref
+
+
+def measure_vllm(b: Bench) -> None:
+    """vLLM fp32 (and bf16 on AVX512-BF16 CPUs) in subprocesses, against the transformers values."""
+    res, mode, model_dir, seqs, tokens, step, tmp, ref = (
+        b.res, b.mode, b.model_dir, b.seqs, b.tokens, b.step, b.tmp, b.ref)
+    ids_file, result_file = tmp / "tp_ids.npy", tmp / "vllm_lp.npy"
+    res["vllm_tokens_per_s"] = None
+    if mode.vllm:
+        step("vLLM (subprocess)")
+        np.save(ids_file, np.array(seqs, dtype=object), allow_pickle=True)
+        v = worker("vllm", {"model": str(model_dir), "ids": str(ids_file),
+                            "result": str(result_file), "repeats": mode.repeats}, 600)
+        if "error" in v:
+            res["vllm_error"] = v["error"]
+        else:
+            res["vllm_tokens_per_s"] = round(tokens / v["seconds"], 1)
+            res["vllm_start_s"] = round(v["start_s"], 1)
+            out = list(np.load(result_file, allow_pickle=True))
+            res["vllm_max_abs_diff_vs_transformers"] = max_abs_diff(ref, out)
+    else:
+        res["vllm_error"] = f"skipped in --{mode.name}"
+    res["vllm_bf16_tokens_per_s"] = None
+    if not res["machine"]["avx512_bf16"]:
+        res["vllm_bf16_error"] = "CPU lacks avx512_bf16: bf16 would be emulated (~8x slower)"
+    elif not res["vllm_tokens_per_s"]:
+        res["vllm_bf16_error"] = "no vLLM fp32 figure (see vllm_error)"
+    if mode.vllm and res["vllm_tokens_per_s"] and res["machine"]["avx512_bf16"]:
+        step("vLLM bf16 (subprocess)")
+        v = worker("vllm", {"model": str(model_dir), "ids": str(ids_file), "dtype": "bfloat16",
+                            "result": str(result_file), "repeats": mode.repeats}, 600)
+        if "error" in v:
+            res["vllm_bf16_error"] = v["error"]
+        else:
+            res["vllm_bf16_tokens_per_s"] = round(tokens / v["seconds"], 1)
+            out = list(np.load(result_file, allow_pickle=True))
+            res["vllm_bf16_max_abs_diff_vs_transformers"] = max_abs_diff(ref, out)
+            res["vllm_bf16_tau01_agreement"] = tau_agreement(ref, out, 0.1)
+
+
+def measure_default_path(b: Bench) -> None:
+    """best_path / speedup_vs_naive: what `score` with no --backend (auto) runs here."""
+    res = b.res
+    ours = {k: res.get(f"{k}_tokens_per_s") for k in
+            ("transformers", "transformers_compile", "vllm", "vllm_bf16")}
+    ours = {k: v for k, v in ours.items() if v}
+    for k, v in ours.items():
+        res[f"{k}_vs_naive"] = round(v / res["naive_tokens_per_s"], 3)
+    res["fastest_path"] = max(ours, key=ours.get)
+    # What `profit-prep score` gives with no --backend (auto) on this machine: the figure
+    # users get, so best_path and speedup_vs_naive describe it.
+    from profit_prep import ScoreConfig
+    from profit_prep.backends import choose_backend
+
+    default, reason = choose_backend(ScoreConfig(data="-", out="-", device="cpu"))
+    res["default_path"], res["default_reason"] = default, reason
+    res["best_path"] = default if default in ours else "transformers"
+    res["best_tokens_per_s"] = ours[res["best_path"]]
+    res["speedup_vs_naive"] = round(res["best_tokens_per_s"] / res["naive_tokens_per_s"], 3)
+
+
+def measure_transformers_bf16(b: Bench) -> None:
+    """transformers in bf16 where the CPU has native bf16 dot products."""
+    from profit_prep.scoring import TransformersScorer
+
+    res, mode, model_dir, seqs, tokens, ref = (
+        b.res, b.mode, b.model_dir, b.seqs, b.tokens, b.ref)
+    # bf16 only pays with native bf16 dot products; AVX2-only CPUs emulate it (~8x slower).
+    res["bf16_tokens_per_s"] = None
+    if not res["machine"]["avx512_bf16"]:
+        res["bf16_reason"] = "CPU lacks avx512_bf16: bf16 would be emulated, not measured"
+    elif mode.tiny:
+        res["bf16_reason"] = f"skipped in --{mode.name}"
+    else:
+        bf = TransformersScorer(model_dir, dtype="bfloat16")
+        bf.score(seqs[:2])
+        s = time_paths({"bf16": lambda: bf.score(seqs)}, mode.repeats)["bf16"]
+        res["bf16_tokens_per_s"] = round(tokens / s, 1)
+        res["bf16_max_abs_diff"] = max_abs_diff(ref, bf.score(seqs))
+        del bf
+
+
+def measure_utilisation(b: Bench) -> None:
+    """FLOP per token, achieved GFLOP/s, MFU vs the measured GEMM peak, a profile."""
+    res, model_dir, seqs, tokens, step, scorer = (
+        b.res, b.model_dir, b.seqs, b.tokens, b.step, b.scorer)
+    # ---- 2. utilisation
+    params = count_params(model_dir)
+    cfg = scorer.model.config
+    avg_len = tokens / len(seqs)
+    # Causal attention: QK^T and AV, 2 FLOP per MAC, over on average avg_len/2 keys.
+    attn = 2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * avg_len / 2
+    flop_per_token = 2 * params + attn
+    res.update(params=params, flop_per_token=round(flop_per_token))
+    achieved = res["best_tokens_per_s"] * flop_per_token / 1e9
+    res["achieved_gflops"] = round(achieved, 1)
+    res["mfu"] = round(achieved / res["gemm_peak_gflops"], 3)
+    peak = res["machine"]["theoretical_peak_gflops"]
+    res["mfu_vs_theoretical"] = round(achieved / peak, 3) if peak else None
+    res["gemm_peak_vs_theoretical"] = round(res["gemm_peak_gflops"] / peak, 3) if peak else None
+
+    step("profiling the default path")
+    res["profile_transformers"] = profile_ops(lambda: scorer.score(seqs[:4]))
+
+
+def measure_end_to_end(b: Bench, e2e_seqs: list[np.ndarray]) -> None:
+    """The whole pipeline on e2e rows vs the bare scoring loop on the same rows; storage, loader."""
+    res, mode, model_dir, data, tmp, step, scorer = (
+        b.res, b.mode, b.model_dir, b.data, b.tmp, b.step, b.scorer)
+    # ---- 3. end to end
+    step(f"end to end on {mode.e2e_rows} rows")
+    from profit_prep import ScoreConfig, score
+
+    out_dir = tmp / "e2e"
+    # transformers: this figure is the pipeline's overhead over that same scorer's loop.
+    summary = score(ScoreConfig(
+        data=str(data), out=str(out_dir), model=str(model_dir), prompt_field="question",
+        response_field="answer", limit=mode.e2e_rows, quiet=True, backend="transformers",
+    ))
+    run_info = json.loads((out_dir / "manifest.json").read_text())["run"]
+    e2e_tokens = sum(len(s) for s in e2e_seqs)
+    t0 = time.perf_counter()
+    scorer.score(e2e_seqs)
+    pure = time.perf_counter() - t0
+    wall_ex_load = run_info["wall_s"] - run_info["model_load_s"]
+    res["e2e"] = {**{k: run_info[k] for k in ("read_s", "render_s", "score_s", "write_s",
+                                              "model_load_s", "wall_s")},
+                  "rows": summary["scored_rows"], "tokens": summary["tokens"],
+                  "pure_scoring_s": round(pure, 3)}
+    res["e2e"]["other_s"] = round(wall_ex_load - sum(run_info[k] for k in (
+        "read_s", "render_s", "score_s", "write_s")), 3)
+    if summary["tokens"] != e2e_tokens:
+        res["e2e"]["warning"] = f"pipeline scored {summary['tokens']} tokens, we {e2e_tokens}"
+    res["e2e_over_scoring"] = round(wall_ex_load / pure, 3)
+    res["e2e_tokens_per_s"] = round(summary["tokens"] / wall_ex_load, 1)
+
+    # ---- 5. storage and loader
+    parquet = sum(f.stat().st_size for f in (out_dir / "data").glob("*.parquet"))
+    res["parquet_bytes"] = parquet
+    res["bytes_per_token"] = round(parquet / summary["tokens"], 3)
+    res["bytes_per_token_by_column"] = parquet_columns(out_dir, summary["tokens"])
+    res.update(loader_figures(out_dir, summary["tokens"], mode.loader_tokens, tmp))
+    scorer.close()  # free the model before the memory subprocesses
+
+
+def measure_long_row(b: Bench) -> None:
+    """Peak memory above the loaded model for one long row (ours, and the naive forward)."""
+    res, mode, model_dir, data, tmp, step = b.res, b.mode, b.model_dir, b.data, b.tmp, b.step
+    step(f"long row of {mode.long_row} tokens")
+    long_ids = np.concatenate(render_rows(model_dir, 200, data))
+    while len(long_ids) < mode.long_row:
+        long_ids = np.concatenate([long_ids, long_ids])
+    np.save(tmp / "long.npy", long_ids[: mode.long_row])
+    res["long_row_tokens"] = mode.long_row
+    long_paths = ["ours", "naive"] if mode.naive_long_row else ["ours"]
+    for path in long_paths:
+        r = worker(
+            "longrow",
+            {"model": str(model_dir), "ids": str(tmp / "long.npy"), "path": path},
+            600,
+        )
+        res[f"long_row_{path}"] = r
+    r = res["long_row_ours"]
+    res["long_row_peak_extra_mb"] = r.get("extra_mb")
+    if "naive" in long_paths:
+        res["long_row_naive_peak_extra_mb"] = res["long_row_naive"].get("extra_mb")
+
+
 def run(mode: Mode, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Every figure, one measurement after another (see the functions above)."""
     import torch
 
-    from profit_prep.models import convert_smollm2
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.models import convert_smollm2, tiny_random_llama
 
     t_run = time.perf_counter()
     res: dict[str, Any] = {"mode": mode.name, "machine": machine_info(), "complete": False}
@@ -424,7 +633,7 @@ def run(mode: Mode, checkpoint: Path | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="profit-bench-"))
     try:
         smollm2 = convert_smollm2()
-        tiny = make_tiny_model(tmp / "tiny", smollm2)
+        tiny = tiny_random_llama(tmp / "tiny", smollm2)
         model_dir = tiny if mode.tiny else smollm2
         data = rows_path()
         res.update(model=str(model_dir), model_kind="tiny-random-llama" if mode.tiny
@@ -433,186 +642,21 @@ def run(mode: Mode, checkpoint: Path | None = None) -> dict[str, Any]:
         step("GEMM peak")
         res.update(gemm_peaks(mode.gemm_n, compiled=mode.compile))
 
-        # ---- 1. scoring throughput
         step("rendering rows")
         e2e_seqs = render_rows(model_dir, mode.e2e_rows, data)
-        seqs = e2e_seqs[: mode.tp_rows]
-        tokens = sum(len(s) for s in seqs)
-        res.update(tp_rows=len(seqs), tp_tokens=tokens,
-                   avg_row_tokens=round(tokens / len(seqs), 1))
-        scorer = TransformersScorer(model_dir)
-        paths: dict[str, Callable[[], Any]] = {
-            "naive": lambda: naive_score(scorer.model, seqs),
-            "transformers": lambda: scorer.score(seqs),
-        }
-        for fn in paths.values():  # warm up
-            fn()
-        ref = scorer.score(seqs)
-        res["transformers_max_abs_diff_vs_naive"] = max_abs_diff(ref, naive_score(scorer.model,
-                                                                                  seqs))
-        res["transformers_compile_tokens_per_s"] = res["compile_s"] = None
-        if mode.compile:
-            step("compiling")
-            try:
-                compiled = TransformersScorer(model_dir, compile=True)
-                t0 = time.perf_counter()
-                # Rows of several lengths: dynamic shapes may still recompile once or twice.
-                for s in sorted(seqs, key=len)[:: max(1, len(seqs) // 3)]:
-                    compiled.score([s])
-                res["compile_s"] = round(time.perf_counter() - t0, 1)
-                compiled.score(seqs[:2])
-                diff = max_abs_diff(ref, compiled.score(seqs))
-                res["compile_max_abs_diff"] = diff
-                res["compile_within_1e-4"] = diff <= 1e-4
-                paths["transformers_compile"] = lambda: compiled.score(seqs)
-            except Exception as exc:  # noqa: BLE001 - report, keep measuring the rest
-                res["compile_error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
-        else:
-            res["compile_error"] = f"skipped in --{mode.name}"
-        step(f"timing {list(paths)} x{mode.repeats} on {tokens} tokens")
-        seconds = time_paths(paths, mode.repeats)
-        for name, s in seconds.items():
-            res[f"{name}_tokens_per_s"] = round(tokens / s, 1)
-
-        res["vllm_tokens_per_s"] = None
-        if mode.vllm:
-            step("vLLM (subprocess)")
-            ids_file, result_file = tmp / "tp_ids.npy", tmp / "vllm_lp.npy"
-            np.save(ids_file, np.array(seqs, dtype=object), allow_pickle=True)
-            v = worker("vllm", {"model": str(model_dir), "ids": str(ids_file),
-                                "result": str(result_file), "repeats": mode.repeats}, 600)
-            if "error" in v:
-                res["vllm_error"] = v["error"]
-            else:
-                res["vllm_tokens_per_s"] = round(tokens / v["seconds"], 1)
-                res["vllm_start_s"] = round(v["start_s"], 1)
-                out = list(np.load(result_file, allow_pickle=True))
-                res["vllm_max_abs_diff_vs_transformers"] = max_abs_diff(ref, out)
-        else:
-            res["vllm_error"] = f"skipped in --{mode.name}"
-        res["vllm_bf16_tokens_per_s"] = None
-        if not res["machine"]["avx512_bf16"]:
-            res["vllm_bf16_error"] = "CPU lacks avx512_bf16: bf16 would be emulated (~8x slower)"
-        elif not res["vllm_tokens_per_s"]:
-            res["vllm_bf16_error"] = "no vLLM fp32 figure (see vllm_error)"
-        if mode.vllm and res["vllm_tokens_per_s"] and res["machine"]["avx512_bf16"]:
-            step("vLLM bf16 (subprocess)")
-            v = worker("vllm", {"model": str(model_dir), "ids": str(ids_file), "dtype": "bfloat16",
-                                "result": str(result_file), "repeats": mode.repeats}, 600)
-            if "error" in v:
-                res["vllm_bf16_error"] = v["error"]
-            else:
-                res["vllm_bf16_tokens_per_s"] = round(tokens / v["seconds"], 1)
-                out = list(np.load(result_file, allow_pickle=True))
-                res["vllm_bf16_max_abs_diff_vs_transformers"] = max_abs_diff(ref, out)
-                res["vllm_bf16_tau01_agreement"] = tau_agreement(ref, out, 0.1)
-
-        ours = {k: res.get(f"{k}_tokens_per_s") for k in
-                ("transformers", "transformers_compile", "vllm", "vllm_bf16")}
-        ours = {k: v for k, v in ours.items() if v}
-        for k, v in ours.items():
-            res[f"{k}_vs_naive"] = round(v / res["naive_tokens_per_s"], 3)
-        res["fastest_path"] = max(ours, key=ours.get)
-        # What `profit-prep score` gives with no --backend (auto) on this machine: the figure
-        # users get, so best_path and speedup_vs_naive describe it.
-        from profit_prep import ScoreConfig
-        from profit_prep.backends import choose_backend
-
-        default, reason = choose_backend(ScoreConfig(data="-", out="-", device="cpu"))
-        res["default_path"], res["default_reason"] = default, reason
-        res["best_path"] = default if default in ours else "transformers"
-        res["best_tokens_per_s"] = ours[res["best_path"]]
-        res["speedup_vs_naive"] = round(res["best_tokens_per_s"] / res["naive_tokens_per_s"], 3)
-
-        # bf16 only pays with native bf16 dot products; AVX2-only CPUs emulate it (~8x slower).
-        res["bf16_tokens_per_s"] = None
-        if not res["machine"]["avx512_bf16"]:
-            res["bf16_reason"] = "CPU lacks avx512_bf16: bf16 would be emulated, not measured"
-        elif mode.tiny:
-            res["bf16_reason"] = f"skipped in --{mode.name}"
-        else:
-            bf = TransformersScorer(model_dir, dtype="bfloat16")
-            bf.score(seqs[:2])
-            s = time_paths({"bf16": lambda: bf.score(seqs)}, mode.repeats)["bf16"]
-            res["bf16_tokens_per_s"] = round(tokens / s, 1)
-            res["bf16_max_abs_diff"] = max_abs_diff(ref, bf.score(seqs))
-            del bf
-
-        # ---- 2. utilisation
-        params = count_params(model_dir)
-        cfg = scorer.model.config
-        avg_len = tokens / len(seqs)
-        # Causal attention: QK^T and AV, 2 FLOP per MAC, over on average avg_len/2 keys.
-        attn = 2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * avg_len / 2
-        flop_per_token = 2 * params + attn
-        res.update(params=params, flop_per_token=round(flop_per_token))
-        achieved = res["best_tokens_per_s"] * flop_per_token / 1e9
-        res["achieved_gflops"] = round(achieved, 1)
-        res["mfu"] = round(achieved / res["gemm_peak_gflops"], 3)
-        peak = res["machine"]["theoretical_peak_gflops"]
-        res["mfu_vs_theoretical"] = round(achieved / peak, 3) if peak else None
-        res["gemm_peak_vs_theoretical"] = round(res["gemm_peak_gflops"] / peak, 3) if peak else None
-
-        step("profiling the default path")
-        res["profile_transformers"] = profile_ops(lambda: scorer.score(seqs[:4]))
-
-        # ---- 3. end to end
-        step(f"end to end on {mode.e2e_rows} rows")
-        from profit_prep import ScoreConfig, score
-
-        out_dir = tmp / "e2e"
-        # transformers: this figure is the pipeline's overhead over that same scorer's loop.
-        summary = score(ScoreConfig(
-            data=str(data), out=str(out_dir), model=str(model_dir), prompt_field="question",
-            response_field="answer", limit=mode.e2e_rows, quiet=True, backend="transformers",
-        ))
-        run_info = json.loads((out_dir / "manifest.json").read_text())["run"]
-        e2e_tokens = sum(len(s) for s in e2e_seqs)
-        t0 = time.perf_counter()
-        scorer.score(e2e_seqs)
-        pure = time.perf_counter() - t0
-        wall_ex_load = run_info["wall_s"] - run_info["model_load_s"]
-        res["e2e"] = {**{k: run_info[k] for k in ("read_s", "render_s", "score_s", "write_s",
-                                                  "model_load_s", "wall_s")},
-                      "rows": summary["scored_rows"], "tokens": summary["tokens"],
-                      "pure_scoring_s": round(pure, 3)}
-        res["e2e"]["other_s"] = round(wall_ex_load - sum(run_info[k] for k in (
-            "read_s", "render_s", "score_s", "write_s")), 3)
-        if summary["tokens"] != e2e_tokens:
-            res["e2e"]["warning"] = f"pipeline scored {summary['tokens']} tokens, we {e2e_tokens}"
-        res["e2e_over_scoring"] = round(wall_ex_load / pure, 3)
-        res["e2e_tokens_per_s"] = round(summary["tokens"] / wall_ex_load, 1)
-
-        # ---- 5. storage and loader
-        parquet = sum(f.stat().st_size for f in (out_dir / "data").glob("*.parquet"))
-        res["parquet_bytes"] = parquet
-        res["bytes_per_token"] = round(parquet / summary["tokens"], 3)
-        res["bytes_per_token_by_column"] = parquet_columns(out_dir, summary["tokens"])
-        res.update(loader_figures(out_dir, summary["tokens"], mode.loader_tokens, tmp))
-        scorer.close()  # free the model before the memory subprocesses
-
-        # ---- 4. memory (subprocesses: fresh peaks)
+        b = Bench(mode, res, tmp, model_dir, data, e2e_seqs[: mode.tp_rows], step)
+        res.update(tp_rows=len(b.seqs), tp_tokens=b.tokens,
+                   avg_row_tokens=round(b.tokens / len(b.seqs), 1))
+        measure_scoring_paths(b)
+        measure_vllm(b)
+        measure_default_path(b)
+        measure_transformers_bf16(b)
+        measure_utilisation(b)
+        measure_end_to_end(b, e2e_seqs)
+        b.scorer.close()  # free the model before the memory subprocesses
         step(f"RSS at {mode.rss_rows} rows (tiny model, shard_size {mode.rss_shard})")
         res.update(rss_figures(mode, data, tiny, tmp))
-
-        step(f"long row of {mode.long_row} tokens")
-        long_ids = np.concatenate(render_rows(model_dir, 200, data))
-        while len(long_ids) < mode.long_row:
-            long_ids = np.concatenate([long_ids, long_ids])
-        np.save(tmp / "long.npy", long_ids[: mode.long_row])
-        res["long_row_tokens"] = mode.long_row
-        long_paths = ["ours", "naive"] if mode.naive_long_row else ["ours"]
-        for path in long_paths:
-            r = worker(
-                "longrow",
-                {"model": str(model_dir), "ids": str(tmp / "long.npy"), "path": path},
-                600,
-            )
-            res[f"long_row_{path}"] = r
-        r = res["long_row_ours"]
-        res["long_row_peak_extra_mb"] = r.get("extra_mb")
-        if "naive" in long_paths:
-            res["long_row_naive_peak_extra_mb"] = res["long_row_naive"].get("extra_mb")
+        measure_long_row(b)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["machine"]["load_average_end"] = os.getloadavg()[0]

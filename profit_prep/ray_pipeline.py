@@ -40,8 +40,8 @@ from profit_prep.errors import InputError
 from profit_prep.format import to_table
 from profit_prep.output import OutputDir, os_reason
 from profit_prep.pipeline import Prepared, mask_examples, render_rows, score_sequences
-from profit_prep.reading import FieldMap, Source
-from profit_prep.rendering import Renderer
+from profit_prep.reading import FieldMap, RawRow, Source
+from profit_prep.rendering import Rendered, Renderer
 from profit_prep.scoring import bind_threads
 from profit_prep.vllm_backend import worker_env
 
@@ -61,6 +61,25 @@ class Job:
     use_gpu: bool
     duplicates: dict[int, int] = dataclasses.field(default_factory=dict)
     end_of_turn_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class ShardWork:
+    """One shard on its way through the stages (pickled between them): what the render stage
+    made, then what the scoring stage added."""
+
+    index: int
+    rendered: list[tuple[RawRow, Rendered]]
+    rejected: list[dict[str, Any]]
+    input_digest: str
+    timing: dict[str, float]  # read_s, render_s; score_s and scored_at once scored
+    logprobs: list[np.ndarray] | None = None
+    extras: list[dict[str, np.ndarray]] | None = None  # signal columns, when asked for
+    scorer: dict[str, Any] | None = None  # the scorer's describe()
+    model_load_s: float | None = None  # set on the first shard an actor scores
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=5)
 
 
 # --------------------------------------------------------------------------- stages
@@ -86,14 +105,9 @@ class RenderShards:
         rendered, rejected = render_rows(rows, job.fmt, job.fields, self.renderer, job.duplicates)
         # The raw text is not needed downstream; dropping it keeps the payload small.
         rendered = [(dataclasses.replace(row, data=None), r) for row, r in rendered]
-        payload = {
-            "index": int(item["index"]),
-            "rendered": rendered,
-            "rejected": rejected,
-            "input_digest": digest,
-            "timing": {"read_s": t1 - t0, "render_s": time.perf_counter() - t1},
-        }
-        return {"index": int(item["index"]), "payload": pickle.dumps(payload, protocol=5)}
+        work = ShardWork(int(item["index"]), rendered, rejected, digest,
+                         {"read_s": t1 - t0, "render_s": time.perf_counter() - t1})
+        return {"index": work.index, "payload": work.dumps()}
 
 
 class ScoringActor:
@@ -121,18 +135,16 @@ class ScoringActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
         for blob in batch["payload"]:
-            payload = pickle.loads(blob)
-            ids = [r.input_ids for _, r in payload["rendered"]]
+            work: ShardWork = pickle.loads(blob)
+            ids = [r.input_ids for _, r in work.rendered]
             t0 = time.perf_counter()
             # per-token signal columns, if any, travel with the logprobs
-            payload["logprobs"], payload["extras"] = (
-                score_sequences(self.scorer, ids) if ids else ([], None)
-            )
-            payload["timing"]["score_s"] = time.perf_counter() - t0
-            payload["timing"]["scored_at"] = time.time()  # wall clock: comparable across nodes
-            payload["scorer"] = self.describe
-            payload["model_load_s"], self.load_s = self.load_s, None
-            payloads.append(pickle.dumps(payload, protocol=5))
+            work.logprobs, work.extras = score_sequences(self.scorer, ids) if ids else ([], None)
+            work.timing["score_s"] = time.perf_counter() - t0
+            work.timing["scored_at"] = time.time()  # wall clock: comparable across nodes
+            work.scorer = self.describe
+            work.model_load_s, self.load_s = self.load_s, None
+            payloads.append(work.dumps())
         return {"index": batch["index"], "payload": np.array(payloads, dtype=object)}
 
 
@@ -144,22 +156,21 @@ class WriteShards:
         self.out = OutputDir(job.out)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        payload = pickle.loads(item["payload"])
+        work: ShardWork = pickle.loads(item["payload"])
+        assert work.logprobs is not None, "a shard reached the writer unscored"
         t0 = time.perf_counter()
-        examples = mask_examples(
-            payload["rendered"], payload["logprobs"], self.job.config.mask_rule(),
-            payload.get("extras"), self.job.end_of_turn_ids,
-        )
-        self.out.write_shard(payload["index"], to_table(examples), payload["rejected"],
-                             payload["input_digest"])
-        timing = {**payload["timing"], "write_s": time.perf_counter() - t0}
+        examples = mask_examples(work.rendered, work.logprobs, self.job.config.mask_rule(),
+                                 work.extras, self.job.end_of_turn_ids)
+        self.out.write_shard(work.index, to_table(examples), work.rejected, work.input_digest)
+        # Ray Data rows are flat columns: the figures the driver sums, per shard.
         return {
-            "index": payload["index"],
-            "rows": len(payload["rendered"]) + len(payload["rejected"]),
-            "tokens": sum(len(r.input_ids) for _, r in payload["rendered"]),
-            **timing,
-            "model_load_s": payload["model_load_s"],
-            "scorer": pickle.dumps(payload["scorer"]),
+            "index": work.index,
+            "rows": len(work.rendered) + len(work.rejected),
+            "tokens": sum(len(r.input_ids) for _, r in work.rendered),
+            **work.timing,
+            "write_s": time.perf_counter() - t0,
+            "model_load_s": work.model_load_s,
+            "scorer": pickle.dumps(work.scorer),
         }
 
 

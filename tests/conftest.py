@@ -59,23 +59,9 @@ def smollm2_tokenizer(smollm2_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
     """A 2-layer randomly initialised Llama sharing SmolLM2's tokenizer: fast, real computation."""
-    import shutil
+    from profit_prep.models import tiny_random_llama
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2_dir / name).exists():
-            shutil.copy(smollm2_dir / name, folder / name)
-    return folder
+    return tiny_random_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -60,8 +60,12 @@ def test_stats_json_matches_a_direct_computation(
     kept_ids: Counter[int] = Counter()
     resp_probs: list[np.ndarray] = []
     per_example: list[float] = []
+    ends = ends_below = 0  # answers' <|im_end|> (id 2): protected, whatever their p
     for _, row in rows.iterrows():
         ids, resp, p, loss = row_arrays(row)
+        end = resp & (ids == 2)
+        ends += int(end.sum())
+        ends_below += int((end & ~(p >= 0.1)).sum())
         tokens += len(ids)
         response += int(resp.sum())
         kept += int(loss.sum())
@@ -80,15 +84,18 @@ def test_stats_json_matches_a_direct_computation(
         kept,
     )
     assert stats["masked_fraction"] == pytest.approx(1 - kept / response)
-    assert stats["rule"] == {"strategy": "higher", "tau": 0.1}
-    # The stored mask is the paper's rule at tau = 0.1: the sweep's 0.1 point must agree with it.
+    assert stats["rule"] == {"strategy": "higher", "tau": 0.1, "protect": "end_of_turn"}
+    assert stats["end_of_turn"] == {"tokens": ends, "masked": 0, "masked_fraction": 0.0}
+    assert ends == 24 and ends_below > 0  # protection really kept some
+    # The sweep is the paper's rule at each tau: at 0.1 it masks what the stored mask masks,
+    # plus the protected end-of-turn tokens below 0.1.
     for point, tau in zip(stats["threshold_sweep"]["points"], SWEEP, strict=True):
         below = int((~(probs >= tau)).sum())
         assert point["tau"] == tau
         assert point["masked_tokens"] == below
         assert point["masked_fraction"] == pytest.approx(below / response)
     at_stored = next(p for p in stats["threshold_sweep"]["points"] if p["tau"] == 0.1)
-    assert at_stored["masked_tokens"] == response - kept
+    assert at_stored["masked_tokens"] == response - kept + ends_below
 
     counts, edges = np.histogram(probs[np.isfinite(probs)], bins=20, range=(0, 1))
     assert stats["probability_histogram"]["counts"] == counts.tolist()
@@ -120,9 +127,9 @@ def test_stats_rethresholds_and_prints_text(
     rows = read_rows(scored_output)
     response = masked = 0
     for _, row in rows.iterrows():
-        _, resp, p, _ = row_arrays(row)
+        ids, resp, p, _ = row_arrays(row)
         response += int(resp.sum())
-        masked += int((resp & ~(p >= 0.3)).sum())
+        masked += int((resp & ~(p >= 0.3) & (ids != 2)).sum())  # answers' ends stay protected
     code, out, _ = run_cli(capsys, "stats", str(scored_output), "--json", "--tau", "0.3")
     stats = json.loads(out)
     assert code == 0 and stats["rule_source"] == "re-thresholded"
@@ -138,7 +145,7 @@ def test_stats_rethresholds_and_prints_text(
 def expected_brackets(row: pd.Series, tokenizer, tau: float) -> list[str]:
     """The masked tokens of one row as the plain view shows them: ``[text]``, newlines as \\n."""
     ids, resp, p, _ = row_arrays(row)
-    masked = resp & ~(p >= tau)
+    masked = resp & ~(p >= tau) & (ids != 2)  # the answer's <|im_end|> is protected
     return [tokenizer.decode([int(i)]).replace("\n", "\\n") for i in ids[masked]]
 
 

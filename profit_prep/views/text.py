@@ -24,8 +24,11 @@ def describe_rule(rule: MaskRule) -> str:
     >>> describe_rule(MaskRule("middle", tau_low=0.1, tau_high=0.9))
     'middle tau_low=0.1 tau_high=0.9'
     """
-    params = " ".join(f"{k}={v}" for k, v in rule.to_dict().items() if k != "strategy")
-    return visible(f"{rule.strategy} {params}")  # parameters come from the manifest
+    params = " ".join(f"{k}={v}" for k, v in rule.to_dict().items()
+                      if k not in ("strategy", "protect"))
+    # Protection is the default: only the paper's exact rule (protect=none) is spelled out.
+    none = " protect=none" if rule.protect == "none" else ""
+    return visible(f"{rule.strategy} {params}{none}")  # parameters come from the manifest
 
 
 # -- text from the data, shown safely -----------------------------------------------------------
