@@ -68,7 +68,7 @@ def choose_backend(
     """
     if config.server:
         return "server", "--server"
-    if config.backend not in BACKENDS:
+    if config.backend not in (*BACKENDS, "null"):
         raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
     if config.backend != "auto":
         return config.backend, "--backend"
@@ -139,4 +139,8 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
             signals=config.signals,
             top_k=config.signals_top_k,
         )
+    if config.backend == "null":  # benchmarks only: the pipeline's own cost, no model
+        from profit_prep.scoring import NullScorer
+
+        return NullScorer(signals=config.signals)
     raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")

@@ -68,7 +68,8 @@ class ScoreConfig:
         default="auto",
         metadata={"help": "scorer: auto (vLLM where installed and measured faster here: a GPU, or "
                   "a CPU with AVX-512; else transformers; one line says which and why; "
-                  "$PROFIT_PREP_BACKEND overrides auto), transformers or vllm"},
+                  "$PROFIT_PREP_BACKEND overrides auto), transformers or vllm (null: every "
+                  "logprob 0, no model: benchmarks of the pipeline's own cost only)"},
     )
     signals: str | None = field(
         default=None,

@@ -125,12 +125,12 @@ class ScoringActor:
 
     def _bind_cpus(self, job: Job, threads: int) -> None:
         """Each CPU actor's share of its node, set up by its backend."""
-        if job.config.backend == "transformers":
-            bind_threads(threads)
-        else:
+        if job.config.backend == "vllm":
             from profit_prep.vllm_backend import claim_cpu_slot
 
             self._slot = claim_cpu_slot(threads)
+        else:
+            bind_threads(threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []

@@ -90,6 +90,44 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
+class NullScorer:
+    """For benchmarks and tests only: every token gets log-probability 0 (p = 1), instantly, in
+    the shapes and dtypes every backend returns, so the pipeline's own cost (read, render, mask,
+    write, Ray's hand-offs) can be measured without a model (``--backend null``)."""
+
+    def __init__(self, signals: str | Sequence[str] | None = None) -> None:
+        self.signals = parse_signals(signals)
+
+    def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for seq in sequences:
+            lp = np.zeros(len(seq), np.float32)
+            lp[:1] = np.nan
+            out.append(lp)
+        return out
+
+    def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        result = []
+        for seq, lp in zip(sequences, self.score(sequences), strict=True):
+            cols: dict[str, np.ndarray] = {"logprobs": lp}
+            if "entropy" in self.signals:
+                cols["entropy"] = np.where(np.isnan(lp), np.nan, 0).astype(np.float32)
+            if "top1" in self.signals:  # p = 1: the actual token is the top-1
+                cols["top1_id"] = np.r_[-1, np.asarray(seq[1:])].astype(np.int32)
+                cols["top1_logprob"] = lp.copy()
+            if "rank" in self.signals:
+                cols["rank"] = np.r_[-1, np.ones(max(len(seq) - 1, 0))].astype(np.int32)[
+                    : len(seq)]
+            result.append(cols)
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "null", "note": "benchmarks only: every logprob is 0"}
+
+    def close(self) -> None:
+        pass
+
+
 def bind_threads(threads: int) -> None:
     """The transformers backend's share of a machine: torch's intra-op threads."""
     import torch

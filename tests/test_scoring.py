@@ -74,3 +74,26 @@ def test_long_row_scores_without_a_kv_cache(tiny_model_dir: Path, sequences) -> 
         got = scorer.score(rows)
         assert outputs and all(out.past_key_values is None for out in outputs)
         np.testing.assert_allclose(got[-1][1:], expected[1:], atol=1e-5, rtol=0)
+
+
+def test_null_backend_is_instant_and_shaped_like_the_others(tmp_path: Path,
+                                                            tiny_model_dir: Path) -> None:
+    """--backend null (benchmarks of the pipeline's own cost): every logprob 0, so p = 1 and the
+    mask keeps every response token; signal columns in the transformers backend's shapes."""
+    import pyarrow.parquet as pq
+
+    from profit_prep.scoring import NullScorer
+    from tests.conftest import score_demo
+
+    seqs = [np.array([1, 5, 9, 2]), np.array([7])]
+    null = NullScorer(signals="entropy,top1,rank").score_with_signals(seqs)
+    real = TransformersScorer(tiny_model_dir, signals="entropy,top1,rank").score_with_signals(seqs)
+    for a, b in zip(null, real, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert null[0]["top1_id"].tolist() == [-1, 5, 9, 2]
+    assert null[0]["rank"].tolist() == [-1, 1, 1, 1]
+    out = score_demo(tmp_path / "o", tiny_model_dir, limit=6, backend="null")
+    table = pq.read_table(out / "data")
+    assert table["loss_mask"].to_pylist() == table["response_mask"].to_pylist()
