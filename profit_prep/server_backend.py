@@ -263,6 +263,20 @@ def parse_prompt_logprobs(entries: list[Any], ids: np.ndarray) -> np.ndarray:
     return gold_logprobs(check_prompt_logprobs(entries, ids), ids)[0]
 
 
+async def gather_or_cancel(*awaitables: Any) -> list[Any]:
+    """``asyncio.gather``, but the first failure cancels the other requests and collects their
+    outcomes before it is raised: asyncio would otherwise print each unretrieved failure (a
+    traceback per request) when the loop shuts down, around the one error line."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class ServerScorer(TopKScorer):
     """Scores through one or more vLLM servers (``/v1/completions`` with ``prompt_logprobs``)."""
 
@@ -477,7 +491,7 @@ class ServerScorer(TopKScorer):
             bodies = [
                 {"model": self.model, "prompt": p, "add_special_tokens": False} for p in PROBES
             ]
-            return list(await asyncio.gather(
+            return list(await gather_or_cancel(
                 *(self._request(client, "POST", "/tokenize", b, check=check_tokens)
                   for b in bodies)
             ))
@@ -520,7 +534,7 @@ class ServerScorer(TopKScorer):
                     return await self._request(client, "POST", "/v1/completions", body,
                                                check=lambda answer: check_completion(answer, seq))
 
-            return list(await asyncio.gather(*(one(s) for s in sequences)))
+            return list(await gather_or_cancel(*(one(s) for s in sequences)))
 
         return self._run(score_all)
 

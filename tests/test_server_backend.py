@@ -749,3 +749,30 @@ def test_a_run_stopped_by_a_bad_server_resumes_against_a_good_one(
     for r in rows:
         ids, lp = r["input_ids"], np.array(r["logprobs"])
         assert np.allclose(lp[1:], [fake_logprob(t, i) for i, t in enumerate(ids) if i])
+
+
+def test_a_failed_request_leaves_no_unretrieved_failures(caplog: pytest.LogCaptureFixture) -> None:
+    """The first failing request cancels the rest, and their outcomes are collected: asyncio has
+    nothing left to print (CI once saw a traceback per request around the one error line)."""
+    import asyncio
+    import gc
+
+    from profit_prep.server_backend import ServerError, gather_or_cancel
+
+    async def request(i: int) -> int:
+        try:
+            await asyncio.sleep(0.05 if i else 0)
+            raise ServerError(f"bad answer {i}")
+        except asyncio.CancelledError:  # a request whose clean-up fails as it is cancelled
+            raise ServerError(f"late failure {i}") from None
+
+    with pytest.raises(ServerError, match="bad answer 0"):
+        asyncio.run(gather_or_cancel(*(request(i) for i in range(5))))
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+    async def fine(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    assert asyncio.run(gather_or_cancel(*(fine(i) for i in range(3)))) == [0, 1, 2]
