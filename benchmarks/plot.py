@@ -17,6 +17,7 @@ PATHS = {
     "transformers": "ours: transformers",
     "transformers_compile": "ours: + torch.compile",
     "vllm": "vLLM (CPU, fp32)",
+    "vllm_bf16": "vLLM (CPU, bf16)",
     "bf16": "transformers bf16",
 }
 
