@@ -22,15 +22,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.server_backend import (
+from profit_prep.server_answers import (
     ServerError,
-    ServerScorer,
     check_completion,
     check_models,
     check_tokens,
     normalize_server_url,
     parse_prompt_logprobs,
 )
+from profit_prep.server_backend import ServerScorer
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 
 SECRET = "sk-test-do-not-leak-4242"

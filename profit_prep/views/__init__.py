@@ -7,5 +7,6 @@
 ``colors``         quantile colour scales of any stored per-token column
 ``terminal``       the terminal view (``profit-prep inspect``)
 ``report``         the self-contained HTML report (``profit-prep report``)
+``plots``          the report's plots, inline SVG
 =================  ==========================================================================
 """

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from profit_prep.views.flat import (
     load_output_tokenizer,
     numeric_columns,
 )
+from profit_prep.views.plots import make_plots
 from profit_prep.views.stats import compute_stats
 from profit_prep.views.terminal import example_counts, example_stats, example_tokens, format_value
 from profit_prep.views.text import describe_any, describe_rule, token_strings, visible
@@ -151,102 +151,6 @@ def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
     if n <= k:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
-# -- plots -----------------------------------------------------------------------------------
-
-
-def _svg(fig: Any) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    text = buf.getvalue()
-    return text[text.index("<svg") :]  # drop the XML prolog and doctype: inline SVG in HTML
-
-
-def make_plots(stats: dict[str, Any]) -> dict[str, str]:
-    """Three inline SVG plots: probability histogram, sweep curve, per-example distribution."""
-    # Figure objects, not pyplot: no global backend or figure state (safe in notebooks/threads).
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    # Text as text (smaller SVG); a fixed hash salt keeps ids stable between runs.
-    with matplotlib.rc_context(
-        {
-            "svg.fonttype": "none",
-            "svg.hashsalt": "profit-prep",
-            "font.size": 9,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-        }
-    ):
-        plots = {}
-        hist = stats["probability_histogram"]
-        edges = np.array(hist["edges"])
-        fig = Figure(figsize=(5.2, 3.0))
-        ax = fig.subplots()
-        tau = stats["rule"].get("tau") if stats["rule"]["strategy"] in ("higher", "lower") else None
-        colours = [
-            "#b91c1c" if tau is not None and hi <= tau + 1e-12 else "#2563eb" for hi in edges[1:]
-        ]
-        ax.bar(
-            edges[:-1],
-            hist["counts"],
-            width=np.diff(edges),
-            align="edge",
-            color=colours,
-            edgecolor="white",
-            linewidth=0.5,
-        )
-        if tau is not None:
-            ax.axvline(tau, color="#111", linestyle="--", linewidth=1)
-            ax.text(tau, ax.get_ylim()[1] * 0.95, f" tau={tau:g}", va="top", fontsize=8)
-        ax.set_xlabel("p(token) under the reference model")
-        ax.set_ylabel("response tokens")
-        ax.set_xlim(0, 1)
-        plots["probability_histogram"] = _svg(fig)
-
-        points = stats["threshold_sweep"]["points"]
-        fig = Figure(figsize=(5.2, 3.0))
-        ax = fig.subplots()
-        taus = [pt["tau"] for pt in points]
-        ax.plot(taus, [100 * pt["masked_fraction"] for pt in points], marker="o", color="#b91c1c")
-        for pt in points:
-            ax.annotate(
-                f"{pt['masked_fraction']:.0%}",
-                (pt["tau"], 100 * pt["masked_fraction"]),
-                textcoords="offset points",
-                xytext=(0, 5),
-                ha="center",
-                fontsize=7,
-            )
-        if tau is not None:
-            ax.axvline(tau, color="#111", linestyle="--", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_xticks(taus, [f"{t:g}" for t in taus], rotation=45)
-        ax.minorticks_off()
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("tau (keep p >= tau)")
-        ax.set_ylabel("masked response tokens (%)")
-        plots["sweep"] = _svg(fig)
-
-        per = stats["per_example_masked_fraction"]["histogram"]
-        edges = 100 * np.array(per["edges"])
-        fig = Figure(figsize=(5.2, 3.0))
-        ax = fig.subplots()
-        ax.bar(
-            edges[:-1],
-            per["counts"],
-            width=np.diff(edges),
-            align="edge",
-            color="#7c3aed",
-            edgecolor="white",
-            linewidth=0.5,
-        )
-        ax.set_xlabel("masked share of an example's response tokens (%)")
-        ax.set_ylabel("examples")
-        ax.set_xlim(0, 100)
-        plots["per_example"] = _svg(fig)
-    return plots
 
 
 # -- examples --------------------------------------------------------------------------------
