@@ -202,7 +202,7 @@ def apply_rule(
     keep = np.asarray(response, dtype=bool) & keep_flat(logprobs, rule, lengths=lengths,
                                                         example_ids=ids)
     if end_of_turn is not None and rule.protect != "none":
-        keep |= end_of_turn
+        keep |= np.asarray(response, dtype=bool) & end_of_turn
     return keep
 
 
@@ -214,10 +214,7 @@ def loss_mask(
     protected: np.ndarray | None = None,
 ) -> np.ndarray:
     """The loss mask of one example: response tokens the rule keeps, plus ``protected`` ones
-    (the end-of-turn tokens, when ``rule.protect`` asks for them)."""
-    keep = keep_flat(
-        logprobs, rule, lengths=np.array([len(logprobs)]), example_ids=[example_id]
-    )
-    if protected is not None and rule.protect != "none":
-        keep = keep | protected
-    return np.asarray(response_mask, dtype=bool) & keep
+    (the end-of-turn tokens, when ``rule.protect`` asks for them): :func:`apply_rule` on one
+    row."""
+    return apply_rule(rule, logprobs, response_mask, lengths=np.array([len(logprobs)]),
+                      example_ids=[example_id], end_of_turn=protected)

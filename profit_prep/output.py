@@ -28,13 +28,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
 from profit_prep.format import FORMAT_VERSION, SCHEMA, flat_list
+from profit_prep.masks import end_of_turn_tokens
 
 MANIFEST = "manifest.json"
 # Per-row stat column -> the manifest count that sums it.
@@ -166,7 +166,7 @@ def _end_of_turn_counts(path: Path, end_of_turn_ids: list[int]) -> tuple[int, in
     ids, _ = flat_list(table["input_ids"])
     response, _ = flat_list(table["response_mask"])
     kept, _ = flat_list(table["loss_mask"])
-    end = response & np.isin(ids, np.asarray(end_of_turn_ids, dtype=ids.dtype))
+    end = end_of_turn_tokens(ids, response, end_of_turn_ids)
     return int(end.sum()), int((end & ~kept).sum())
 
 
