@@ -100,6 +100,12 @@ class ScoreConfig:
         default=0,
         metadata={"help": "Ray scoring actors; 0 scores in this process without Ray"},
     )
+    render_workers: int | None = field(
+        default=None,
+        metadata={"help": "Ray: render actors (read, chat template, tokenize) on the driver's "
+                  "node (default: 1, which Ray Data grows up to --num-workers when they fall "
+                  "behind); one feeds ~12 GPUs scoring an 8B model (docs/scaling.md)"},
+    )
     cpus_per_worker: float | None = field(
         default=None,
         metadata={"help": "Ray: CPUs per scoring actor (default: 1 with a GPU, else the "
@@ -162,7 +168,7 @@ class ScoreConfig:
 # (``--limit 0`` once meant "every row" and ``--limit -1`` an empty finished output).
 _AT_LEAST = {
     "limit": 1, "shard_size": 1, "max_length": 2, "max_in_flight": 1, "signals_top_k": 1,
-    "tensor_parallel_size": 1, "num_workers": 0, "max_num_batched_tokens": 1,
+    "tensor_parallel_size": 1, "num_workers": 0, "render_workers": 1, "max_num_batched_tokens": 1,
 }
 
 

@@ -339,9 +339,12 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # Ray's built-in label
     light = {"num_cpus": 0, "label_selector": here,
              "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=workers)}
+    renderers = job.config.render_workers
+    render_pool = (ray.data.ActorPoolStrategy(size=renderers) if renderers
+                   else light["compute"])
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map(RenderShards, fn_constructor_kwargs={"job": job}, **light)
+        .map(RenderShards, fn_constructor_kwargs={"job": job}, **{**light, "compute": render_pool})
         .map_batches(
             ScoringActor,
             fn_constructor_kwargs={"job": job},
