@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -53,6 +54,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from profit_prep.driver import end_of_turn_warning, format_summary, score
 
     config = config_from_args(ScoreConfig, args)
+    if config.quiet:
+        quiet_libraries()
     if config.num_workers > 0 or config.ray_address:
         from profit_prep.ray_pipeline import score_with_ray
 
@@ -64,6 +67,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     return 0
+
+
+def quiet_libraries() -> None:
+    """--quiet silences the libraries' chatter too: transformers' weight-loading bars, vLLM's
+    INFO lines and its import-time FutureWarnings. The CLI owns the process, so it may set this;
+    the Python API leaves the caller's logging alone."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
+    warnings.filterwarnings("ignore", category=FutureWarning, module="vllm")
 
 
 def demo_data_path() -> str:

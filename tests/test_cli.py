@@ -205,3 +205,14 @@ def test_deeply_nested_rows_are_rejected_and_the_run_goes_on(tmp_path: Path,
     reasons = {r["source_index"]: r["reason"] for r in rejected}
     assert reasons[1] == "JSON nested too deeply to parse"
     assert {0, 2} <= set(pq.read_table(tmp_path / "o" / "data")["source_index"].to_pylist())
+
+
+def test_quiet_prints_only_the_summary(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """--quiet: no progress line and no library chatter (transformers' weight-loading bar)."""
+    result = run_cli("score", "--model", str(tiny_model_dir), "--data", str(DEMO_GSM8K),
+                     "--out", str(tmp_path / "out"), "--prompt-field", "question",
+                     "--response-field", "answer", "--limit", "2", "--backend", "transformers",
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "2 scored" in result.stdout
+    assert result.stderr == ""
