@@ -11,6 +11,7 @@ Run::
     python benchmarks/run.py --quick --json benchmarks/latest.json   # < 5 min on 2 cores
     python benchmarks/run.py --json benchmarks/full.json             # 2,000-row e2e, 1k/5k RSS
     python benchmarks/run.py --smoke --json /tmp/smoke.json          # tiny model, < 60 s
+    python benchmarks/run.py --scale --json /tmp/scale.json          # 1M rows, null scorer, ~20 min
 """
 
 from __future__ import annotations
@@ -771,6 +772,86 @@ def loader_figures(out_dir: Path, e2e_tokens: int, synthetic_tokens: int,
     return res
 
 
+# --------------------------------------------------------------------------- scale mode
+
+
+def measure_million_rows(res: dict[str, Any], step: Callable[[str], None], rows: int) -> None:
+    """``rows`` mixed-format rows through score (null scorer), verify, stats and load; peak RSS
+    at 10% and all of the rows, start-up and rerun planning time, kill -9 and resume
+    (benchmarks/scale.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import measure_scale, targets
+
+    from profit_prep.models import convert_smollm2
+
+    work = Path(tempfile.mkdtemp(prefix="profit-scale-"))
+    try:
+        res.update(measure_scale(rows, work, convert_smollm2(), step=step))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["scale_targets"] = targets(res)
+
+
+def measure_pipeline_ceiling(res: dict[str, Any], step: Callable[[str], None], rows: int) -> None:
+    """The pipeline's own tokens/s with the null scorer: in process, and on Ray with 1, 2 and 4
+    render actors (benchmarks/pipeline_ceiling.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline_ceiling import measure
+
+    if not rows:  # --ceiling-rows 0 (tests): the keys say it was not measured
+        res.update(pipeline_ceiling_tokens_per_s=None, pipeline_ceiling_scaling_2=None,
+                   pipeline_ceiling_error="skipped: --ceiling-rows 0")
+        return
+    step(f"pipeline ceiling on {rows:,} rows: in process, Ray with 1, 2, 4 render actors")
+    ceiling = measure(rows)
+    res["pipeline_ceiling"] = ceiling
+    for key, value in ceiling.items():
+        if key.startswith("pipeline_ceiling_"):
+            res[key] = value
+
+
+def run_scale(rows: int, ceiling_rows: int, checkpoint: Path | None = None) -> dict[str, Any]:
+    """The --scale mode: the million-row run, then the pipeline ceiling."""
+    t_run = time.perf_counter()
+    res: dict[str, Any] = {"mode": "scale", "machine": machine_info(), "complete": False}
+
+    def step(msg: str) -> None:
+        log(msg)
+        if checkpoint:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+    measure_million_rows(res, step, rows)
+    measure_pipeline_ceiling(res, step, ceiling_rows)
+    res["machine"]["load_average_end"] = os.getloadavg()[0]
+    res["run_s"] = round(time.perf_counter() - t_run, 1)
+    res["complete"] = True
+    return res
+
+
+def scale_table(res: dict[str, Any]) -> str:
+    """The --scale figures a person reads, each with its target."""
+    rss = res.get("scale_rss", {})
+    kill = res.get("scale_kill", {})
+    rows = [
+        ("rows / tokens", f"{res['scale_rows']:,} / {res['scale_tokens']:,}"),
+        ("stages (s)", json.dumps(res.get("scale_stages_s"))),
+        ("peak RSS (MB)", json.dumps({k: v for k, v in rss.items() if k.startswith("peak")})),
+        ("kill -9 + resume", f"killed at {kill.get('killed_at_shards')} of "
+                             f"{kill.get('of_shards')} shards; identical shard files "
+                             f"{kill.get('shards_identical_files')}; rows {kill.get('rows')}"),
+        ("run.json / manifest.json bytes",
+         f"{res.get('scale_run_json_bytes')} / {res.get('scale_manifest_bytes')}"),
+        ("pipeline_ceiling_tokens_per_s", fmt(res.get("pipeline_ceiling_tokens_per_s"))),
+        ("pipeline_ceiling_scaling_2", fmt(res.get("pipeline_ceiling_scaling_2"))),
+    ]
+    for key, t in res.get("scale_targets", {}).items():
+        rows.append((key, f"{fmt(t['value'])} (target {t['target']}: "
+                          f"{'met' if t['met'] else 'NOT met' if t['met'] is False else '-'})"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -821,6 +902,13 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="fewer rows, same measurements")
     group.add_argument("--smoke", action="store_true", help="tiny model, no compile/vLLM: tests")
+    group.add_argument("--scale", action="store_true",
+                       help="1M rows through score (null scorer), verify, stats, load; kill -9 "
+                            "and resume; the pipeline ceiling (benchmarks/scale.py)")
+    parser.add_argument("--scale-rows", type=int, default=1_000_000,
+                        help="--scale: rows of the synthetic input")
+    parser.add_argument("--ceiling-rows", type=int, default=10_000,
+                        help="--scale: rows of the pipeline-ceiling runs (0: skip them)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -829,13 +917,16 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker_main(args.worker, json.loads(args.worker_args))))
         return
-    mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    res = run(mode, args.json)
-    print(table(res))
+    if args.scale:
+        res = run_scale(args.scale_rows, args.ceiling_rows, args.json)
+        print(scale_table(res))
+    else:
+        res = run(MODES["smoke" if args.smoke else "quick" if args.quick else "full"], args.json)
+        print(table(res))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")

@@ -217,7 +217,8 @@ def score_shards(
             progress.update(len(part), n_tok)
         t = time.perf_counter()
         examples = mask_examples(rendered, logprobs, rule, extras, prepared.end_of_turn_ids)
-        out.write_shard(index, to_table(examples), rejected, digest)
+        out.write_shard(index, to_table(examples), rejected, digest, prepared.end_of_turn_ids,
+                        [row.fmt for row, _ in rendered])
         timing["write_s"] += time.perf_counter() - t
     return timing, scored_tokens
 

@@ -24,7 +24,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ _SUMMED = {
 REJECTED = "rejected.jsonl"
 # Parquet footer key of a shard: the hash of the input rows it was made from.
 INPUT_DIGEST_KEY = b"profit_prep.input_digest"
+# Parquet footer key of a shard: its counts (JSON), so finalize reads footers, not columns.
+SHARD_COUNTS_KEY = b"profit_prep.counts"
 
 
 def _current_umask() -> int:
@@ -160,14 +163,50 @@ def read_json_object(path: Path, what: str, remedy: str) -> dict[str, Any]:
     return obj
 
 
-def _end_of_turn_counts(path: Path, end_of_turn_ids: list[int]) -> tuple[int, int]:
+def _end_of_turn_counts(
+    source: Path | pa.Table, end_of_turn_ids: Sequence[int]
+) -> tuple[int, int]:
     """Response tokens of a shard that close a turn, and how many of them are masked."""
-    table = pq.read_table(path, columns=["input_ids", "response_mask", "loss_mask"])
+    columns = ["input_ids", "response_mask", "loss_mask"]
+    table = source if isinstance(source, pa.Table) else pq.read_table(source, columns=columns)
     ids, _ = flat_list(table["input_ids"])
     response, _ = flat_list(table["response_mask"])
     kept, _ = flat_list(table["loss_mask"])
-    end = end_of_turn_tokens(ids, response, end_of_turn_ids)
+    end = end_of_turn_tokens(ids, response, list(end_of_turn_ids))
     return int(end.sum()), int((end & ~kept).sum())
+
+
+def shard_counts(
+    table: pa.Table,
+    end_of_turn_ids: Sequence[int] | None = None,
+    formats: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
+    """What :meth:`OutputDir.finalize` sums over shards, counted from a shard's table: the
+    per-row stat columns, the end-of-turn tokens for ``end_of_turn_ids`` (with the ids, so a
+    count made for other ids is never used), and scored rows by input format."""
+    counts: dict[str, Any] = {
+        key: int(pa.compute.sum(table[column]).as_py() or 0) for column, key in _SUMMED.items()
+    }
+    if end_of_turn_ids is not None:
+        total, masked = _end_of_turn_counts(table, end_of_turn_ids)
+        counts["end_of_turn"] = {"ids": [int(i) for i in end_of_turn_ids], "tokens": total,
+                                 "masked": masked}
+    if formats is not None:
+        counts["formats"] = dict(sorted(Counter(f for f in formats if f).items()))
+    return counts
+
+
+def _stored_counts(meta: pq.FileMetaData) -> dict[str, Any] | None:
+    """The counts a shard's footer holds (None for shards written before they were kept)."""
+    raw = (meta.schema.to_arrow_schema().metadata or {}).get(SHARD_COUNTS_KEY)
+    if not raw:
+        return None
+    try:
+        counts = json.loads(raw)
+    except ValueError:
+        return None
+    ok = isinstance(counts, dict) and all(isinstance(counts.get(k), int) for k in _SUMMED.values())
+    return counts if ok else None
 
 
 class OutputDir:
@@ -291,15 +330,22 @@ class OutputDir:
         table: pa.Table,
         rejected: list[dict[str, Any]],
         input_digest: str | None = None,
+        end_of_turn_ids: Sequence[int] | None = None,
+        formats: Sequence[str | None] | None = None,
     ) -> None:
         """Write one shard's rejected rows, then its data (the data file marks it done).
 
         ``input_digest`` (a hash of the shard's input rows) goes into the Parquet footer, so a
-        resumed run can tell whether the input changed since (docs/format.md).
+        resumed run can tell whether the input changed since (docs/format.md). So do the
+        shard's counts (:func:`shard_counts`; ``formats``: each scored row's input format), so
+        that :meth:`finalize` reads footers only, however large the output.
         """
+        metadata = dict(table.schema.metadata or {})
         if input_digest is not None:
-            metadata = {**(table.schema.metadata or {}), INPUT_DIGEST_KEY: input_digest.encode()}
-            table = table.replace_schema_metadata(metadata)
+            metadata[INPUT_DIGEST_KEY] = input_digest.encode()
+        counts = shard_counts(table, end_of_turn_ids, formats)
+        metadata[SHARD_COUNTS_KEY] = json.dumps(counts, separators=(",", ":")).encode()
+        table = table.replace_schema_metadata(metadata)
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
         atomic_write_bytes(self.rejected / f"{shard_name(index)}.jsonl", lines.encode())
         target = self.data / f"{shard_name(index)}.parquet"
@@ -336,28 +382,62 @@ class OutputDir:
 
         With ``end_of_turn_ids``, the counts also say how many response tokens close a turn and
         how many of those the mask dropped (``end_of_turn_tokens``, ``end_of_turn_masked``).
+        Counts come from each shard's footer (:func:`shard_counts`), or its columns for shards
+        written without them; the scored rows by input format go to ``render.formats``. Memory
+        does not grow with the rows: rejected rows are copied file by file, and the manifest
+        lists one entry (~150 bytes) per shard.
         """
         shards: list[dict[str, Any]] = []
         counts = dict.fromkeys(["scored_rows", *_SUMMED.values()], 0)
         if end_of_turn_ids is not None:
             counts.update(end_of_turn_tokens=0, end_of_turn_masked=0)
-        rejected_lines: list[str] = []
-        for index in range(n_shards):
-            name = shard_name(index)
-            path = self.data / f"{name}.parquet"
-            stats = pq.read_table(path, columns=list(_SUMMED))
-            counts["scored_rows"] += stats.num_rows
-            for column, key in _SUMMED.items():
-                counts[key] += int(pa.compute.sum(stats[column]).as_py() or 0)
-            if end_of_turn_ids is not None:
-                total, masked = _end_of_turn_counts(path, end_of_turn_ids)
-                counts["end_of_turn_tokens"] += total
-                counts["end_of_turn_masked"] += masked
-            file = f"data/{name}.parquet"
-            shards.append({"file": file, "rows": stats.num_rows, "sha256": sha256_file(path)})
-            rejected_lines += (self.rejected / f"{name}.jsonl").read_text().splitlines(True)
-        atomic_write_bytes(self.path / REJECTED, "".join(rejected_lines).encode())
-        counts["rejected_rows"] = len(rejected_lines)
+        formats: Counter[str] | None = Counter()
+        n_rejected = 0
+        fd, tmp = temporary_file(self.path, REJECTED)
+        try:
+            with os.fdopen(fd, "wb") as gathered:
+                for index in range(n_shards):
+                    name = shard_name(index)
+                    path = self.data / f"{name}.parquet"
+                    meta = pq.read_metadata(path)
+                    stored = _stored_counts(meta)
+                    if stored is None:  # a shard from before counts were kept in footers
+                        stats = pq.read_table(path, columns=list(_SUMMED))
+                        stored = shard_counts(stats)
+                    counts["scored_rows"] += meta.num_rows
+                    for key in _SUMMED.values():
+                        counts[key] += stored[key]
+                    if end_of_turn_ids is not None:
+                        eot = stored.get("end_of_turn") or {}
+                        if eot.get("ids") == list(end_of_turn_ids):
+                            total, masked = int(eot["tokens"]), int(eot["masked"])
+                        else:
+                            total, masked = _end_of_turn_counts(path, end_of_turn_ids)
+                        counts["end_of_turn_tokens"] += total
+                        counts["end_of_turn_masked"] += masked
+                    if formats is not None and isinstance(stored.get("formats"), dict):
+                        formats.update(stored["formats"])
+                    else:
+                        formats = None  # unknown for some shard: not claimed for any
+                    file = f"data/{name}.parquet"
+                    shards.append({"file": file, "rows": meta.num_rows,
+                                   "sha256": sha256_file(path)})
+                    data = (self.rejected / f"{name}.jsonl").read_bytes()
+                    if data and not data.endswith(b"\n"):
+                        data += b"\n"
+                    gathered.write(data)
+                    # Count "\n" alone: a reason may hold U+2028, which splitlines would split.
+                    n_rejected += data.count(b"\n")
+                gathered.flush()
+                os.fsync(gathered.fileno())
+            os.replace(tmp, self.path / REJECTED)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        counts["rejected_rows"] = n_rejected
+        if formats and isinstance(manifest.get("render"), dict):
+            manifest = {**manifest, "render": {**manifest["render"], "formats": dict(formats)}}
         manifest = {
             "format_version": FORMAT_VERSION,
             **manifest,

@@ -29,12 +29,14 @@ from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample
 from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
 from profit_prep.models import model_content_hash, resolve_model
 from profit_prep.output import OutputDir
+from profit_prep.placement import check_tensor_parallel
 from profit_prep.reading import (
     FORMATS,
     FieldMap,
     RawRow,
     Source,
     detect_format,
+    detect_row_format,
     open_source,
     required_columns,
     to_messages,
@@ -63,9 +65,12 @@ def render_rows(
 ) -> tuple[list[tuple[RawRow, Rendered]], list[dict[str, Any]]]:
     """Step 1: raw rows -> rendered examples, and rejections with their reasons.
 
-    ``duplicates`` maps a row index to the index of the earlier row with the same id.
+    ``fmt`` ``auto`` detects each row's format from its own keys (a row of none is rejected);
+    every rendered row's ``fmt`` says which format it was read as. ``duplicates`` maps a row
+    index to the index of the earlier row with the same id.
     """
     rendered, rejected = [], []
+    auto = fmt == "auto"
     for row in rows:
         if row.error is not None or row.data is None:
             rejected.append(rejection(row, row.error or "unreadable row"))
@@ -76,7 +81,8 @@ def render_rows(
             rejected.append(rejection(row, reason))
             continue
         try:
-            rendered.append((row, renderer.render(to_messages(row.data, fmt, fields))))
+            row.fmt = detect_row_format(row.data, fields) if auto else fmt
+            rendered.append((row, renderer.render(to_messages(row.data, row.fmt, fields))))
         except RowError as exc:
             rejected.append(rejection(row, str(exc)))
         except RecursionError:  # a row nested deeper than the template engine can walk
@@ -135,9 +141,20 @@ class Prepared:
     renderer: Renderer
     params: dict[str, Any]
     manifest: dict[str, Any]
-    duplicates: dict[int, int] = field(default_factory=dict)
     backend_reason: str = ""
     end_of_turn_ids: list[int] = field(default_factory=list)
+    _duplicates: dict[int, int] | None = field(default=None, repr=False)
+
+    @property
+    def duplicates(self) -> dict[int, int]:
+        """Row index -> index of the earlier row with the same id (:func:`find_duplicates`).
+
+        Found on first use: a rerun with nothing left to score never reads the ids.
+        """
+        if self._duplicates is None:
+            ids = self.config.id_field is not None
+            self._duplicates = find_duplicates(self.source, self.n_rows) if ids else {}
+        return self._duplicates
 
     def backend_line(self) -> str:
         """The one line that says which scorer runs and why."""
@@ -183,14 +200,29 @@ class Prepared:
 
 
 def _check_format(source: Source, config: ScoreConfig) -> str:
+    """The format every row is read as, or ``auto`` (each row's own, :func:`render_rows`).
+
+    ``auto`` with ``--prompt-field``/``--response-field`` is ``fields``. A plain ``auto`` input
+    must have a row of a known format among its first 50 readable rows: if none has, the file
+    is refused with one line rather than every row rejected.
+    """
     fields = config.fields()
     if config.format not in FORMATS:
         raise InputError(f"unknown --format {config.format!r} (choose from {', '.join(FORMATS)})")
     if config.format == "fields" and not (config.prompt_field and config.response_field):
         raise InputError("--format fields needs --prompt-field and --response-field")
-    first = next((r for r in source.read(0, min(len(source), 50)) if r.data is not None), None)
-    if first is None:
+    readable = [r for r in source.read(0, min(len(source), 50)) if r.data is not None]
+    if not readable:
         raise InputError(f"{config.data}: no readable rows among the first 50")
+    first = readable[0]
+    if config.format == "auto" and not (fields.prompt_field or fields.response_field):
+        for row in readable:
+            try:
+                detect_format(row.data, fields)
+                return "auto"
+            except InputError:
+                continue
+        detect_format(first.data, fields)  # raises, naming the first row's columns
     fmt = detect_format(first.data, fields) if config.format == "auto" else config.format
     missing = [c for c in required_columns(fmt, fields) if c not in first.data]
     if missing:
@@ -209,6 +241,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     check_numbers(config)
     backend, reason = choose_backend(config, resumed=_started_backend(config))
     config = replace(config, backend=backend)
+    check_tensor_parallel(backend, config.tensor_parallel_size, reason)
     rule = config.mask_rule()
     signals = check_signals(config)
     source = open_source(config.data, id_field=config.id_field, split=config.split)
@@ -269,11 +302,8 @@ def prepare(config: ScoreConfig) -> Prepared:
     renderer = Renderer(tokenizer, template, config.max_length)
     eot = end_of_turn_ids(renderer)
     manifest["render"]["end_of_turn_ids"] = eot
-    prepared = Prepared(config, source, fmt, model_dir, renderer, params, manifest,
-                        backend_reason=reason, end_of_turn_ids=eot)
-    if config.id_field:
-        prepared.duplicates = find_duplicates(source, prepared.n_rows)
-    return prepared
+    return Prepared(config, source, fmt, model_dir, renderer, params, manifest,
+                    backend_reason=reason, end_of_turn_ids=eot)
 
 
 def _started_backend(config: ScoreConfig) -> str | None:
@@ -286,16 +316,40 @@ def _started_backend(config: ScoreConfig) -> str | None:
         return None  # no output yet, or a damaged one: OutputDir says so with one line
 
 
-def find_duplicates(source: Source, n_rows: int, chunk: int = 10_000) -> dict[int, int]:
+def find_duplicates(source: Source, n_rows: int) -> dict[int, int]:
     """Row index -> first row index, for every row whose user-given id was seen before.
 
     One pass over the ids before scoring, so that every worker rejects the same rows whatever
     order shards finish in, and a resumed run rejects exactly what the first run did.
+
+    Memory: a 64-bit hash of each id (:meth:`Source.id_hashes`) and a sorted copy, ~18 bytes a
+    row while it runs, not a dict of every id string (~130 bytes a row). Rows whose hash occurs
+    more than once are read again and their ids compared exactly, so a hash collision never
+    makes a duplicate.
     """
-    first_seen: dict[str, int] = {}
+    hashes, valid = source.id_hashes(n_rows)
+    ordered = hashes[valid]
+    ordered.sort()  # in place: no third copy
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
     duplicates: dict[int, int] = {}
-    for start in range(0, n_rows, chunk):
-        for row in source.read(start, min(start + chunk, n_rows)):
+    if not len(repeated):
+        return duplicates
+    # Rows whose hash repeats, found block by block: np.isin would sort all the hashes again
+    # (~45 MB of temporaries at 1M rows, measured).
+    found = []
+    for start in range(0, len(hashes), 1 << 16):
+        block = hashes[start : start + (1 << 16)]
+        at = np.searchsorted(repeated, block).clip(max=len(repeated) - 1)
+        hit = (repeated[at] == block) & valid[start : start + len(block)]
+        found.append(np.flatnonzero(hit) + start)
+    candidates = np.concatenate(found)
+    del hashes, valid
+    first_seen: dict[str, int] = {}
+    # Consecutive candidates are read as one range.
+    breaks = np.flatnonzero(np.diff(candidates) != 1) + 1
+    for run in np.split(candidates, breaks):
+        for row in source.read(int(run[0]), int(run[-1]) + 1):
             if row.error is not None:
                 continue
             first = first_seen.setdefault(row.example_id, row.index)

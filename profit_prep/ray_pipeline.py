@@ -8,6 +8,11 @@ The same steps as :func:`profit_prep.driver.score`, chained as Ray Data stages::
       .map(WriteShards)                 an actor: OutputDir.write_shard (atomic), counts
       .iter_rows()                      the driver prints progress as shards finish
 
+Each scoring actor is one engine holding ``--tensor-parallel-size`` GPUs (vLLM, and ``null``
+placed alike) on one node; a run that the alive nodes cannot hold is refused before scoring,
+and a node that dies mid-run costs only its actors' shards, scored again elsewhere
+(:mod:`profit_prep.placement`; docs/scaling.md, "A multi-node GPU cluster").
+
 One Ray row carries one whole shard, pickled into a single ``bytes`` value: a shard never
 splits across blocks, and Ray never tries to infer Arrow types for ragged token arrays. Ray
 Data streams with backpressure, so memory is bounded by the shards in flight, not by the
@@ -24,9 +29,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,12 @@ from profit_prep.errors import InputError
 from profit_prep.format import to_table
 from profit_prep.output import OutputDir, os_reason
 from profit_prep.pipeline import Prepared, mask_examples, render_rows, score_sequences
+from profit_prep.placement import (
+    alive_nodes,
+    check_fit,
+    default_cpus_per_worker,
+    gpus_per_worker,
+)
 from profit_prep.reading import FieldMap, RawRow, Source
 from profit_prep.rendering import Rendered, Renderer
 from profit_prep.scoring import bind_threads
@@ -59,6 +73,7 @@ class Job:
     out: str
     cpus_per_worker: float
     use_gpu: bool
+    gpus_per_worker: int = 0
     duplicates: dict[int, int] = dataclasses.field(default_factory=dict)
     end_of_turn_ids: list[int] = dataclasses.field(default_factory=list)
 
@@ -77,6 +92,7 @@ class ShardWork:
     extras: list[dict[str, np.ndarray]] | None = None  # signal columns, when asked for
     scorer: dict[str, Any] | None = None  # the scorer's describe()
     model_load_s: float | None = None  # set on the first shard an actor scores
+    actor: dict[str, Any] | None = None  # where the scoring actor ran (placement())
 
     def dumps(self) -> bytes:
         return pickle.dumps(self, protocol=5)
@@ -119,6 +135,7 @@ class ScoringActor:
         threads = max(1, int(job.cpus_per_worker))
         if not job.use_gpu:
             self._bind_cpus(job, threads)
+        self.placement = placement()
         self.scorer = make_scorer(job.config, job.model_dir)
         self.describe = self.scorer.describe()
         self.load_s: float | None = time.perf_counter() - t0
@@ -144,6 +161,7 @@ class ScoringActor:
             work.timing["scored_at"] = time.time()  # wall clock: comparable across nodes
             work.scorer = self.describe
             work.model_load_s, self.load_s = self.load_s, None
+            work.actor = self.placement
             payloads.append(work.dumps())
         return {"index": batch["index"], "payload": np.array(payloads, dtype=object)}
 
@@ -159,9 +177,16 @@ class WriteShards:
         work: ShardWork = pickle.loads(item["payload"])
         assert work.logprobs is not None, "a shard reached the writer unscored"
         t0 = time.perf_counter()
-        examples = mask_examples(work.rendered, work.logprobs, self.job.config.mask_rule(),
-                                 work.extras, self.job.end_of_turn_ids)
-        self.out.write_shard(work.index, to_table(examples), work.rejected, work.input_digest)
+        # The run scores only shards whose file was missing when it started: one that exists
+        # now came back twice (Ray re-ran a task). The file is complete (atomic rename) and
+        # the scores deterministic, so it is kept, and the driver records the repeat.
+        again = self.out.shard_done(work.index)
+        if not again:
+            examples = mask_examples(work.rendered, work.logprobs, self.job.config.mask_rule(),
+                                     work.extras, self.job.end_of_turn_ids)
+            self.out.write_shard(work.index, to_table(examples), work.rejected,
+                                 work.input_digest, self.job.end_of_turn_ids,
+                                 [row.fmt for row, _ in work.rendered])
         # Ray Data rows are flat columns: the figures the driver sums, per shard.
         return {
             "index": work.index,
@@ -171,7 +196,26 @@ class WriteShards:
             "write_s": time.perf_counter() - t0,
             "model_load_s": work.model_load_s,
             "scorer": pickle.dumps(work.scorer),
+            "actor": json.dumps(work.actor),
+            "again": again,
         }
+
+
+def placement() -> dict[str, Any]:
+    """Where this process runs in the cluster: node, the GPU ids Ray gave it (vLLM's ranks run
+    on exactly these: Ray sets CUDA_VISIBLE_DEVICES to them), pid, placement group if any."""
+    import ray
+
+    context = ray.get_runtime_context()
+    group = context.get_placement_group_id()
+    return {
+        "node_ip": ray.util.get_node_ip_address(),
+        "node_id": context.get_node_id(),
+        "pid": os.getpid(),
+        "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "placement_group": group,
+    }
 
 
 # --------------------------------------------------------------------------- driver
@@ -191,8 +235,9 @@ def connect(config: ScoreConfig) -> bool:
     try:
         if address:
             ray.init(address=address, log_to_driver=log)
-        else:
-            ray.init(num_cpus=os.cpu_count(), log_to_driver=log, include_dashboard=False)
+        else:  # "local": a cluster that `ray start` left running here is not joined unasked
+            ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=log,
+                     include_dashboard=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = address or "a local cluster"
         raise InputError(f"cannot connect to Ray at {where}: {exc}") from None
@@ -232,51 +277,83 @@ def score_with_ray(config: ScoreConfig) -> dict[str, Any]:
 class RayExecutor:
     """Scores the pending shards as a Ray Data pipeline (render actors, scoring actors, writer)."""
 
+    def __init__(self) -> None:
+        self.job: Job | None = None
+        self.started = False  # True when we started a local Ray (and so shut it down)
+        self.ray_start_s = 0.0
+
     def start(self, prepared: Prepared, out: OutputDir) -> Prepared:
-        return prepared  # the scoring actors build their own scorers
+        """Join Ray and check the scoring actors fit, before run.json is written: a run that
+        cannot be placed stops here with one line. The scoring actors build their own scorers;
+        a finished output (a rerun) needs no Ray at all."""
+        if prepared.config.overwrite or not out.all_done(prepared.n_shards):
+            self._connect(prepared, out)
+        return prepared
+
+    def _connect(self, prepared: Prepared, out: OutputDir) -> None:
+        t0 = time.perf_counter()
+        self.started = connect(prepared.config)
+        self.ray_start_s = time.perf_counter() - t0
+        self.job = _job(prepared.config, prepared, out, max(1, prepared.config.num_workers))
 
     def close(self) -> None:
-        pass
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
 
     def run(
         self, prepared: Prepared, out: OutputDir, todo: list[int], progress: Progress
     ) -> Scored:
-        import ray
-
-        config = prepared.config
-        workers = max(1, config.num_workers)
+        if self.job is None:  # start() saw every shard done, yet some are missing now
+            self._connect(prepared, out)
+        assert self.job is not None
+        job, workers = self.job, max(1, prepared.config.num_workers)
         timing = dict.fromkeys(TIMINGS, 0.0)
         tokens, load_s, describe = 0, 0.0, None
         # Completion times of shards: once every worker has finished one shard, the rest of the
         # run is steady state (no actor start, no model load): Ray's per-shard cost shows there.
         finished: list[tuple[float, int]] = []
+        # Results per shard index: Ray retries the tasks of an actor whose node died, so a
+        # shard must still come back exactly once (and be counted once).
+        results: Counter[int] = Counter()
+        repeated: list[int] = []
+        actors: dict[tuple[str, int], dict[str, Any]] = {}
         t0 = time.perf_counter()
-        started = connect(config)
-        ray_start_s = time.perf_counter() - t0
         try:
-            job = _job(config, prepared, out, workers)
-            t0 = time.perf_counter()
-            try:
-                for row in _dataset(job, prepared, todo, workers).iter_rows():
-                    progress.update(int(row["rows"]), int(row["tokens"]))
-                    tokens += int(row["tokens"])
-                    # When the actor finished it, not when the driver heard: Ray Data hands
-                    # results over in bursts, which would distort the steady rate.
-                    finished.append((float(row["scored_at"]), int(row["tokens"])))
-                    for key in timing:
-                        timing[key] += float(row[key])
-                    if row["model_load_s"] is not None and not np.isnan(row["model_load_s"]):
-                        load_s = max(load_s, float(row["model_load_s"]))
-                    describe = pickle.loads(row["scorer"])
-            except Exception as exc:
-                found = _input_error_in(exc)
-                if found is not None:
-                    raise found from None
-                raise
-            exec_s = time.perf_counter() - t0
-        finally:
-            if started:
-                ray.shutdown()
+            for row in _dataset(job, prepared, todo, workers).iter_rows():
+                index = int(row["index"])
+                results[index] += 1
+                if results[index] > 1 or row["again"]:
+                    repeated.append(index)
+                    continue
+                progress.update(int(row["rows"]), int(row["tokens"]))
+                tokens += int(row["tokens"])
+                # When the actor finished it, not when the driver heard: Ray Data hands
+                # results over in bursts, which would distort the steady rate.
+                finished.append((float(row["scored_at"]), int(row["tokens"])))
+                for key in timing:
+                    timing[key] += float(row[key])
+                if row["model_load_s"] is not None and not np.isnan(row["model_load_s"]):
+                    load_s = max(load_s, float(row["model_load_s"]))
+                describe = pickle.loads(row["scorer"])
+                actor = json.loads(row["actor"])
+                entry = actors.setdefault((actor["node_id"], actor["pid"]), {**actor, "shards": 0})
+                entry["shards"] += 1
+        except Exception as exc:
+            found = _input_error_in(exc)
+            if found is not None:
+                raise found from None
+            raise
+        exec_s = time.perf_counter() - t0
+        missing = sorted(set(todo) - set(results))
+        if missing:  # Ray Data finished without them: never finalize an incomplete output
+            raise InputError(f"Ray returned no result for {len(missing)} shard(s) (first: "
+                             f"{missing[0]}); rerun the same command to score them")
+        if repeated:
+            print(f"warning: {len(repeated)} shard(s) came back twice from Ray (a task ran "
+                  f"again); each was written once: {sorted(set(repeated))[:10]}", file=sys.stderr)
         run = {
             # All workers together, from the first model loaded to the last shard written.
             "tokens_per_s": round(tokens / max(exec_s - load_s, 1e-9), 1) if tokens else None,
@@ -286,8 +363,15 @@ class RayExecutor:
             "worker_tokens_per_s": round(tokens / timing["score_s"], 1) if tokens else None,
             "steady_tokens_per_s": _steady_rate(sorted(finished), workers),
             "num_workers": workers,
-            "ray_start_s": round(ray_start_s, 3),
+            "cpus_per_worker": job.cpus_per_worker,
+            "gpus_per_worker": job.gpus_per_worker,
+            "ray_start_s": round(self.ray_start_s, 3),
             "ray_execution_s": round(exec_s, 3),
+            # One entry per scoring actor that scored a shard (an actor restarted after its
+            # node died is a new entry): its node, GPU ids, pid, and how many shards it scored.
+            "actors": sorted(actors.values(), key=lambda a: (a["node_ip"], a["node_id"],
+                                                             a["gpu_ids"], a["pid"])),
+            "repeated_shards": sorted(set(repeated)),
         }
         return Scored(timing, tokens, load_s, describe, run)
 
@@ -303,17 +387,22 @@ def _steady_rate(finished: list[tuple[float, int]], workers: int) -> float | Non
 
 
 def _job(config: ScoreConfig, prepared: Any, out: OutputDir, workers: int) -> Job:
+    """What the stages need, with each scoring actor's CPUs and GPUs; refuses (one line) a
+    ``--num-workers`` that the alive nodes cannot hold."""
     import ray
 
     resources = ray.cluster_resources()
     use_gpu = config.device == "cuda" or (config.device is None and resources.get("GPU", 0) > 0)
+    nodes = alive_nodes(ray.nodes())
+    gpus = gpus_per_worker(config.backend, use_gpu, config.tensor_parallel_size)
     cpus = config.cpus_per_worker
     if cpus is None:
-        # On CPU the model is the work: split the cluster's CPUs between the actors.
-        cpus = 1.0 if use_gpu else max(1.0, float(int(resources.get("CPU", 1)) // workers))
+        # On CPU the model is the work: split the nodes' CPUs between the actors.
+        cpus = 1.0 if use_gpu else default_cpus_per_worker(nodes, workers)
+    check_fit(nodes, workers, gpus, cpus)
     return Job(config, prepared.source, prepared.fmt, config.fields(), prepared.renderer,
-               prepared.model_dir, str(out.path.resolve()), cpus, use_gpu, prepared.duplicates,
-               prepared.end_of_turn_ids)
+               prepared.model_dir, str(out.path.resolve()), cpus, use_gpu, gpus,
+               prepared.duplicates, prepared.end_of_turn_ids)
 
 
 def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
@@ -326,9 +415,6 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
         {"index": i, "start": prepared.shard_range(i)[0], "stop": prepared.shard_range(i)[1]}
         for i in todo
     ]
-    gpus = 0
-    if job.use_gpu:
-        gpus = job.config.tensor_parallel_size if job.config.backend == "vllm" else 1
     # Render and write run in small, long-lived actor pools with no CPU reservation: they are
     # light next to scoring, and the scoring actors may hold every CPU on a CPU-only machine (a
     # reservation would then deadlock). Actors, not tasks: Ray recycles idle task workers, and
@@ -340,6 +426,7 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
     light = {"num_cpus": 0, "label_selector": here,
              "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=workers)}
     renderers = job.config.render_workers
+    light_job = dataclasses.replace(job, renderer=None, source=None)
     render_pool = (ray.data.ActorPoolStrategy(size=renderers) if renderers
                    else light["compute"])
     return (
@@ -347,14 +434,18 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
         .map(RenderShards, fn_constructor_kwargs={"job": job}, **{**light, "compute": render_pool})
         .map_batches(
             ScoringActor,
-            fn_constructor_kwargs={"job": job},
+            # Without the tokenizer and source, a job unpickles without importing transformers
+            # (seconds of CPU per actor start, for null at least).
+            fn_constructor_kwargs={"job": light_job},
             batch_size=1,
             batch_format="numpy",
             # max_tasks_in_flight_per_actor=2: the next shard is queued while one is scored,
             # without piling every rendered shard onto the actors.
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+            # One node's resources per actor: Ray grants an actor's GPUs from one node and sets
+            # its CUDA_VISIBLE_DEVICES to them, where vLLM's "mp" executor runs its TP ranks.
             num_cpus=job.cpus_per_worker,
-            num_gpus=gpus,
+            num_gpus=job.gpus_per_worker,
             # Ray starts workers at nice 15, so on a small node its own processes (driver,
             # raylet, the light tasks) preempt the scorer and stall its OpenMP threads; the
             # actor is the job, so it runs at normal priority (as Ray Jobs does for drivers).
@@ -362,7 +453,5 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
         )
         # The writer needs only the config and --out: without the tokenizer (and source) in its
         # pickle, a write actor does not import transformers (~2 s of CPU taken from scoring).
-        .map(WriteShards,
-             fn_constructor_kwargs={"job": dataclasses.replace(job, renderer=None, source=None)},
-             **light)
+        .map(WriteShards, fn_constructor_kwargs={"job": light_job}, **light)
     )

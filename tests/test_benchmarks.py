@@ -65,3 +65,16 @@ def test_plot_draws_measured_paths(tmp_path: Path) -> None:
     png = tmp_path / "speedup.png"
     plot(res, png)
     assert png.stat().st_size > 1000
+
+
+def test_pipeline_ceiling_in_process(smollm2_dir: Path) -> None:
+    """The in-process ceiling run (null scorer) and the figures it adds; Ray runs are skipped."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pipeline_ceiling import measure
+
+    res = measure(600, render_actors=(), tokenizer_dir=smollm2_dir)
+    [run] = res["runs"]
+    assert run["render_workers"] is None and run["rows"] == 600 and run["tokens"] > 600 * 50
+    assert res["pipeline_ceiling_tokens_per_s"] == run["tokens_per_s"] > 0
+    assert not any(k.startswith("pipeline_ceiling_scaling") for k in res)
+    assert res["gpus_fed_by_one_process"]["8B"] == round(run["tokens_per_s"] / 24725, 2)

@@ -340,3 +340,43 @@ def test_a_malformed_mask_in_the_manifest_is_one_error_line(scored: Path, tmp_pa
     set_manifest(out, lambda m: m.update(mask={"strategy": "higher", "tau": "high"}))
     for command in ("stats", "inspect", "report"):
         assert_one_error_line(run_cli(command, str(out)), "the manifest's mask is malformed")
+
+
+def test_finalize_sums_footer_counts_and_they_equal_the_columns(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    import profit_prep.output as output
+
+    eot = [int(example(0).input_ids[-1]), int(example(3).input_ids[4])]
+    out = OutputDir(tmp_path / "o")
+    reason = "line\u2028separator"  # splitlines() would count this rejection twice
+    with out.open(PARAMS):
+        for s in range(3):
+            examples = [example(2 * s), example(2 * s + 1)]
+            out.write_shard(s, to_table(examples),
+                            [{"example_id": "bad", "source_index": 90 + s, "reason": reason}],
+                            end_of_turn_ids=eot, formats=["messages", "alpaca" if s else None])
+        # From the footers alone: no column is read.
+        with monkeypatch.context() as m:
+            m.setattr(output.pq, "read_table", lambda *a, **k: pytest.fail("read columns"))
+            from_footers = out.finalize({"render": {"format": "auto"}}, 3, eot)
+    assert from_footers["render"]["formats"] == {"alpaca": 2, "messages": 3}
+    assert from_footers["counts"]["rejected_rows"] == 3
+    assert from_footers["counts"]["end_of_turn_tokens"] > 0
+    # The same shards without stored counts (as written before they were kept): read columns.
+    for s in range(3):
+        path = tmp_path / "o" / "data" / f"part-0000{s}.parquet"
+        table = pq.read_table(path)
+        meta = {k: v for k, v in table.schema.metadata.items() if k != output.SHARD_COUNTS_KEY}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    with out.open(PARAMS):
+        from_columns = out.finalize({"render": {"format": "auto"}}, 3, eot)
+    assert from_columns["counts"] == from_footers["counts"]
+    assert "formats" not in from_columns["render"]  # unknown: not claimed
+    # End-of-turn counts made for other ids are recounted, not reused.
+    with out.open(PARAMS):
+        other = out.finalize({}, 3, eot[:1])
+    tokens = pq.read_table(tmp_path / "o" / "data")
+    ids, resp = (np.concatenate(tokens[c].to_pylist()) for c in ("input_ids", "response_mask"))
+    assert other["counts"]["end_of_turn_tokens"] == int((resp & (ids == eot[0])).sum())

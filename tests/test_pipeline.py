@@ -214,3 +214,123 @@ def test_demo_rows_keep_every_end_of_turn_and_protect_none_is_the_papers_rule(
     assert counts["end_of_turn_masked"] == masked_ends > 12
     stored = json.loads((scored_output / "manifest.json").read_text())["counts"]
     assert stored["end_of_turn_masked"] == 0 and stored["end_of_turn_tokens"] == 24
+
+
+# One row of each input format, and a second of each: the same conversations, four spellings.
+MIXED = [
+    {"id": "m1", "messages": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "What is 2+2?"},
+                              {"role": "assistant", "content": "4"}]},
+    {"id": "s1", "conversations": [{"from": "human", "value": "Name a colour."},
+                                   {"from": "gpt", "value": "Blue."}], "system": "Be kind."},
+    {"id": "a1", "instruction": "Add the numbers.", "input": "3 and 4", "output": "7"},
+    {"id": "p1", "prompt": "Say hi.", "completion": "Hi!"},
+    {"id": "m2", "messages": [{"role": "user", "content": "Hello"},
+                              {"role": "assistant", "content": "Hello there"},
+                              {"role": "user", "content": "Bye"},
+                              {"role": "assistant", "content": "Goodbye"}]},
+    {"id": "p2", "prompt": [{"role": "user", "content": "Count to 2."}],
+     "completion": [{"role": "assistant", "content": "1, 2"}]},
+    {"id": "a2", "instruction": "Spell cat.", "output": "c-a-t", "system": "Spell well."},
+    {"id": "s2", "conversations": [{"from": "human", "value": "Pick one."},
+                                   {"from": "gpt", "value": "One."}]},
+]
+FORMAT_OF = {"m": "messages", "s": "sharegpt", "a": "alpaca", "p": "prompt_completion"}
+
+
+def null_config(data: Path, out: Path, model: Path, **kw) -> ScoreConfig:
+    """No model: every logprob 0 (the rendering, masks and output are what is under test)."""
+    base = dict(data=str(data), out=str(out), model=str(model), backend="null",
+                id_field="id", shard_size=3, quiet=True)
+    return ScoreConfig(**{**base, **kw})
+
+
+def test_auto_reads_each_rows_format_as_a_single_format_file_would(tmp_path: Path,
+                                                                   smollm2_dir) -> None:
+    unknown = {"id": "x1", "text": "no known format"}
+    rows = [*MIXED[:4], unknown, *MIXED[4:]]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    summary = score(null_config(mixed, tmp_path / "mixed", smollm2_dir))
+    assert summary["scored_rows"] == len(MIXED) and summary["rejected_rows"] == 1
+    [rejected] = map(json.loads, (tmp_path / "mixed" / "rejected.jsonl").read_text().splitlines())
+    assert rejected["example_id"] == "x1" and "cannot detect the format" in rejected["reason"]
+    got = {r["example_id"]: r for r in read_out(tmp_path / "mixed")}
+    # Each format alone, named explicitly: the same tokens and masks, row for row.
+    for prefix, fmt in FORMAT_OF.items():
+        alone = [r for r in MIXED if r["id"].startswith(prefix)]
+        path = write_jsonl(tmp_path / f"{fmt}.jsonl", alone)
+        score(null_config(path, tmp_path / fmt, smollm2_dir, format=fmt))
+        for want in read_out(tmp_path / fmt):
+            row = got[want["example_id"]]
+            for column in ("input_ids", "response_mask", "loss_mask", "n_tokens"):
+                assert row[column] == want[column], (want["example_id"], column)
+    manifest = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
+    assert manifest["render"]["format"] == "auto"
+    assert manifest["render"]["formats"] == {"alpaca": 2, "messages": 2,
+                                             "prompt_completion": 2, "sharegpt": 2}
+    # An explicit format still reads every row as that format: the others are rejected.
+    only = score(null_config(mixed, tmp_path / "only", smollm2_dir, format="messages"))
+    assert only["scored_rows"] == 2 and only["rejected_rows"] == len(rows) - 2
+
+
+def test_auto_mixed_resume_matches_the_uninterrupted_output(tmp_path: Path, smollm2_dir) -> None:
+    data = write_jsonl(tmp_path / "mixed.jsonl", MIXED)
+    score(null_config(data, tmp_path / "out", smollm2_dir))
+    manifest = tmp_path / "out" / "manifest.json"
+    reference = json.loads(manifest.read_text())
+    (tmp_path / "out" / "data" / "part-00001.parquet").unlink()
+    manifest.unlink()
+    again = score(null_config(data, tmp_path / "out", smollm2_dir))
+    assert again["resumed_shards"] == 2 and again["scored_rows"] == len(MIXED)
+    resumed = json.loads(manifest.read_text())
+    # The rescored shard is the same file, byte for byte (and so are the counts).
+    assert resumed["shards"] == reference["shards"] and resumed["counts"] == reference["counts"]
+    assert resumed["render"]["formats"] == reference["render"]["formats"]
+    assert sum(resumed["render"]["formats"].values()) == len(MIXED)
+
+
+def test_auto_refuses_a_file_with_no_known_format_in_one_line(tmp_path: Path,
+                                                              smollm2_dir) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"x": 1, "y": "a"}] * 3)
+    with pytest.raises(InputError, match=r"cannot detect the format from columns \['x', 'y'\]"):
+        score(null_config(data, tmp_path / "out", smollm2_dir, id_field=None))
+
+
+def _rows_with_repeats(n: int) -> list[dict]:
+    rows = [{"id": f"r{i}", "prompt": f"q{i}", "completion": f"a{i}"} for i in range(n)]
+    for i, first in ((7, 2), (8, 2), (30, 11), (31, 30)):
+        rows[i]["id"] = rows[first]["id"]
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl-slow", "parquet", "json"])
+def test_find_duplicates_names_the_first_row_of_each_id(tmp_path: Path, kind: str) -> None:
+    from profit_prep.pipeline import find_duplicates
+    from profit_prep.reading import open_source
+    from tests.conftest import write_rows
+
+    rows = _rows_with_repeats(40)
+    if kind == "jsonl-slow":  # an integer id somewhere: pyarrow's fast path gives up
+        rows[39]["id"] = 39
+    path = write_rows(tmp_path / f"d.{kind.split('-')[0]}", rows)
+    source = open_source(path, id_field="id")
+    if kind.startswith("jsonl"):  # pyarrow reads the ids unless a row defeats it
+        assert (source._arrow_id_hashes(40, 16) is None) == (kind == "jsonl-slow")
+    assert find_duplicates(source, len(source)) == {7: 2, 8: 2, 30: 11, 31: 11}
+    # Only the first n rows count (--limit).
+    assert find_duplicates(source, 10) == {7: 2, 8: 2}
+
+
+def test_find_duplicates_checks_hash_collisions_exactly(tmp_path: Path) -> None:
+    from profit_prep.pipeline import find_duplicates
+    from profit_prep.reading import JsonlSource
+
+    class Colliding(JsonlSource):
+        def id_hashes(self, n_rows: int, chunk: int = 10_000):
+            hashes, valid = super().id_hashes(n_rows, chunk)
+            hashes[:] = 42  # every id hashes alike: only the exact comparison tells them apart
+            return hashes, valid
+
+    path = write_jsonl(tmp_path / "d.jsonl", _rows_with_repeats(40))
+    source = Colliding(path, id_field="id")
+    assert find_duplicates(source, len(source)) == {7: 2, 8: 2, 30: 11, 31: 11}
