@@ -239,7 +239,8 @@ def prepare(config: ScoreConfig) -> Prepared:
     ``Prepared.config`` is ``config`` with ``backend="auto"`` replaced by the backend chosen.
     """
     check_numbers(config)
-    backend, reason = choose_backend(config, resumed=_started_backend(config))
+    started = _started_params(config)
+    backend, reason = choose_backend(config, resumed=started.get("backend"))
     config = replace(config, backend=backend)
     check_tensor_parallel(backend, config.tensor_parallel_size, reason)
     rule = config.mask_rule()
@@ -248,6 +249,9 @@ def prepare(config: ScoreConfig) -> Prepared:
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
     fmt = _check_format(source, config)
+    if fmt == "auto" and started.get("format") in FORMATS[1:]:
+        # An output started when auto meant "the first row's format" resumes as it began.
+        fmt = started["format"]
     # With --server the model is remote; the local folder only supplies the tokenizer.
     model_dir = resolve_model((config.tokenizer or config.model) if config.server else config.model)
     tokenizer_dir = resolve_model(config.tokenizer) if config.tokenizer else model_dir
@@ -306,14 +310,16 @@ def prepare(config: ScoreConfig) -> Prepared:
                     backend_reason=reason, end_of_turn_ids=eot)
 
 
-def _started_backend(config: ScoreConfig) -> str | None:
-    """The backend an unfinished or finished output in ``--out`` was started with, if any."""
+def _started_params(config: ScoreConfig) -> dict[str, Any]:
+    """The parameters an unfinished or finished output in ``--out`` was started with, if any:
+    a resume keeps choices that ``auto`` would make differently now (backend, format)."""
     if config.overwrite:
-        return None
+        return {}
     try:
-        return json.loads((Path(config.out) / "run.json").read_text()).get("backend")
-    except (OSError, ValueError, AttributeError):
-        return None  # no output yet, or a damaged one: OutputDir says so with one line
+        params = json.loads((Path(config.out) / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}  # no output yet, or a damaged one: OutputDir says so with one line
+    return params if isinstance(params, dict) else {}
 
 
 def find_duplicates(source: Source, n_rows: int) -> dict[int, int]:

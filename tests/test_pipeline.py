@@ -289,6 +289,29 @@ def test_auto_mixed_resume_matches_the_uninterrupted_output(tmp_path: Path, smol
     assert sum(resumed["render"]["formats"].values()) == len(MIXED)
 
 
+def test_an_output_started_when_auto_meant_the_first_rows_format_resumes(
+    tmp_path: Path, smollm2_dir
+) -> None:
+    """Before per-row detection, run.json recorded auto's choice (the first row's format): such
+    an unfinished output resumes in that format instead of being refused as changed."""
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                         {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    first = score(null_config(data, out, smollm2_dir))
+    run_json = out / "run.json"
+    params = json.loads(run_json.read_text())
+    assert params["format"] == "auto"
+    run_json.write_text(json.dumps({**params, "format": "messages"}))  # as the old version wrote
+    (out / "data" / "part-00001.parquet").unlink()
+    (out / "manifest.json").unlink()
+    again = score(null_config(data, out, smollm2_dir))
+    assert (first["resumed_shards"], again["resumed_shards"]) == (0, 1)
+    assert again["scored_rows"] == len(rows)
+    assert json.loads((out / "manifest.json").read_text())["render"]["format"] == "messages"
+
+
 def test_auto_refuses_a_file_with_no_known_format_in_one_line(tmp_path: Path,
                                                               smollm2_dir) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"x": 1, "y": "a"}] * 3)
