@@ -206,12 +206,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from profit_prep.views.flat import load_flat, load_output_tokenizer
-    from profit_prep.views.stats import compute_stats, format_stats
+    from profit_prep.views.flat import iter_flat, load_output_tokenizer
+    from profit_prep.views.stats import StatsAccumulator, format_stats
     from profit_prep.views.text import stats_json
 
-    flat = load_flat(args.out, **_rule_args(args))
-    stats = compute_stats(flat, load_output_tokenizer(args.out, args.tokenizer))
+    # Shard by shard: memory stays that of one shard, however large the output.
+    acc = StatsAccumulator()
+    for flat in iter_flat(args.out, **_rule_args(args)):
+        acc.add(flat)
+        del flat  # not held while the next shard is read
+    stats = acc.finish(load_output_tokenizer(args.out, args.tokenizer))
     print(stats_json(stats) if args.json else format_stats(stats))
     return 0
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -773,3 +774,108 @@ def test_top_k_ties_fall_the_same_in_the_loader_and_the_views(tmp_path: Path,
         loaded = np.concatenate([np.array(m, bool) for m in
                                  load(tmp_path / "o", select=rule)["completion_mask"]])
         np.testing.assert_array_equal(rule_keep(load_flat(tmp_path / "o"), rule), loaded, text)
+
+
+# -- stats shard by shard -------------------------------------------------------------------------
+
+STREAM_RULES = {
+    "stored": {},
+    "higher": {"tau": 3e-5},
+    "lower-unprotected": {"strategy": "lower", "protect": "none"},
+    "middle": {"strategy": "middle", "tau_low": 1.8e-5, "tau_high": 2.2e-5},
+    "random": {"strategy": "random", "keep_fraction": 0.4, "seed": 7},
+}
+
+
+@pytest.mark.parametrize("rule", STREAM_RULES.values(), ids=STREAM_RULES.keys())
+def test_stats_shard_by_shard_equal_the_whole_output(
+    signals_out: Path, smollm2_tokenizer, rule: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accumulated over shards, every number (and the order of top tokens) is the whole's."""
+    from profit_prep.views.flat import iter_flat, load_flat
+    from profit_prep.views.stats import compute_stats
+    from profit_prep.views.text import stats_json
+
+    assert len(json.loads((signals_out / "manifest.json").read_text())["shards"]) == 3
+    tok = smollm2_tokenizer
+    whole = load_flat(signals_out, **rule)
+    # Thresholds around this random model's p (about 1/vocab), so the sweep is not all-or-none.
+    options = {"thresholds": (1.5e-5, 2e-5, 2.5e-5, 0.5), "bins": 7, "top": 200}
+    expect = compute_stats(whole, tok, **options)
+    assert compute_stats(iter_flat(signals_out, **rule), tok, **options) == expect
+    sweep = [p["masked_tokens"] for p in expect["threshold_sweep"]["points"]]
+    assert 0 < sweep[0] < sweep[2] < expect["response_tokens"]
+    assert 0 < expect["masked_tokens"] < expect["response_tokens"]
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in rule.items()]
+    assert main(["stats", str(signals_out), "--json", *flags]) == 0
+    assert capsys.readouterr().out == stats_json(compute_stats(whole, tok)) + "\n"
+
+
+@pytest.mark.parametrize("rule", STREAM_RULES.values(), ids=STREAM_RULES.keys())
+def test_a_shard_read_alone_has_the_rows_of_the_whole(signals_out: Path, rule: dict) -> None:
+    """Masks (random's too: drawn per example id and position) do not depend on the shard."""
+    from profit_prep.views.flat import iter_flat, load_flat
+
+    whole = load_flat(signals_out, **rule)
+    parts = list(iter_flat(signals_out, **rule))
+    alone = [load_flat(signals_out, shards=[i], **rule) for i in range(len(parts))]
+    assert [p.n_examples for p in parts] == [3, 3, 2]
+    for pieces in (parts, alone):
+        assert sum((p.example_ids for p in pieces), []) == whole.example_ids
+        for name in ("keep", "stored_keep", "response", "input_ids", "logprobs", "end_of_turn",
+                     "top1", "source_index"):
+            got = np.concatenate([getattr(p, name) for p in pieces])
+            np.testing.assert_array_equal(got, getattr(whole, name), name)
+    assert load_flat(signals_out, shards=[2, 0], **rule).example_ids == (
+        alone[2].example_ids + alone[0].example_ids)
+
+
+def test_stats_never_holds_more_than_one_shard(
+    signals_out: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No column of more rows than a shard holds becomes numpy, and the checksums are read once.
+
+    Counted, not timed: the old stats concatenated every shard into one table first.
+    """
+    import profit_prep.views.flat as flat_module
+
+    rows: list[int] = []
+    checks: list[bool] = []
+    flat_list, check_shards = flat_module.flat_list, flat_module.check_shards
+
+    def counting_flat_list(column: Any) -> tuple[np.ndarray, np.ndarray]:
+        rows.append(len(column))
+        return flat_list(column)
+
+    def counting_check(path: Any, manifest: dict, *, checksum: bool = True) -> None:
+        checks.append(checksum)
+        return check_shards(path, manifest, checksum=checksum)
+
+    monkeypatch.setattr(flat_module, "flat_list", counting_flat_list)
+    monkeypatch.setattr(flat_module, "check_shards", counting_check)
+    for rule in ([], ["--strategy", "random", "--keep-fraction", "0.3"]):
+        rows.clear()
+        checks.clear()
+        assert main(["stats", str(signals_out), "--json", *rule]) == 0
+        assert json.loads(capsys.readouterr().out)["examples"] == 8
+        assert rows and max(rows) == 3  # shards of 3 rows; the whole output has 8
+        assert checks.count(True) == 1  # the integrity check: once for the output, not per shard
+
+
+def test_a_damaged_shard_is_refused_before_any_shard_is_read(
+    signals_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from profit_prep.errors import InputError
+    from profit_prep.views.flat import iter_flat
+
+    out = tmp_path / "out"
+    shutil.copytree(signals_out, out)
+    shards = sorted((out / "data").glob("part-*.parquet"))
+    shutil.copy(shards[0], shards[-1])  # a valid Parquet file, but not the one the run wrote
+    with pytest.raises(InputError, match="damaged output: data/part-00002.parquet"):
+        iter_flat(out)  # eager: no shard is yielded (or counted) before the refusal
+    assert main(["stats", str(out)]) == 2
+    assert "damaged output" in capsys.readouterr().err

@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,32 +102,57 @@ class Flat:
         return self.signals[name]
 
 
-def read_table(out: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """All shards of a finished output as one Arrow table (``top1_id`` added when present)."""
+def read_table(
+    out: str | Path, columns: Sequence[str] | None = None, shards: Sequence[int] | None = None
+) -> pa.Table:
+    """All shards of a finished output as one Arrow table (``top1_id`` added when present), or
+    only the ``shards`` given (indices into the manifest's list, in that order)."""
     manifest = read_manifest(out)
-    files = [Path(out) / s["file"] for s in manifest["shards"]]
-    if not files:
-        raise InputError(f"{out}: the output holds no shards")
+    files = _shard_files(out, manifest)
     # A shard copied over another, truncated or missing is refused, never shown (twice).
     check_shards(out, manifest)
-    names = set(pq.read_schema(files[0]).names)
-    wanted = [c for c in (columns or CORE_COLUMNS) if c in names]
-    if TOP1_COLUMN in names and TOP1_COLUMN not in wanted:
-        wanted.append(TOP1_COLUMN)
-    tables = []
-    for f in files:
-        try:
-            tables.append(pq.read_table(f, columns=wanted))
-        except (pa.ArrowException, OSError) as exc:  # a damaged page behind a valid footer
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(
-                f"{out}: damaged output: {f.relative_to(out)} cannot be read ({reason}); "
-                f"`profit-prep verify {out}` lists every problem"
-            ) from None
+    wanted = _wanted_columns(files[0], columns)
+    tables = [_read_shard(out, files[i], wanted) for i in _shard_indices(files, shards)]
     try:
         return pa.concat_tables(tables)
     except pa.ArrowInvalid as exc:  # shards of different schemas
         raise InputError(f"{out}: damaged output: the shards' columns differ ({exc})") from None
+
+
+def _shard_files(out: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    files = [Path(out) / s["file"] for s in manifest["shards"]]
+    if not files:
+        raise InputError(f"{out}: the output holds no shards")
+    return files
+
+
+def _shard_indices(files: Sequence[Path], shards: Sequence[int] | None) -> list[int]:
+    if shards is None:
+        return list(range(len(files)))
+    bad = [i for i in shards if not 0 <= i < len(files)]
+    if bad or not shards:
+        raise IndexError(f"shards {list(shards)}: the output holds shards 0..{len(files) - 1}")
+    return list(shards)
+
+
+def _wanted_columns(first: Path, columns: Sequence[str] | None) -> list[str]:
+    """The columns to read, as the first shard holds them (every shard must match it)."""
+    names = set(pq.read_schema(first).names)
+    wanted = [c for c in (columns or CORE_COLUMNS) if c in names]
+    if TOP1_COLUMN in names and TOP1_COLUMN not in wanted:
+        wanted.append(TOP1_COLUMN)
+    return wanted
+
+
+def _read_shard(out: str | Path, file: Path, wanted: Sequence[str]) -> pa.Table:
+    try:
+        return pq.read_table(file, columns=list(wanted))
+    except (pa.ArrowException, OSError) as exc:  # a damaged page behind a valid footer
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"{out}: damaged output: {file.relative_to(out)} cannot be read ({reason}); "
+            f"`profit-prep verify {out}` lists every problem"
+        ) from None
 
 
 def numeric_columns(out: str | Path) -> list[str]:
@@ -179,13 +204,11 @@ def resolve_rule(manifest: dict[str, Any], **overrides: Any) -> tuple[MaskRule, 
     return rule, any(v is not None for v in overrides.values())
 
 
-def load_flat(out: str | Path, *, columns: Sequence[str] = (), **rule: Any) -> Flat:
-    """Read an output into a :class:`Flat`; any rule parameter given (``strategy``, ``tau``,
-    ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``, ``protect``) re-thresholds the mask.
-
-    ``columns`` names extra per-token columns to read into ``Flat.signals`` (see
-    :func:`numeric_columns`); ``prob`` and ``logprobs`` are always there.
-    """
+def _prepare(
+    out: str | Path, columns: Sequence[str], rule: dict[str, Any]
+) -> tuple[dict[str, Any], MaskRule, bool, list[str]]:
+    """The manifest, the rule in use (and whether it was given) and the extra columns to read,
+    all checked before any token is read."""
     unknown = sorted(set(rule) - set(RULE_PARAMETERS))
     if unknown:
         raise TypeError(f"load_flat got unknown rule parameters {unknown}")
@@ -193,7 +216,78 @@ def load_flat(out: str | Path, *, columns: Sequence[str] = (), **rule: Any) -> F
     rule_used, changed = resolve_rule(manifest, **rule)
     extra = [c for c in dict.fromkeys(columns) if c not in (PROB, "logprobs")]
     check_columns(out, extra)
-    table = read_table(out, [*CORE_COLUMNS, *extra])
+    return manifest, rule_used, changed, extra
+
+
+def load_flat(
+    out: str | Path,
+    *,
+    columns: Sequence[str] = (),
+    shards: Sequence[int] | None = None,
+    **rule: Any,
+) -> Flat:
+    """Read an output into a :class:`Flat`; any rule parameter given (``strategy``, ``tau``,
+    ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``, ``protect``) re-thresholds the mask.
+
+    ``columns`` names extra per-token columns to read into ``Flat.signals`` (see
+    :func:`numeric_columns`); ``prob`` and ``logprobs`` are always there. ``shards`` reads only
+    those shards (indices into the manifest's list); :func:`iter_flat` reads one at a time.
+    """
+    manifest, rule_used, changed, extra = _prepare(out, columns, rule)
+    table = read_table(out, [*CORE_COLUMNS, *extra], shards)
+    if changed:
+        end_of_turn_ids_of(manifest, rule_used)  # a clear error when it cannot protect
+    return _flat_of(table, manifest, rule_used, changed, extra)
+
+
+def iter_flat(out: str | Path, *, columns: Sequence[str] = (), **rule: Any) -> Iterator[Flat]:
+    """The output as one :class:`Flat` per shard, in order: what :func:`load_flat` gives, in
+    pieces, so a view that accumulates (``stats``) holds one shard in memory, not the output.
+
+    Everything that can be refused (rule, columns, the shards' checksums) is checked here, once,
+    before the first shard is read; a row's mask does not depend on its shard (``random`` draws
+    per example id and position).
+    """
+    manifest, rule_used, changed, extra = _prepare(out, columns, rule)
+    files = _shard_files(out, manifest)
+    check_shards(out, manifest)
+    if changed:
+        end_of_turn_ids_of(manifest, rule_used)
+    wanted = _wanted_columns(files[0], [*CORE_COLUMNS, *extra])
+    return _iter_shards(out, files, wanted, manifest, rule_used, changed, extra)
+
+
+def _iter_shards(
+    out: str | Path,
+    files: Sequence[Path],
+    wanted: Sequence[str],
+    manifest: dict[str, Any],
+    rule: MaskRule,
+    changed: bool,
+    extra: Sequence[str],
+) -> Iterator[Flat]:
+    schema = None
+    for file in files:
+        table = _read_shard(out, file, wanted)
+        # What concat_tables refuses in read_table: shards of different schemas.
+        if schema is None:
+            schema = table.schema
+        elif not table.schema.equals(schema):
+            raise InputError(f"{out}: damaged output: the shards' columns differ "
+                             f"({file.relative_to(out)} and {files[0].relative_to(out)})")
+        flat = _flat_of(table, manifest, rule, changed, extra)
+        del table  # held here, the previous shard would live on while the next one is read
+        yield flat
+        del flat
+
+
+def _flat_of(
+    table: pa.Table,
+    manifest: dict[str, Any],
+    rule_used: MaskRule,
+    changed: bool,
+    extra: Sequence[str],
+) -> Flat:
     lengths = pc.list_value_length(table.column("input_ids").combine_chunks())
     offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
     np.cumsum(lengths.to_numpy(zero_copy_only=False), out=offsets[1:])
@@ -205,7 +299,6 @@ def load_flat(out: str | Path, *, columns: Sequence[str] = (), **rule: Any) -> F
     end_ids = (manifest.get("render") or {}).get("end_of_turn_ids") or []
     end_of_turn = end_of_turn_tokens(input_ids, response, end_ids)
     if changed:
-        end_of_turn_ids_of(manifest, rule_used)  # a clear error when it cannot protect
         keep = apply_rule(rule_used, logprobs, response, lengths=np.diff(offsets),
                           example_ids=example_ids, end_of_turn=end_of_turn)
     else:

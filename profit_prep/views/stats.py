@@ -3,11 +3,14 @@ kept tokens, the end-of-turn share; as a dict (``stats --json``) or text.
 
 Example:
     >>> stats = compute_stats(load_flat("demo-out"), tokenizer)  # doctest: +SKIP
+    >>> stats = compute_stats(iter_flat("demo-out"), tokenizer)  # doctest: +SKIP
+
+``iter_flat`` reads one shard at a time: memory does not grow with the output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,13 +34,30 @@ QUANTILES = {
 # -- statistics ------------------------------------------------------------------------------
 
 
-def _histogram(values: np.ndarray, bins: int) -> dict[str, list[float]]:
-    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+def _histogram(counts: np.ndarray, bins: int) -> dict[str, list[float]]:
+    return {"edges": [round(float(e), 6) for e in _edges(bins)],
+            "counts": [int(c) for c in counts]}
 
 
-def _top_tokens(ids: np.ndarray, top: int, tokenizer: Any | None) -> list[dict[str, Any]]:
-    values, counts = np.unique(ids, return_counts=True)
+def _edges(bins: int) -> np.ndarray:
+    return np.histogram_bin_edges(np.empty(0), bins=bins, range=(0.0, 1.0))
+
+
+def _bin_counts(values: np.ndarray, bins: int) -> np.ndarray:
+    # A fixed range bins each value on its own, so counts of parts add up to the whole's.
+    return np.histogram(values, bins=bins, range=(0.0, 1.0))[0].astype(np.int64)
+
+
+def _add_counts(total: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``total`` plus the occurrences of each token id in ``ids`` (grown to the largest id)."""
+    counts = np.bincount(ids, minlength=total.size)
+    counts[: total.size] += total
+    return counts
+
+
+def _top_tokens(counts: np.ndarray, top: int, tokenizer: Any | None) -> list[dict[str, Any]]:
+    values = np.flatnonzero(counts)
+    counts = counts[values]
     order = np.lexsort((values, -counts))[:top]  # most frequent first, ties by id
     strings = token_strings(tokenizer, values[order]) if tokenizer is not None else None
     return [
@@ -50,72 +70,119 @@ def _top_tokens(ids: np.ndarray, top: int, tokenizer: Any | None) -> list[dict[s
     ]
 
 
+class StatsAccumulator:
+    """:func:`compute_stats` in parts: :meth:`add` one :class:`Flat` at a time (a shard, from
+    :func:`profit_prep.views.flat.iter_flat`), then :meth:`finish`; the result equals
+    ``compute_stats`` of all of them read as one. It keeps counts, plus one float per example
+    (the quantiles need every example's masked fraction), never the tokens.
+    """
+
+    def __init__(self, thresholds: Sequence[float] = SWEEP_THRESHOLDS, bins: int = 20) -> None:
+        self.thresholds = tuple(thresholds)
+        self.bins = bins
+        self.rule: MaskRule | None = None
+        self.rethresholded = False
+        self.examples = self.tokens = self.response = self.kept = self.masked = 0
+        self.end = self.end_masked = 0
+        self.below = np.zeros(len(self.thresholds), dtype=np.int64)
+        self.prob_counts = np.zeros(bins, dtype=np.int64)
+        self.masked_ids = np.zeros(0, dtype=np.int64)
+        self.kept_ids = np.zeros(0, dtype=np.int64)
+        self.fractions: list[np.ndarray] = []
+
+    def add(self, flat: Flat) -> None:
+        if self.rule is None:
+            self.rule, self.rethresholded = flat.rule, flat.rethresholded
+        p = flat.probs
+        resp = flat.response
+        masked = flat.masked
+        p_resp = p[resp]
+        finite = np.isfinite(p_resp)
+        # Sorted once, every threshold is a binary search: masked = response tokens below tau.
+        ordered = np.sort(np.where(finite, p_resp, -1.0))
+        self.below += np.searchsorted(ordered, self.thresholds, side="left")
+        self.prob_counts += _bin_counts(p_resp[finite], self.bins)
+
+        row_of_token = np.repeat(np.arange(flat.n_examples), flat.lengths)
+        resp_per = np.bincount(row_of_token, weights=resp, minlength=flat.n_examples)
+        masked_per = np.bincount(row_of_token, weights=masked, minlength=flat.n_examples)
+        has_resp = resp_per > 0
+        self.fractions.append(masked_per[has_resp] / resp_per[has_resp])
+
+        self.examples += flat.n_examples
+        self.tokens += int(flat.input_ids.size)
+        self.response += int(resp.sum())
+        self.kept += int(flat.keep.sum())
+        self.masked += int(masked.sum())
+        self.masked_ids = _add_counts(self.masked_ids, flat.input_ids[masked])
+        self.kept_ids = _add_counts(self.kept_ids, flat.input_ids[flat.keep])
+        if flat.end_of_turn is not None:
+            self.end += int(flat.end_of_turn.sum())
+            self.end_masked += int((flat.end_of_turn & masked).sum())
+
+    def finish(self, tokenizer: Any | None = None, *, top: int = 20) -> dict[str, Any]:
+        if self.rule is None:
+            raise ValueError("no Flat was added")
+        n_resp, n_masked = self.response, self.masked
+        sweep = [
+            {
+                "tau": float(tau),
+                "masked_tokens": int(below),
+                "masked_fraction": int(below) / n_resp if n_resp else 0.0,
+            }
+            for tau, below in zip(self.thresholds, self.below, strict=True)
+        ]
+        # One array in example order: the same mean and quantiles as over a single Flat.
+        frac = np.concatenate(self.fractions)
+        per_example: dict[str, Any] = {"examples_with_response": int(frac.size)}
+        if frac.size:
+            per_example["mean"] = float(frac.mean())
+            per_example["quantiles"] = {
+                k: float(np.quantile(frac, q)) for k, q in QUANTILES.items()
+            }
+        else:
+            per_example["mean"] = None
+            per_example["quantiles"] = dict.fromkeys(QUANTILES)
+        per_example["histogram"] = _histogram(_bin_counts(frac, self.bins), self.bins)
+        n_end, n_end_masked = self.end, self.end_masked
+        return {
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "response_tokens": n_resp,
+            "kept_tokens": self.kept,
+            "masked_tokens": n_masked,
+            "masked_fraction": n_masked / n_resp if n_resp else 0.0,
+            "rule": self.rule.to_dict(),
+            "rule_source": "re-thresholded" if self.rethresholded else "stored",
+            "threshold_sweep": {"strategy": "higher", "points": sweep},
+            "probability_histogram": _histogram(self.prob_counts, self.bins),
+            "top_masked": _top_tokens(self.masked_ids, top, tokenizer),
+            "top_kept": _top_tokens(self.kept_ids, top, tokenizer),
+            "per_example_masked_fraction": per_example,
+            "end_of_turn": {"tokens": n_end, "masked": n_end_masked,
+                            "masked_fraction": n_end_masked / n_end if n_end else None},
+        }
+
+
 def compute_stats(
-    flat: Flat,
+    flat: Flat | Iterable[Flat],
     tokenizer: Any | None = None,
     *,
     thresholds: Sequence[float] = SWEEP_THRESHOLDS,
     bins: int = 20,
     top: int = 20,
 ) -> dict[str, Any]:
-    """Token counts, a threshold sweep, histograms and the most masked/kept tokens.
+    """Token counts, a threshold sweep, histograms and the most masked/kept tokens, of one
+    :class:`Flat` or of several as one (``iter_flat(out)``: one shard in memory at a time).
 
     The sweep applies the paper's rule (``higher``: keep p >= tau) at each threshold, whatever
     rule the output was scored with. Probabilities that are NaN count as masked (never kept).
     """
-    p = flat.probs
-    resp = flat.response
-    masked = flat.masked
-    n_resp = int(resp.sum())
-    p_resp = p[resp]
-    finite = p_resp[np.isfinite(p_resp)]
-    # Sorted once, every threshold is a binary search: masked = response tokens below tau.
-    ordered = np.sort(np.where(np.isfinite(p_resp), p_resp, -1.0))
-    sweep = []
-    for tau in thresholds:
-        below = int(np.searchsorted(ordered, tau, side="left"))
-        sweep.append(
-            {
-                "tau": float(tau),
-                "masked_tokens": below,
-                "masked_fraction": below / n_resp if n_resp else 0.0,
-            }
-        )
-
-    row_of_token = np.repeat(np.arange(flat.n_examples), flat.lengths)
-    resp_per = np.bincount(row_of_token, weights=resp, minlength=flat.n_examples)
-    masked_per = np.bincount(row_of_token, weights=masked, minlength=flat.n_examples)
-    has_resp = resp_per > 0
-    frac = masked_per[has_resp] / resp_per[has_resp]
-    per_example: dict[str, Any] = {"examples_with_response": int(has_resp.sum())}
-    if frac.size:
-        per_example["mean"] = float(frac.mean())
-        per_example["quantiles"] = {k: float(np.quantile(frac, q)) for k, q in QUANTILES.items()}
-    else:
-        per_example["mean"] = None
-        per_example["quantiles"] = dict.fromkeys(QUANTILES)
-    per_example["histogram"] = _histogram(frac, bins)
-
-    n_masked = int(masked.sum())
-    end = flat.end_of_turn if flat.end_of_turn is not None else np.zeros_like(resp)
-    n_end, n_end_masked = int(end.sum()), int((end & masked).sum())
-    return {
-        "examples": flat.n_examples,
-        "tokens": int(flat.input_ids.size),
-        "response_tokens": n_resp,
-        "kept_tokens": int(flat.keep.sum()),
-        "masked_tokens": n_masked,
-        "masked_fraction": n_masked / n_resp if n_resp else 0.0,
-        "rule": flat.rule.to_dict(),
-        "rule_source": "re-thresholded" if flat.rethresholded else "stored",
-        "threshold_sweep": {"strategy": "higher", "points": sweep},
-        "probability_histogram": _histogram(finite, bins),
-        "top_masked": _top_tokens(flat.input_ids[masked], top, tokenizer),
-        "top_kept": _top_tokens(flat.input_ids[flat.keep], top, tokenizer),
-        "per_example_masked_fraction": per_example,
-        "end_of_turn": {"tokens": n_end, "masked": n_end_masked,
-                        "masked_fraction": n_end_masked / n_end if n_end else None},
-    }
+    acc = StatsAccumulator(thresholds, bins)
+    for part in [flat] if isinstance(flat, Flat) else flat:
+        acc.add(part)
+        del part  # not held while the next part is read
+    return acc.finish(tokenizer, top=top)
 
 
 def _end_of_turn_line(stats: dict[str, Any]) -> str:
