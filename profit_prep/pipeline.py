@@ -33,11 +33,8 @@ from profit_prep.placement import check_tensor_parallel
 from profit_prep.reading import (
     FORMATS,
     FieldMap,
-    RawRow,
-    Source,
     detect_format,
     detect_row_format,
-    open_source,
     required_columns,
     to_messages,
 )
@@ -50,6 +47,7 @@ from profit_prep.rendering import (
 )
 from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
 from profit_prep.scoring import Scorer, signal_columns
+from profit_prep.sources import RawRow, Source, open_source
 
 
 def rejection(row: RawRow, reason: str) -> dict[str, Any]:

@@ -54,9 +54,10 @@ from profit_prep.placement import (
     default_cpus_per_worker,
     gpus_per_worker,
 )
-from profit_prep.reading import FieldMap, RawRow, Source
+from profit_prep.reading import FieldMap
 from profit_prep.rendering import Rendered, Renderer
 from profit_prep.scoring import bind_threads
+from profit_prep.sources import RawRow, Source
 from profit_prep.vllm_backend import worker_env
 
 
