@@ -22,9 +22,14 @@ import numpy as np
 
 from profit_prep.backends import make_scorer
 from profit_prep.config import ScoreConfig
-from profit_prep.format import to_table
 from profit_prep.output import OutputDir
-from profit_prep.pipeline import Prepared, mask_examples, prepare, render_rows, score_sequences
+from profit_prep.pipeline import (
+    Prepared,
+    prepare,
+    render_rows,
+    score_sequences,
+    write_scored_shard,
+)
 from profit_prep.scoring import Scorer
 
 
@@ -216,9 +221,8 @@ def score_shards(
             scored_tokens += n_tok
             progress.update(len(part), n_tok)
         t = time.perf_counter()
-        examples = mask_examples(rendered, logprobs, rule, extras, prepared.end_of_turn_ids)
-        out.write_shard(index, to_table(examples), rejected, digest, prepared.end_of_turn_ids,
-                        [row.fmt for row, _ in rendered])
+        write_scored_shard(out, index, rendered, logprobs, rule, extras,
+                           prepared.end_of_turn_ids, rejected, digest)
         timing["write_s"] += time.perf_counter() - t
     return timing, scored_tokens
 

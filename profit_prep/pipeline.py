@@ -25,7 +25,7 @@ from profit_prep import __version__
 from profit_prep.backends import check_signals, choose_backend, make_scorer, top_k_backend
 from profit_prep.config import ScoreConfig, check_numbers
 from profit_prep.errors import InputError, RowError
-from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample
+from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
 from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
 from profit_prep.models import model_content_hash, resolve_model
 from profit_prep.output import OutputDir
@@ -126,6 +126,24 @@ def mask_examples(
             )
         )
     return out
+
+
+def write_scored_shard(
+    out: OutputDir,
+    index: int,
+    rendered: list[tuple[RawRow, Rendered]],
+    logprobs: list[np.ndarray],
+    rule: MaskRule,
+    extras: list[dict[str, np.ndarray]] | None,
+    end_of_turn_ids: Sequence[int],
+    rejected: list[dict[str, Any]],
+    input_digest: str,
+) -> None:
+    """Step 3 and the write, as both drivers end a shard: mask, then one atomic shard file with
+    its input digest and counts (end-of-turn tokens, rows per input format) in the footer."""
+    examples = mask_examples(rendered, logprobs, rule, extras, end_of_turn_ids)
+    out.write_shard(index, to_table(examples), rejected, input_digest, end_of_turn_ids,
+                    [row.fmt for row, _ in rendered])
 
 
 @dataclass

@@ -45,9 +45,8 @@ from profit_prep.backends import make_scorer
 from profit_prep.config import ScoreConfig
 from profit_prep.driver import TIMINGS, Progress, Scored, run_job
 from profit_prep.errors import InputError
-from profit_prep.format import to_table
 from profit_prep.output import OutputDir, os_reason
-from profit_prep.pipeline import Prepared, mask_examples, render_rows, score_sequences
+from profit_prep.pipeline import Prepared, render_rows, score_sequences, write_scored_shard
 from profit_prep.placement import (
     alive_nodes,
     check_fit,
@@ -183,11 +182,9 @@ class WriteShards:
         # the scores deterministic, so it is kept, and the driver records the repeat.
         again = self.out.shard_done(work.index)
         if not again:
-            examples = mask_examples(work.rendered, work.logprobs, self.job.config.mask_rule(),
-                                     work.extras, self.job.end_of_turn_ids)
-            self.out.write_shard(work.index, to_table(examples), work.rejected,
-                                 work.input_digest, self.job.end_of_turn_ids,
-                                 [row.fmt for row, _ in work.rendered])
+            write_scored_shard(self.out, work.index, work.rendered, work.logprobs,
+                               self.job.config.mask_rule(), work.extras,
+                               self.job.end_of_turn_ids, work.rejected, work.input_digest)
         # Ray Data rows are flat columns: the figures the driver sums, per shard.
         return {
             "index": work.index,

@@ -70,11 +70,22 @@ class Source:
         hashes = np.zeros(n_rows, np.int64)
         valid = np.zeros(n_rows, bool)
         for start in range(0, n_rows, chunk):
-            for row in self.read(start, min(start + chunk, n_rows)):
-                if row.error is None:
-                    hashes[row.index] = hash(row.example_id)
-                    valid[row.index] = True
+            ids = [None if row.error else row.example_id
+                   for row in self.read(start, min(start + chunk, n_rows))]
+            _hash_ids(ids, start, hashes, valid)
         return hashes, valid
+
+    def _parse(self, index: int, raw: bytes) -> RawRow:
+        """One JSON row's bytes (JSONL line, JSON-array element): a row, or why it is unreadable."""
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return RawRow(index, str(index), None, f"invalid UTF-8: {exc.reason}")
+        except json.JSONDecodeError as exc:
+            return RawRow(index, str(index), None, f"malformed JSON: {exc.msg}")
+        except RecursionError:
+            return RawRow(index, str(index), None, TOO_DEEP)
+        return self._wrap(index, data, self.id_field)
 
     def _wrap(self, index: int, data: Any, id_field: str | None) -> RawRow:
         if not isinstance(data, Mapping):
@@ -112,19 +123,7 @@ class JsonlSource(Source):
         with open(self.path, "rb") as f:
             for index in range(start, min(stop, len(self))):
                 f.seek(int(self.offsets[index]))
-                line = f.readline()
-                try:
-                    data = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError as exc:
-                    rows.append(RawRow(index, str(index), None, f"invalid UTF-8: {exc.reason}"))
-                    continue
-                except json.JSONDecodeError as exc:
-                    rows.append(RawRow(index, str(index), None, f"malformed JSON: {exc.msg}"))
-                    continue
-                except RecursionError:
-                    rows.append(RawRow(index, str(index), None, TOO_DEEP))
-                    continue
-                rows.append(self._wrap(index, data, self.id_field))
+                rows.append(self._parse(index, f.readline()))
         return rows
 
     def digest(self, start: int, stop: int) -> str:
@@ -172,10 +171,7 @@ class JsonlSource(Source):
                     return None
                 if table.num_rows != stop - start:  # one object per line, or ids misalign
                     return None
-                for i, value in enumerate(table.column(0).to_pylist(), start):
-                    if value is not None:
-                        hashes[i] = hash(value)
-                        valid[i] = True
+                _hash_ids(table.column(0).to_pylist(), start, hashes, valid)
         return hashes, valid
 
 
@@ -201,17 +197,6 @@ class JsonArraySource(Source):
                 rows.append(self._parse(index, f.read(end - begin)))
         return rows
 
-    def _parse(self, index: int, raw: bytes) -> RawRow:
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            return RawRow(index, str(index), None, f"invalid UTF-8: {exc.reason}")
-        except json.JSONDecodeError as exc:
-            return RawRow(index, str(index), None, f"malformed JSON: {exc.msg}")
-        except RecursionError:
-            return RawRow(index, str(index), None, TOO_DEEP)
-        return self._wrap(index, data, self.id_field)
-
     def digest(self, start: int, stop: int) -> str:
         stop = min(stop, len(self))
         if start >= stop:
@@ -223,6 +208,14 @@ class JsonArraySource(Source):
 
 
 TOO_DEEP = "JSON nested too deeply to parse"
+
+
+def _hash_ids(ids: list[str | None], start: int, hashes: np.ndarray, valid: np.ndarray) -> None:
+    """Hash the ids of rows ``start, start + 1, ...`` into ``hashes``; None (no id) is not valid."""
+    for i, value in enumerate(ids, start):
+        if value is not None:
+            hashes[i] = hash(value)
+            valid[i] = True
 _RELEASE = 64 << 20  # json_array_spans releases scanned pages of the file in steps of this
 _STRUCTURE = re.compile(rb'[\[\]{},"]')
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -348,11 +341,8 @@ class ArrowSource(Source):
         hashes = np.zeros(n_rows, np.int64)
         valid = np.zeros(n_rows, bool)
         for start in range(0, n_rows, chunk):
-            values = column.slice(start, min(chunk, n_rows - start)).to_pylist()
-            for i, value in enumerate(values, start):
-                if value is not None:
-                    hashes[i] = hash(value)
-                    valid[i] = True
+            _hash_ids(column.slice(start, min(chunk, n_rows - start)).to_pylist(), start,
+                      hashes, valid)
         return hashes, valid
 
     def digest(self, start: int, stop: int) -> str:
