@@ -36,6 +36,7 @@ from profit_prep.reading import (
     detect_format,
     detect_row_format,
     required_columns,
+    row_tools,
     to_messages,
 )
 from profit_prep.rendering import (
@@ -47,11 +48,14 @@ from profit_prep.rendering import (
 )
 from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
 from profit_prep.scoring import Scorer, signal_columns
-from profit_prep.sources import RawRow, Source, open_source
+from profit_prep.sources import RawRow, Source, escape_text, open_source
 
 
 def rejection(row: RawRow, reason: str) -> dict[str, Any]:
-    return {"example_id": row.example_id, "source_index": row.index, "reason": reason}
+    """A rejected row's record; text that is not valid Unicode is written escaped (``\\ud800``),
+    so the side file can always be written."""
+    return {"example_id": escape_text(row.example_id), "source_index": row.index,
+            "reason": escape_text(reason)}
 
 
 def render_rows(
@@ -80,7 +84,8 @@ def render_rows(
             continue
         try:
             row.fmt = detect_row_format(row.data, fields) if auto else fmt
-            rendered.append((row, renderer.render(to_messages(row.data, row.fmt, fields))))
+            messages = to_messages(row.data, row.fmt, fields)
+            rendered.append((row, renderer.render(messages, row_tools(row.data))))
         except RowError as exc:
             rejected.append(rejection(row, str(exc)))
         except RecursionError:  # a row nested deeper than the template engine can walk
@@ -249,6 +254,32 @@ def _check_format(source: Source, config: ScoreConfig) -> str:
     return fmt
 
 
+def check_template(renderer: Renderer, source: Source, fmt: str, fields: FieldMap) -> None:
+    """A chat template that cannot be compiled, or that fails on every one of the first 50
+    readable rows, is one :class:`InputError` before scoring, not every row rejected."""
+    renderer.check_template()
+    failed: list[tuple[RawRow, str]] = []
+    for row in source.read(0, min(len(source), 50)):
+        if row.data is None:
+            continue
+        try:
+            row_fmt = detect_row_format(row.data, fields) if fmt == "auto" else fmt
+            messages, tools = to_messages(row.data, row_fmt, fields), row_tools(row.data)
+        except RowError:
+            continue  # a row the template never sees
+        try:
+            renderer.render_text(messages, tools)
+            return
+        except RowError as exc:
+            failed.append((row, str(exc)))
+        except RecursionError:
+            continue
+    if failed:
+        row, reason = failed[0]
+        raise InputError(f"{reason} on every row tried ({len(failed)} of the first rows; row "
+                         f"{row.index} shown): fix the chat template")
+
+
 def prepare(config: ScoreConfig) -> Prepared:
     """Resolve the backend, model, tokenizer, template and input; fail early with one line.
 
@@ -320,6 +351,7 @@ def prepare(config: ScoreConfig) -> Prepared:
         "columns": columns,
     }
     renderer = Renderer(tokenizer, template, config.max_length)
+    check_template(renderer, source, fmt, config.fields())
     eot = end_of_turn_ids(renderer)
     manifest["render"]["end_of_turn_ids"] = eot
     return Prepared(config, source, fmt, model_dir, renderer, params, manifest,

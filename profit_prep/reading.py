@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,14 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _optional_text(row: Mapping[str, Any], key: str | None) -> str | None:
+    """An optional text column: absent, null or ``""`` is "none"; any other value must be a
+    string (``0`` or ``false`` is data that would vanish, so it is a reason, never skipped)."""
+    if key is None or row.get(key) is None or row.get(key) == "":
+        return None
+    return _text(row[key], key)
+
+
 def _message(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise RowError(f"{where} is not an object")
@@ -132,8 +141,47 @@ def _sharegpt(raw: Any) -> list[dict[str, Any]]:
         if speaker not in SHAREGPT_ROLES:
             raise RowError(f"conversations[{i}] has unknown speaker {speaker!r}")
         content = _text(turn.get("value"), f"conversations[{i}] value")
-        out.append({"role": SHAREGPT_ROLES[speaker], "content": content})
+        # Other keys of the turn go along: the renderer rejects the row if the template
+        # ignores one that holds data, rather than dropping it here unseen.
+        extra = {k: v for k, v in turn.items() if k not in ("from", "value")}
+        out.append({**extra, "role": SHAREGPT_ROLES[speaker], "content": content})
     return out
+
+
+def _history(raw: Any) -> list[dict[str, Any]]:
+    """Alpaca's (LLaMA-Factory's) ``history``: earlier ``[prompt, response]`` pairs, as turns."""
+    if raw is None or raw == []:
+        return []
+    if not isinstance(raw, list):
+        raise RowError("history must be a list of [prompt, response] pairs")
+    out = []
+    for i, pair in enumerate(raw):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RowError(f"history[{i}] must be a [prompt, response] pair")
+        out.append({"role": "user", "content": _text(pair[0], f"history[{i}][0]")})
+        out.append({"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")})
+    return out
+
+
+def row_tools(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The row's ``tools`` column (TRL's tool-calling format: a list of JSON-schema function
+    definitions, or that list as a JSON string, as LLaMA-Factory stores it), for the chat
+    template's ``tools`` argument; None when the row has none."""
+    raw = row.get("tools")
+    if raw is None or raw == "" or raw == []:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError):
+            raise RowError("tools is a string but not valid JSON") from None
+        if raw is None or raw == []:
+            return None
+    if isinstance(raw, Mapping):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
+        raise RowError("tools must be a list of function definitions (objects)")
+    return [dict(t) for t in raw]
 
 
 def to_messages(row: Mapping[str, Any], fmt: str, fields: FieldMap) -> list[dict[str, Any]]:
@@ -145,15 +193,18 @@ def to_messages(row: Mapping[str, Any], fmt: str, fields: FieldMap) -> list[dict
         messages = _messages(row["messages"], "messages")
     elif fmt == "sharegpt":
         messages = _sharegpt(row["conversations"])
-        if isinstance(row.get("system"), str) and row["system"]:
-            messages.insert(0, {"role": "system", "content": row["system"]})
+        system = _optional_text(row, "system")
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
     elif fmt == "alpaca":
         instruction = _text(row["instruction"], "instruction")
-        extra = row.get("input") or ""
-        prompt = f"{instruction}\n\n{_text(extra, 'input')}" if extra else instruction
-        messages = [{"role": "user", "content": prompt}]
-        if row.get("system"):
-            messages.insert(0, {"role": "system", "content": _text(row["system"], "system")})
+        extra = _optional_text(row, "input")
+        prompt = f"{instruction}\n\n{extra}" if extra is not None else instruction
+        messages = _history(row.get("history"))
+        messages.append({"role": "user", "content": prompt})
+        system = _optional_text(row, "system")
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
         messages.append({"role": "assistant", "content": _text(row["output"], "output")})
     elif fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]
@@ -170,8 +221,8 @@ def to_messages(row: Mapping[str, Any], fmt: str, fields: FieldMap) -> list[dict
             {"role": "user", "content": _text(row[pf], pf)},
             {"role": "assistant", "content": _text(row[rf], rf)},
         ]
-        if fields.system_field and row.get(fields.system_field):
-            system = _text(row[fields.system_field], fields.system_field)
+        system = _optional_text(row, fields.system_field)
+        if system is not None:
             messages.insert(0, {"role": "system", "content": system})
     else:
         raise InputError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -180,9 +231,17 @@ def to_messages(row: Mapping[str, Any], fmt: str, fields: FieldMap) -> list[dict
 
 
 def check_conversation(messages: list[dict[str, Any]]) -> None:
-    """Reject conversations with nothing to train on."""
+    """Reject conversations with nothing to train on, or that no template renders as meant."""
     if not messages:
         raise RowError("empty conversation")
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is None:
+        raise RowError("conversation has only system turns, no assistant turn")
+    if messages[first]["role"] != "user":
+        # A turn with no user turn before it answers nothing (and chat templates start the
+        # conversation at a user turn): say so, rather than let a template fail on it.
+        raise RowError(f"conversation starts with a {messages[first]['role']} turn (turn "
+                       f"{first}), not a user turn")
     if messages[-1]["role"] != "assistant":
         raise RowError(f"conversation ends on a {messages[-1]['role']} turn, not an assistant turn")
     for i, m in enumerate(messages):

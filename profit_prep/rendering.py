@@ -9,6 +9,16 @@ for every template that renders a conversation left to right; a template that do
 rewrites earlier turns) is rejected per row, never guessed. Tokens are then mapped to those
 character spans through the fast tokenizer's offsets.
 
+Cost is linear in a row and bounded by ``max_length``: a row with more text than ``max_length``
+tokens could hold (``max_length`` x the longest token's bytes) is rejected before it is rendered,
+and a row of more than ``PREFIX_TURNS`` assistant turns is located in one pass (each answer
+replaced by a marker, :meth:`Renderer._marked_spans`) instead of two renders per turn, which
+is quadratic in the turns.
+
+Every field of a conversation reaches the text or the row is rejected naming it: a row's
+``tools`` go to the template's ``tools`` argument, and a message field or ``tools`` that the
+template ignores (the text is the same without it) is a reason (:meth:`Renderer._check_fields`).
+
 Special-token strings inside messages (``<|im_start|>`` typed by a user) stay text: the special
 tokens of ``input_ids`` are always exactly the template's own, whatever the content (see
 ``Renderer._data_ranges``).
@@ -46,6 +56,17 @@ PLAIN_TEMPLATE = (
 )
 
 
+# Rows of up to this many assistant turns are located turn by turn (two renders a turn: exact
+# for any left-to-right template); longer ones in one pass, checked on their first and last turn.
+PREFIX_TURNS = 8
+# Message fields besides role and content that one row may hold (one render each is checked).
+MAX_EXTRA_FIELDS = 16
+# An OpenAI correlation id: templates place tool answers by order, not by it, so none renders it.
+NOT_RENDERED = frozenset({"tool_call_id"})
+TEMPLATE_FAILED = "chat template failed"
+_TURN = re.compile("\ue002([0-9]+)\ue003")
+
+
 @dataclass
 class Rendered:
     """A rendered, tokenized example."""
@@ -72,10 +93,23 @@ def load_tokenizer(path: str | Path) -> Any:
 def resolve_template(tokenizer: Any, template: str | Path | None) -> tuple[str, str]:
     """The chat template to use and where it came from: a file, the tokenizer, or plain text."""
     if template is not None:
+        from profit_prep.sources import check_path
+
+        check_path(str(template), "--chat-template")
         path = Path(template)
         if not path.is_file():
-            raise InputError(f"chat template file {template} not found")
-        return path.read_text(encoding="utf-8"), f"file:{path.name}"
+            what = "not found" if not path.exists() else "not a file"
+            raise InputError(f"chat template file {template} {what}")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise InputError(f"chat template file {template} is not UTF-8 text") from None
+        if not text.strip():
+            # Refused rather than read as "the tokenizer's template": the manifest would record
+            # one template and the ids come from another.
+            raise InputError(f"chat template file {template} is empty; omit --chat-template to "
+                             "use the tokenizer's own template")
+        return text, f"file:{path.name}"
     if getattr(tokenizer, "chat_template", None):
         if isinstance(tokenizer.chat_template, dict):  # several named templates: use "default"
             return tokenizer.chat_template["default"], "tokenizer:default"
@@ -117,6 +151,13 @@ class Renderer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template or resolve_template(tokenizer, None)[0]
         self.max_length = max_length
+        # No token decodes to more bytes than its vocabulary string has (byte-level BPE: one
+        # character a byte; SentencePiece: the text itself, a space as 3-byte U+2581), so a row
+        # with more characters than this cannot fit in max_length tokens.
+        self.token_bytes = max(
+            (len(t.encode("utf-8", "surrogatepass")) for t in tokenizer.get_vocab()), default=1
+        )
+        self.max_chars = max_length * max(self.token_bytes, 1)
         # Special tokens only: other added tokens (Qwen3's "<think>") are ordinary vocabulary,
         # which the tokenizer matches in any text, split_special_tokens or not.
         self._special_ids = {
@@ -139,48 +180,201 @@ class Renderer:
         self._first_char = re.compile(f"[{re.escape(firsts)}]") if firsts else never
         self._last_char = re.compile(f"[{re.escape(lasts)}]") if lasts else never
 
-    def _text(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    def _text(
+        self,
+        messages: list[dict[str, Any]],
+        generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
                 chat_template=self.chat_template,
+                tools=tools,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
             )
         except Exception as exc:  # noqa: BLE001 - template errors are per-row input problems
-            raise RowError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+            raise RowError(f"{TEMPLATE_FAILED}: {type(exc).__name__}: {exc}") from None
 
-    def response_spans(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    def render_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The conversation's text as the chat template writes it (no generation prompt)."""
+        return self._text(messages, False, tools)
+
+    def check_template(self) -> None:
+        """Compile the chat template: a syntax error is one :class:`InputError` before any row
+        (else every row would be rejected with it and the run would exit 0)."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+        except ImportError:  # a transformers without it: the first row says it instead
+            return
+        import jinja2
+
+        try:
+            _compile_jinja_template(self.chat_template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise InputError(
+                f"chat template has a syntax error at line {exc.lineno}: {exc.message}"
+            ) from None
+
+    def response_spans(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The full rendered text and the character span of every assistant turn."""
-        full = self._text(messages, False)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start_text = self._text(messages[:i], True)
-            end_text = self._text(messages[: i + 1], False)
-            if not (full.startswith(end_text) and end_text.startswith(start_text)):
-                raise RowError(
-                    f"chat template renders assistant turn {i} differently inside the "
-                    "conversation than on its own, so its tokens cannot be located"
-                )
-            end = len(end_text)
-            # The end-of-turn token is trained; the whitespace a template puts after it is not.
-            while end > len(start_text) and end_text[end - 1].isspace():
-                end -= 1
-            spans.append((len(start_text), end))
+        full = self._text(messages, False, tools)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(turns) <= PREFIX_TURNS:
+            spans = [self._strip(full, *self._prefix_span(messages, tools, full, i))
+                     for i in turns]
+        else:
+            spans = self._marked_spans(messages, tools, full, turns)
         return full, spans
 
-    def render(self, messages: list[dict[str, Any]]) -> Rendered:
-        full, spans = self.response_spans(messages)
+    @staticmethod
+    def _strip(full: str, start: int, end: int) -> tuple[int, int]:
+        # The end-of-turn token is trained; the whitespace a template puts after it is not.
+        while end > start and full[end - 1].isspace():
+            end -= 1
+        return start, end
+
+    def _prefix_span(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str,
+        i: int,
+    ) -> tuple[int, int]:
+        """Assistant turn ``i``'s span by definition: from the end of the conversation before it
+        with the generation prompt, to the end of the conversation up to and including it."""
+        start_text = self._text(messages[:i], True, tools)
+        end_text = self._text(messages[: i + 1], False, tools)
+        if not (full.startswith(end_text) and end_text.startswith(start_text)):
+            raise RowError(
+                f"chat template renders assistant turn {i} differently inside the "
+                "conversation than on its own, so its tokens cannot be located"
+            )
+        return len(start_text), len(end_text)
+
+    def _marked_spans(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str,
+        turns: list[int],
+    ) -> list[tuple[int, int]]:
+        """Every assistant turn's span from one more render, linear in the row: each answer is
+        replaced by a marker, which gives where every answer stands in ``full``; the text the
+        first turn's exact span (:meth:`_prefix_span`) holds before and after its answer must
+        stand around every answer, and the last turn's span must equal its exact one."""
+        fail = RowError(
+            f"chat template renders the {len(turns)} assistant turns in a way that cannot be "
+            f"located in one pass (rows of up to {PREFIX_TURNS} are located turn by turn)"
+        )
+        marked = list(messages)
+        for j, i in enumerate(turns):
+            marked[i] = {**messages[i], "content": f"\ue002{j}\ue003"}
+        parts = _TURN.split(self._text(marked, False, tools))
+        texts, keys = parts[0::2], parts[1::2]
+        if keys != [str(j) for j in range(len(turns))] or not full.startswith(texts[0]) or any(
+            "\ue002" in t or "\ue003" in t for t in texts
+        ):
+            raise fail
+        answers = []  # (start, end) of each answer's text in full
+        cursor = len(texts[0])
+        for j, after in enumerate(texts[1:]):
+            last = j == len(turns) - 1
+            for variant in _variants(messages[turns[j]]["content"]):
+                end = cursor + len(variant)
+                if (full.startswith(variant, cursor) and full.startswith(after, end)
+                        and (not last or end + len(after) == len(full))):
+                    break
+            else:
+                raise fail
+            answers.append((cursor, end))
+            cursor = end + len(after)
+        start, end = self._prefix_span(messages, tools, full, turns[0])
+        (a0, b0) = answers[0]
+        if not start <= a0 <= b0 <= end:
+            raise fail
+        head, tail = full[start:a0], full[b0:end]
+        spans = []
+        for a, b in answers:
+            if full[a - len(head) : a] != head or full[b : b + len(tail)] != tail:
+                raise fail
+            spans.append(self._strip(full, a - len(head), b + len(tail)))
+        if spans[-1] != self._strip(full, *self._prefix_span(messages, tools, full, turns[-1])):
+            raise fail
+        return spans
+
+    def _check_size(self, messages: list[dict[str, Any]], tools: Any) -> None:
+        """Reject a row with more text than ``max_length`` tokens could hold before it costs a
+        render: counted with an early stop, so a huge row costs no more than the bound."""
+        total, stack = 0, [messages, tools]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                total += len(value)
+            elif isinstance(value, dict):
+                total += 1
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                total += 1
+                stack.extend(value)
+            else:
+                total += 1
+            if total > self.max_chars:
+                raise RowError(
+                    f"row is longer than --max-length {self.max_length} allows: over "
+                    f"{self.max_chars:,} characters of text, more than {self.max_length} tokens "
+                    f"of at most {self.token_bytes} bytes each can hold"
+                )
+
+    def _check_fields(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str
+    ) -> None:
+        """Reject the row if the template ignores ``tools`` or a message field that holds data
+        (its text is the same without it): the data would vanish from the ids unseen. Generic:
+        one render without each such field, for any template."""
+        if tools is not None and self._unchanged_without(full, messages, None):
+            raise RowError("the chat template ignores the row's 'tools' (the tool definitions "
+                           "would not reach the ids): use a template that renders tools")
+        keys = sorted({
+            k for m in messages for k, v in m.items()
+            if k not in ("role", "content") and k not in NOT_RENDERED and _holds_data(v)
+        }, key=str)
+        if len(keys) > MAX_EXTRA_FIELDS:
+            raise RowError(f"messages hold {len(keys)} fields besides role and content (at most "
+                           f"{MAX_EXTRA_FIELDS}): {', '.join(map(str, keys[:5]))}, ...")
+        for key in keys:
+            without = [{k: v for k, v in m.items() if k != key} for m in messages]
+            if self._unchanged_without(full, without, tools):
+                i = next(i for i, m in enumerate(messages) if _holds_data(m.get(key)))
+                raise RowError(
+                    f"the chat template ignores the {key!r} field of message {i} (its data "
+                    "would not reach the ids): use a template that renders it, or drop it"
+                )
+
+    def _unchanged_without(
+        self, full: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> bool:
+        try:
+            return self._text(messages, False, tools) == full
+        except RowError:  # the template needs what was left out: it is used
+            return False
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> Rendered:
+        self._check_size(messages, tools)
+        full, spans = self.response_spans(messages, tools)
+        self._check_fields(messages, tools, full)
         protected = None
         if self.special_pattern is not None:
             try:
-                suspicious = any(map(self._suspicious_message, messages))
+                suspicious = any(map(self._suspicious_message, messages)) or (
+                    tools is not None and self._suspicious_value(tools)
+                )
             except RecursionError:
                 raise RowError("message data nested too deeply to check") from None
             if suspicious:
-                protected = self._data_ranges(messages, full)
+                protected = self._data_ranges(messages, full, tools)
         if protected is not None:
             ids, offsets = self._tokenize_protected(full, protected)
         else:  # the common case: exactly the trainer's own tokenization of the rendered text
@@ -286,7 +480,8 @@ class Renderer:
         return value
 
     def _data_ranges(
-        self, messages: list[dict[str, Any]], full: str
+        self, messages: list[dict[str, Any]], full: str,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[tuple[int, int]] | None:
         """Character ranges of ``full`` that render the messages' suspicious strings; None when
         they cannot be located but the tokenizer's own split of ``full`` is shown to be right."""
@@ -302,10 +497,12 @@ class Renderer:
                     for key, value in message.items()
                 }
             )
+        marked_tools = None if tools is None else self._mark(tools, originals, where, "tools")
         try:
             skeleton = self.tokenizer.apply_chat_template(
                 marked,
                 chat_template=self.chat_template,
+                tools=marked_tools,
                 tokenize=False,
                 add_generation_prompt=False,
             )
@@ -397,6 +594,12 @@ class Renderer:
                 ids += piece_ids
                 offsets += [(x + a, y + a) for x, y in piece_offsets]
         return np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+
+def _holds_data(value: Any) -> bool:
+    """Whether a field's value is data that could be lost (``0`` and ``false`` are; null and an
+    empty string, list or object, which schema-unified datasets put in every message, are not)."""
+    return value is not None and not (isinstance(value, (str, list, tuple, dict)) and not value)
 
 
 _MARKER = re.compile("\ue000([0-9]+)\ue001")

@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import re
+import stat
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class Source:
     def _parse(self, index: int, raw: bytes) -> RawRow:
         """One JSON row's bytes (JSONL line, JSON-array element): a row, or why it is unreadable."""
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8").removeprefix(BOM))
         except UnicodeDecodeError as exc:
             return RawRow(index, str(index), None, f"invalid UTF-8: {exc.reason}")
         except json.JSONDecodeError as exc:
@@ -88,15 +89,67 @@ class Source:
         return self._wrap(index, data, self.id_field)
 
     def _wrap(self, index: int, data: Any, id_field: str | None) -> RawRow:
+        """Every reader's rows pass here: the one place a row's text is checked to be valid
+        Unicode before any tokenizer or writer sees it."""
         if not isinstance(data, Mapping):
             kind = type(data).__name__
             return RawRow(index, str(index), None, f"row is a JSON {kind}, not an object")
         data = dict(data)
-        if id_field is None:
-            return RawRow(index, str(index), data)
-        if data.get(id_field) is None:
+        example_id = str(index)
+        if id_field is not None and data.get(id_field) is not None:
+            example_id = str(data[id_field])
+        bad = invalid_text(data)
+        if bad is not None:
+            # The id is written escaped: a lone surrogate cannot be encoded in the side file.
+            return RawRow(index, escape_text(example_id), None,
+                          f"{bad} is not valid Unicode (a lone surrogate such as \\ud800)")
+        if id_field is not None and data.get(id_field) is None:
             return RawRow(index, str(index), data, f"id field {id_field!r} is missing or null")
-        return RawRow(index, str(data[id_field]), data)
+        return RawRow(index, example_id, data)
+
+
+BOM = "\ufeff"  # a UTF-8 byte-order mark, decoded: every reader skips it at a file's start
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def invalid_text(data: Any) -> str | None:
+    """Where ``data`` (a row: dicts, lists, strings) holds a string that is not valid Unicode (a
+    lone surrogate, which JSON's ``\\ud800`` escapes can make), as a field path such as
+    ``messages[1].content``; None if it holds none. Iterative, and a path is built only for the
+    string found, so any nesting depth costs time linear in the row."""
+    # (value, parent entry, label): a linked path, joined only on a hit.
+    stack: list[tuple[Any, Any, str]] = [(data, None, "")]
+    while stack:
+        entry = stack.pop()
+        value = entry[0]
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                return _path(entry) or "the row"
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                    where = _path(entry)
+                    name = f"field name {escape_text(key)!r}"
+                    return f"{where} {name}" if where else name
+                stack.append((item, entry, f".{key}"))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, entry, f"[{i}]") for i, item in enumerate(value))
+    return None
+
+
+def _path(entry: tuple[Any, Any, str]) -> str:
+    labels = []
+    while entry is not None:
+        labels.append(entry[2])
+        entry = entry[1]
+    return escape_text("".join(reversed(labels)).removeprefix("."))
+
+
+def escape_text(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udxxx``: always encodable as UTF-8."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class JsonlSource(Source):
@@ -367,8 +420,12 @@ def open_source(
 
     p = Path(path)
     name = str(path)
+    check_path(name, "--data")
+    _check_kind(p)
     if p.is_file():
         suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            _check_encoding(p)
         if suffix in (".jsonl", ".ndjson"):
             return JsonlSource(p, id_field)
         if suffix == ".json":
@@ -384,10 +441,16 @@ def open_source(
             return ArrowSource(ds, name, id_field)
         raise InputError(f"{p}: unknown file type {suffix!r} (use .jsonl, .json or .parquet)")
     if p.is_dir():
+        if not any(p.iterdir()):
+            raise InputError(f"{p}: an empty folder, not a dataset")
         if any(p.glob("*.parquet")):
             files = sorted(str(f) for f in p.glob("*.parquet"))
             _check_parquet([Path(f) for f in files])
             return ArrowSource(datasets.Dataset.from_parquet(files), name, id_field)
+        saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if not any((p / f).is_file() for f in saved):
+            raise InputError(f"{p}: a folder with no .parquet files and no dataset saved with "
+                             "save_to_disk; pass a .jsonl, .json or .parquet file")
         try:
             ds = datasets.load_from_disk(name)
         except (FileNotFoundError, ValueError) as exc:
@@ -397,6 +460,8 @@ def open_source(
                 raise InputError(f"{p}: no split {split!r} (has {', '.join(ds)})")
             ds = ds[split]
         return ArrowSource(ds, name, id_field)
+    if _looks_local(name):  # a missing file, not a hub name: no 30 s wait for the hub
+        raise InputError(f"{name}: no such file")
     # Not a local path: try the hub (works only where it is reachable).
     try:
         ds = datasets.load_dataset(name, split=split)
@@ -404,6 +469,51 @@ def open_source(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{name}: no such file, and load_dataset failed: {first}") from None
     return ArrowSource(ds, name, id_field)
+
+
+def check_path(name: str, what: str) -> None:
+    """Refuse a path that is not valid UTF-8 (undecodable bytes arrive as surrogate escapes)
+    up front: it could not be recorded in the manifest or printed as it is."""
+    if _SURROGATE.search(name):
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise InputError(f"{what} path {shown!r} is not valid UTF-8; rename it")
+
+
+_KINDS = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
+          stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+
+
+def _check_kind(p: Path) -> None:
+    """A path that exists but is neither a file nor a folder: one accurate line, at once (a
+    FIFO cannot be indexed, read twice or digested; opening one would block)."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return  # absent: a hub name, or "no such file" below
+    for test, kind in _KINDS.items():
+        if test(mode):
+            raise InputError(f"{p}: is {kind}, not a data file; write the rows to a .jsonl, "
+                             ".json or .parquet file")
+
+
+_LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".gz", ".csv", ".txt", ".arrow")
+
+
+def _looks_local(name: str) -> bool:
+    """A name no ``datasets`` hub id can be: a file suffix, or a path from the root or ``.``."""
+    return name.lower().endswith(_LOCAL_SUFFIXES) or name.startswith(("/", "./", "../", "~"))
+
+
+def _check_encoding(p: Path) -> None:
+    """JSON is UTF-8 (a UTF-8 BOM is skipped by every reader); a UTF-16 or UTF-32 file would
+    have every row rejected as invalid UTF-8, so it is refused with one line."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            raise InputError(f"{p}: the file is {name}-encoded; JSON input must be UTF-8 "
+                             f"(convert it, e.g. iconv -f {name} -t UTF-8)")
 
 
 def _first_byte(path: Path) -> bytes:
@@ -416,7 +526,7 @@ def _first_byte(path: Path) -> bytes:
 def _json_object_source(p: Path, id_field: str | None) -> Source:
     """A JSON object with one list of rows (``{"data": [...]}``): parsed whole, as it must be."""
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8-sig"))  # a BOM, as every reader
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{p}: not valid JSON ({exc}); use .jsonl for one row per line") from None
     except RecursionError:
