@@ -381,12 +381,7 @@ class Renderer:
             enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
             ids = np.asarray(enc["input_ids"], dtype=np.int32)
             offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        starts, ends = offsets[:, 0], offsets[:, 1]
-        mask = np.zeros(len(ids), dtype=bool)
-        for s, e in spans:
-            # A token belongs to the answer when its characters overlap the answer's span;
-            # zero-width tokens count when they sit inside it.
-            mask |= ((ends > s) & (starts < e)) | ((starts == ends) & (starts >= s) & (starts < e))
+        mask = _span_mask(offsets, spans)
         n_original = len(ids)
         truncated = n_original > self.max_length
         if truncated:
@@ -594,6 +589,23 @@ class Renderer:
                 ids += piece_ids
                 offsets += [(x + a, y + a) for x, y in piece_offsets]
         return np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+
+def _span_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens belong to an answer: their characters overlap one of the sorted, disjoint
+    ``spans``, or, zero-width, they sit inside one. One binary search a token, not one pass a
+    span (which is quadratic in a row of many turns)."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    spans = [(s, e) for s, e in spans if e > s]
+    if not spans:
+        return np.zeros(len(offsets), dtype=bool)
+    span_starts = np.asarray([s for s, _ in spans], dtype=np.int64)
+    span_ends = np.asarray([e for _, e in spans], dtype=np.int64)
+    # The first span ending after the token starts: the only one it can overlap.
+    k = np.searchsorted(span_ends, starts, side="right")
+    inside = k < len(spans)
+    first = span_starts[np.minimum(k, len(spans) - 1)]
+    return inside & np.where(starts == ends, starts >= first, ends > first)
 
 
 def _holds_data(value: Any) -> bool:
