@@ -9,8 +9,9 @@ for every template that renders a conversation left to right; a template that do
 rewrites earlier turns) is rejected per row, never guessed. Tokens are then mapped to those
 character spans through the fast tokenizer's offsets.
 
-Cost is linear in a row and bounded by ``max_length``: a row with more text than ``max_length``
-tokens could hold (``max_length`` x the longest token's bytes) is rejected before it is rendered,
+Cost is linear in a row and bounded by ``max_length``: a row with ``CAP_FACTOR`` times more text
+than ``max_length`` tokens could hold (``max_length`` x the longest token's bytes) is rejected
+before it is rendered (shorter ones are truncated as before),
 and a row of more than ``PREFIX_TURNS`` assistant turns is located in one pass (each answer
 replaced by a marker, :meth:`Renderer._marked_spans`) instead of two renders per turn, which
 is quadratic in the turns.
@@ -59,6 +60,9 @@ PLAIN_TEMPLATE = (
 # Rows of up to this many assistant turns are located turn by turn (two renders a turn: exact
 # for any left-to-right template); longer ones in one pass, checked on their first and last turn.
 PREFIX_TURNS = 8
+# A row with more than CAP_FACTOR * max_length * (the longest token's bytes) characters of text
+# is rejected before it is rendered (Renderer._check_size).
+CAP_FACTOR = 16
 # Message fields besides role and content that one row may hold (one render each is checked).
 MAX_EXTRA_FIELDS = 16
 # An OpenAI correlation id: templates place tool answers by order, not by it, so none renders it.
@@ -151,13 +155,15 @@ class Renderer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template or resolve_template(tokenizer, None)[0]
         self.max_length = max_length
-        # No token decodes to more bytes than its vocabulary string has (byte-level BPE: one
-        # character a byte; SentencePiece: the text itself, a space as 3-byte U+2581), so a row
-        # with more characters than this cannot fit in max_length tokens.
+        # No token decodes to more bytes than its vocabulary string has in UTF-8 (byte-level
+        # BPE: a character a byte; SentencePiece: the text itself, a space as 3-byte U+2581), so
+        # max_length * token_bytes characters is more than max_length tokens can hold. A row
+        # up to CAP_FACTOR times that is rendered and truncated as always; beyond, it is rejected
+        # unrendered, which bounds one row's render and tokenization by max_length.
         self.token_bytes = max(
             (len(t.encode("utf-8", "surrogatepass")) for t in tokenizer.get_vocab()), default=1
         )
-        self.max_chars = max_length * max(self.token_bytes, 1)
+        self.max_chars = CAP_FACTOR * max_length * max(self.token_bytes, 1)
         # Special tokens only: other added tokens (Qwen3's "<think>") are ordinary vocabulary,
         # which the tokenizer matches in any text, split_special_tokens or not.
         self._special_ids = {
@@ -322,8 +328,8 @@ class Renderer:
             if total > self.max_chars:
                 raise RowError(
                     f"row is longer than --max-length {self.max_length} allows: over "
-                    f"{self.max_chars:,} characters of text, more than {self.max_length} tokens "
-                    f"of at most {self.token_bytes} bytes each can hold"
+                    f"{self.max_chars:,} characters of text, {CAP_FACTOR} times what "
+                    f"{self.max_length} tokens of at most {self.token_bytes} bytes each can hold"
                 )
 
     def _check_fields(

@@ -356,9 +356,12 @@ def test_a_row_beyond_what_max_length_could_hold_is_rejected_before_rendering(
     smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     renderer = Renderer(smollm2_tokenizer, max_length=64)
-    bound = 64 * renderer.token_bytes
-    assert renderer.token_bytes == max(
+    bound = rendering.CAP_FACTOR * 64 * renderer.token_bytes
+    assert renderer.max_chars == bound and renderer.token_bytes == max(
         len(t.encode()) for t in smollm2_tokenizer.get_vocab())
+    # The bound is proven: no token of this vocabulary decodes to more bytes.
+    assert max(len(smollm2_tokenizer.convert_tokens_to_string([t]).encode())
+               for t in smollm2_tokenizer.get_vocab()) <= renderer.token_bytes
     calls = []
     monkeypatch.setattr(renderer, "_text", lambda *a, **k: calls.append(1) or "")
     huge = ASK + [{"role": "assistant", "content": "y" * (bound + 1)}]
