@@ -150,7 +150,7 @@ def _sharegpt(raw: Any) -> list[dict[str, Any]]:
 
 def _history(raw: Any) -> list[dict[str, Any]]:
     """Alpaca's (LLaMA-Factory's) ``history``: earlier ``[prompt, response]`` pairs, as turns."""
-    if raw is None or raw == []:
+    if raw is None or raw == [] or raw == "":
         return []
     if not isinstance(raw, list):
         raise RowError("history must be a list of [prompt, response] pairs")

@@ -349,13 +349,20 @@ class Renderer:
             raise RowError(f"messages hold {len(keys)} fields besides role and content (at most "
                            f"{MAX_EXTRA_FIELDS}): {', '.join(map(str, keys[:5]))}, ...")
         for key in keys:
-            without = [{k: v for k, v in m.items() if k != key} for m in messages]
-            if self._unchanged_without(full, without, tools):
-                i = next(i for i, m in enumerate(messages) if _holds_data(m.get(key)))
-                raise RowError(
-                    f"the chat template ignores the {key!r} field of message {i} (its data "
-                    "would not reach the ids): use a template that renders it, or drop it"
-                )
+            holders = [i for i, m in enumerate(messages) if _holds_data(m.get(key))]
+            # The first and the last message holding it, each alone (a template may render a
+            # field for the last turn only), and all at once when more hold it.
+            for drop in dict.fromkeys(
+                [frozenset(holders[:1]), frozenset(holders[-1:]), frozenset(holders)]
+            ):
+                without = [{k: v for k, v in m.items() if k != key} if i in drop else m
+                           for i, m in enumerate(messages)]
+                if self._unchanged_without(full, without, tools):
+                    raise RowError(
+                        f"the chat template ignores the {key!r} field of message {min(drop)} (its "
+                        "data would not reach the ids): use a template that renders it, or "
+                        "drop it"
+                    )
 
     def _unchanged_without(
         self, full: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None

@@ -86,9 +86,10 @@ class Source:
             return RawRow(index, str(index), None, f"malformed JSON: {exc.msg}")
         except RecursionError:
             return RawRow(index, str(index), None, TOO_DEEP)
-        return self._wrap(index, data, self.id_field)
+        # Decoded UTF-8 never holds a surrogate: only a JSON escape can make one.
+        return self._wrap(index, data, self.id_field, _SURROGATE_ESCAPE.search(raw) is not None)
 
-    def _wrap(self, index: int, data: Any, id_field: str | None) -> RawRow:
+    def _wrap(self, index: int, data: Any, id_field: str | None, check: bool = True) -> RawRow:
         """Every reader's rows pass here: the one place a row's text is checked to be valid
         Unicode before any tokenizer or writer sees it."""
         if not isinstance(data, Mapping):
@@ -98,7 +99,7 @@ class Source:
         example_id = str(index)
         if id_field is not None and data.get(id_field) is not None:
             example_id = str(data[id_field])
-        bad = invalid_text(data)
+        bad = invalid_text(data) if check else None
         if bad is not None:
             # The id is written escaped: a lone surrogate cannot be encoded in the side file.
             return RawRow(index, escape_text(example_id), None,
@@ -110,6 +111,7 @@ class Source:
 
 BOM = "\ufeff"  # a UTF-8 byte-order mark, decoded: every reader skips it at a file's start
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def invalid_text(data: Any) -> str | None:

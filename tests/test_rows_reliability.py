@@ -566,3 +566,30 @@ def test_spans_and_masks_hold_for_the_demo_shape_after_the_mask_rewrite(
     for s, e in spans:
         old |= ((ends > s) & (starts < e)) | ((starts == ends) & (starts >= s) & (starts < e))
     assert ex.response_mask.tolist() == old.tolist()
+
+
+def test_escaped_surrogate_pairs_are_valid_text(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"instruction": "q\\ud83d\\ude00", "output": "a\\u00e9"}\n')
+    (row,) = open_source(path).read(0, 1)
+    assert row.error is None and row.data == {"instruction": "q\U0001f600", "output": "a\u00e9"}
+
+
+def test_a_field_rendered_for_the_last_turn_only_is_named_for_the_earlier_one(
+    smollm2_tokenizer: Any,
+) -> None:
+    """Like Qwen3's reasoning: only the last answer's field is rendered, the first one's would
+    vanish; the row is rejected naming the message whose field is lost."""
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.last and m.thinking %}"
+        "{{ m.thinking }}\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "thinking": "t1"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d", "thinking": "t2"}]
+    with pytest.raises(RowError, match="ignores the 'thinking' field of message 1"):
+        Renderer(smollm2_tokenizer, template).render(messages)
+    ex = Renderer(smollm2_tokenizer, template).render(messages[:2])  # rendered: fine
+    assert "t1" in smollm2_tokenizer.decode(ex.input_ids)
