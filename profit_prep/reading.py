@@ -240,8 +240,10 @@ def check_conversation(messages: list[dict[str, Any]]) -> None:
     if messages[first]["role"] != "user":
         # A turn with no user turn before it answers nothing (and chat templates start the
         # conversation at a user turn): say so, rather than let a template fail on it.
-        raise RowError(f"conversation starts with a {messages[first]['role']} turn (turn "
-                       f"{first}), not a user turn")
+        role = messages[first]["role"]
+        article = "an" if role[0] in "aeiou" else "a"
+        raise RowError(f"conversation starts with {article} {role} turn (turn {first}), not a "
+                       "user turn")
     if messages[-1]["role"] != "assistant":
         raise RowError(f"conversation ends on a {messages[-1]['role']} turn, not an assistant turn")
     for i, m in enumerate(messages):

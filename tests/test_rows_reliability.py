@@ -193,9 +193,9 @@ def test_alpaca_history_becomes_earlier_turns() -> None:
     ("messages", "reason"),
     [
         ([{"role": "assistant", "content": "Hello!"}],
-         "starts with a assistant turn (turn 0), not a user turn"),
+         "starts with an assistant turn (turn 0), not a user turn"),
         ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "Hello!"}],
-         "starts with a assistant turn (turn 1), not a user turn"),
+         "starts with an assistant turn (turn 1), not a user turn"),
         ([{"role": "tool", "content": "4"}, {"role": "assistant", "content": "4"}],
          "starts with a tool turn (turn 0)"),
         ([{"role": "system", "content": "s"}], "only system turns"),
@@ -575,13 +575,13 @@ def test_escaped_surrogate_pairs_are_valid_text(tmp_path: Path) -> None:
     assert row.error is None and row.data == {"instruction": "q\U0001f600", "output": "a\u00e9"}
 
 
-def test_a_field_rendered_for_the_last_turn_only_is_named_for_the_earlier_one(
+def test_a_field_rendered_for_one_turn_only_is_named_for_the_turn_that_loses_it(
     smollm2_tokenizer: Any,
 ) -> None:
-    """Like Qwen3's reasoning: only the last answer's field is rendered, the first one's would
-    vanish; the row is rejected naming the message whose field is lost."""
+    """A template that renders the field of the first answer only: the last one's would vanish
+    (removing the field from every message changes the text, so each holder is checked)."""
     template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.last and m.thinking %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.index0 == 1 and m.thinking %}"
         "{{ m.thinking }}\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
@@ -589,7 +589,7 @@ def test_a_field_rendered_for_the_last_turn_only_is_named_for_the_earlier_one(
                 {"role": "assistant", "content": "b", "thinking": "t1"},
                 {"role": "user", "content": "c"},
                 {"role": "assistant", "content": "d", "thinking": "t2"}]
-    with pytest.raises(RowError, match="ignores the 'thinking' field of message 1"):
+    with pytest.raises(RowError, match="ignores the 'thinking' field of message 3"):
         Renderer(smollm2_tokenizer, template).render(messages)
     ex = Renderer(smollm2_tokenizer, template).render(messages[:2])  # rendered: fine
     assert "t1" in smollm2_tokenizer.decode(ex.input_ids)
