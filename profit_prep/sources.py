@@ -447,6 +447,8 @@ def open_source(
             raise InputError(f"{p}: an empty folder, not a dataset")
         if any(p.glob("*.parquet")):
             files = sorted(str(f) for f in p.glob("*.parquet"))
+            for file in files:
+                check_path(file, "--data file")
             _check_parquet([Path(f) for f in files])
             return ArrowSource(datasets.Dataset.from_parquet(files), name, id_field)
         saved = ("dataset_info.json", "state.json", "dataset_dict.json")

@@ -339,6 +339,16 @@ def test_a_path_that_is_not_utf8_is_refused_up_front(tmp_path: Path) -> None:
     assert not out.exists()
     with pytest.raises(InputError, match="--chat-template path .* is not valid UTF-8"):
         resolve_template(None, os.fsdecode(bad))
+    # A folder of Parquet files, one named with a byte that is not UTF-8.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    with open(os.fsencode(folder) + b"/part\xfe.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(ROWS), f)
+    with pytest.raises(InputError, match=r"--data file path .*\\xfe.* is not valid UTF-8"):
+        open_source(folder)
 
 
 # --------------------------------------------------------------------------- D: bounded cost
