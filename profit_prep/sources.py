@@ -379,8 +379,25 @@ class ArrowSource(Source):
 
     def read(self, start: int, stop: int) -> list[RawRow]:
         stop = min(stop, len(self))
-        table = self.dataset.data.slice(start, stop - start).to_pylist()
+        try:
+            table = self.dataset.data.slice(start, stop - start).to_pylist()
+        except UnicodeDecodeError:  # Parquet does not check that strings are UTF-8: row by row
+            return [self._read_one(i) for i in range(start, stop)]
         return [self._wrap(start + i, row, self.id_field) for i, row in enumerate(table)]
+
+    def _read_one(self, index: int) -> RawRow:
+        table = self.dataset.data.slice(index, 1).table
+        try:
+            return self._wrap(index, table.to_pylist()[0], self.id_field)
+        except UnicodeDecodeError:
+            bad = []
+            for name in table.column_names:
+                try:
+                    table.column(name).to_pylist()
+                except UnicodeDecodeError:
+                    bad.append(name)
+            return RawRow(index, str(index), None,
+                          f"{', '.join(bad) or 'a column'} is not valid UTF-8")
 
     def id_hashes(self, n_rows: int, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
         """A string id column is read alone (the other columns are never decoded)."""
@@ -396,8 +413,11 @@ class ArrowSource(Source):
         hashes = np.zeros(n_rows, np.int64)
         valid = np.zeros(n_rows, bool)
         for start in range(0, n_rows, chunk):
-            _hash_ids(column.slice(start, min(chunk, n_rows - start)).to_pylist(), start,
-                      hashes, valid)
+            try:
+                ids = column.slice(start, min(chunk, n_rows - start)).to_pylist()
+            except UnicodeDecodeError:  # an id that is not UTF-8: rows one by one, as read does
+                return super().id_hashes(n_rows, chunk)
+            _hash_ids(ids, start, hashes, valid)
         return hashes, valid
 
     def digest(self, start: int, stop: int) -> str:

@@ -603,3 +603,30 @@ def test_a_field_rendered_for_one_turn_only_is_named_for_the_turn_that_loses_it(
         Renderer(smollm2_tokenizer, template).render(messages)
     ex = Renderer(smollm2_tokenizer, template).render(messages[:2])  # rendered: fine
     assert "t1" in smollm2_tokenizer.decode(ex.input_ids)
+
+
+def test_parquet_strings_that_are_not_utf8_are_rejected_per_row(
+    tmp_path: Path, private_datasets_cache: None
+) -> None:
+    """Parquet does not check its strings: a row holding bytes that are not UTF-8 is rejected
+    naming the column, the others read as always (ids too)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def strings(values: list[bytes]) -> pa.Array:
+        offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+        return pa.Array.from_buffers(pa.string(), len(values),
+                                     [None, pa.py_buffer(offsets.tobytes()),
+                                      pa.py_buffer(b"".join(values))])
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"id": strings([b"a", b"b\xff", b"c"]),
+                             "instruction": strings([b"q", b"q", b"q\xfe"]),
+                             "output": pa.array(["o", "o", "o"])}), path)
+    source = open_source(path, id_field="id")
+    rows = source.read(0, 3)
+    assert rows[0].error is None and rows[0].data["id"] == "a"
+    assert rows[1].error == "id is not valid UTF-8"
+    assert rows[2].error == "instruction is not valid UTF-8"
+    hashes, valid = source.id_hashes(3)
+    assert valid.tolist() == [True, False, False]
