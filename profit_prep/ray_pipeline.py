@@ -447,7 +447,7 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
             # Ray starts workers at nice 15, so on a small node its own processes (driver,
             # raylet, the light tasks) preempt the scorer and stall its OpenMP threads; the
             # actor is the job, so it runs at normal priority (as Ray Jobs does for drivers).
-            runtime_env={"env_vars": {**worker_env(), "RAY_worker_niceness": "0"}},
+            runtime_env={"env_vars": {**worker_env(job.use_gpu), "RAY_worker_niceness": "0"}},
         )
         # The writer needs only the config and --out: without the tokenizer (and source) in its
         # pickle, a write actor does not import transformers (~2 s of CPU taken from scoring).
