@@ -213,6 +213,9 @@ def placement() -> dict[str, Any]:
         "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "placement_group": group,
+        # The engine settings the actor got (worker_env: CPU defaults only on CPU actors);
+        # names only, since a value may be a credential.
+        "vllm_env": sorted(k for k in os.environ if k.startswith("VLLM_")),
     }
 
 

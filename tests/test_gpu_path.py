@@ -65,3 +65,121 @@ def test_no_cuda_initialisation_before_the_engine_starts(tmp_path: Path, backend
                 "VLLM_CPU_OMP_THREADS_BIND"} & set(start["env"])
     if backend == "vllm":
         assert proc.returncode != 0 and "cuda probe" in proc.stderr
+
+
+# --------------------------------------------------------------------------- dtype
+
+
+@pytest.mark.parametrize(("dtype", "device", "capability", "expected"), [
+    ("auto", "cuda", (9, 0), "bfloat16"),
+    ("auto", "cuda", (8, 0), "bfloat16"),
+    ("auto", "cuda", (7, 5), "float16"),
+    ("auto", "cuda", (7, 0), "float16"),
+    ("auto", "cuda", None, "bfloat16"),
+    ("auto", "cpu", None, "float32"),
+    ("float32", "cuda", (9, 0), "float32"),
+    ("float16", "cpu", None, "float16"),
+    ("bfloat16", "cuda", (7, 0), "bfloat16"),
+])
+def test_resolve_dtype(dtype: str, device: str, capability, expected: str) -> None:
+    from profit_prep.gpu import resolve_dtype
+
+    got, reason = resolve_dtype(dtype, device, capability)
+    assert got == expected
+    assert reason == "--dtype" if dtype != "auto" else reason.startswith(f"auto: {expected}")
+
+
+def test_dtype_choices_are_checked_by_argparse_and_the_python_api(tmp_path: Path,
+                                                                  capsys) -> None:
+    from profit_prep import ScoreConfig, score
+    from profit_prep.cli import main
+    from profit_prep.errors import InputError
+    from profit_prep.gpu import DTYPES
+
+    args = ["score", "--data", str(DEMO_GSM8K), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--dtype", "float64"])
+    assert exc.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"^--dtype 'float64': choose " + ", ".join(DTYPES)):
+        score(ScoreConfig(data=str(DEMO_GSM8K), out=str(tmp_path / "o"), dtype="float64"))
+    assert ScoreConfig(data="d", out="o").dtype == "auto"
+
+
+def test_auto_dtype_on_cpu_is_float32_in_the_manifest(tiny_model_dir: Path, tmp_path: Path,
+                                                      monkeypatch, capsys) -> None:
+    import profit_prep.backends as backends
+    from profit_prep import ScoreConfig, score
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    for dtype, reason in (("auto", "auto: float32 on CPU"), ("float32", "--dtype")):
+        out = tmp_path / dtype
+        score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(tiny_model_dir),
+                          prompt_field="question", response_field="answer", limit=2,
+                          backend="transformers", dtype=dtype))
+        scorer = json.loads((out / "manifest.json").read_text())["scorer"]
+        assert scorer["dtype"] == "float32" and scorer["dtype_reason"].startswith(reason)
+        assert scorer["device"] == "cpu"
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].startswith("backend     transformers")
+        assert err[1].startswith(f"dtype       float32 ({reason}")
+
+
+@needs_vllm
+@pytest.mark.parametrize(("capability", "expected"), [((9, 0), "bfloat16"),
+                                                      ((7, 5), "float16")])
+@pytest.mark.parametrize("runner", ["0", "1"])
+def test_auto_dtype_on_cuda_and_the_runner_in_the_manifest(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys, capability, expected, runner,
+) -> None:
+    """A CUDA machine as NVML describes it (answers faked), a stand-in vLLM engine that returns
+    prompt logprobs: the whole local pipeline records the dtype, the runner and why."""
+    import vllm
+    from vllm.logprobs import Logprob
+
+    import profit_prep.backends as backends
+    import profit_prep.vllm_backend as vllm_backend
+    from profit_prep import ScoreConfig, score
+    from profit_prep.sizing import MiB, step_token_budget
+
+    seen: list[dict] = []
+
+    class Result:
+        def __init__(self, ids: list[int]) -> None:
+            self.prompt_logprobs = [None] + [{t: Logprob(-1.0, rank=1)} for t in ids[1:]]
+
+    class FakeLLM:
+        def __init__(self, model: str, **options) -> None:
+            seen.append(options)
+
+        def generate(self, prompts, params, use_tqdm=False):
+            return [Result(p["prompt_token_ids"]) for p in prompts]
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "compute_capability", lambda index=0: capability)
+    monkeypatch.setattr(vllm_backend, "gpu_total_memory", lambda: 81559 * MiB)
+    monkeypatch.setattr(vllm_backend.VLLMScorer, "close", lambda self: None)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", runner)
+    for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
+                "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "out"
+    score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(tiny_model_dir),
+                      prompt_field="question", response_field="answer", limit=2,
+                      backend="vllm"))
+    scorer = json.loads((out / "manifest.json").read_text())["scorer"]
+    assert seen[-1]["dtype"] == scorer["dtype"] == expected
+    assert f"compute capability {capability[0]}.{capability[1]}" in scorer["dtype_reason"]
+    assert scorer["device"] == "cuda"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # no CPU engine settings on GPU
+    err = capsys.readouterr().err.splitlines()
+    assert err[1].startswith(f"dtype       {expected} (auto: {expected} on CUDA")
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    if runner == "1":
+        assert scorer["model_runner"] == "v2" and "max_num_batched_tokens" not in seen[-1]
+        assert "1,024 tokens at a time" in scorer["max_num_batched_tokens_reason"]
+    else:
+        assert scorer["model_runner"] == "v1"
+        assert seen[-1]["max_num_batched_tokens"] == step_token_budget(
+            81559 * MiB, vocab, 0.9, expected, "v1").tokens
+    assert scorer["model_runner_reason"] == f"$VLLM_USE_V2_MODEL_RUNNER={runner}"
