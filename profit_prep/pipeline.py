@@ -269,7 +269,9 @@ def prepare(config: ScoreConfig) -> Prepared:
     backend, reason = choose_backend(config, resumed=started.get("backend"))
     config = replace(config, backend=backend)
     check_tensor_parallel(backend, config.tensor_parallel_size, reason)
-    dtype, dtype_reason = choose_dtype(config)  # the scorer resolves `auto` the same way
+    dtype, dtype_reason = choose_dtype(config, resumed=started.get("dtype"))
+    if dtype_reason.startswith("auto: resuming"):  # the scorers then load that dtype too
+        config = replace(config, dtype=dtype)
     rule = config.mask_rule()
     signals = check_signals(config)
     source = open_source(config.data, id_field=config.id_field, split=config.split)

