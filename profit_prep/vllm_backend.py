@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.gpu import check_dtype, cuda_available, resolve_dtype
+from profit_prep.gpu import check_dtype, cuda_available, resolve_dtype, use_nvml_check
 from profit_prep.sizing import GiB, step_token_budget
 from profit_prep.top_k import (
     Entry,
@@ -263,7 +263,9 @@ class VLLMScorer(TopKScorer):
         check_dtype(dtype)
         self.signals = parse_top_k_signals(signals, top_k)
         self.top_k = top_k
-        # NVML, not the CUDA runtime: vLLM forks its engine process (profit_prep.gpu).
+        # NVML, not the CUDA runtime: vLLM forks its engine process (profit_prep.gpu). Set even
+        # when --device says cuda, for whatever asks torch before the engine starts.
+        use_nvml_check()
         self.on_cpu = device == "cpu" or (device is None and not cuda_available())
         if dtype == "auto":
             from profit_prep.gpu import compute_capability
