@@ -18,7 +18,7 @@ Parts, each "skipped: ..." in the JSON when it cannot run here:
    budget, and how much GPU memory one long row's prompt logprobs took (NVML) against
    ``profit_prep.sizing``'s formula for that runner. ``--model-1b DIR`` adds a local ~1B model.
 
-    python benchmarks/gpu_check.py --json $OUT/gpu.json          # ~3-4 minutes on an H200
+    python benchmarks/gpu_check.py --json $OUT/gpu.json   # estimated ~3-4 min on an H200
 
 Nothing here initialises CUDA before the parts that start vLLM engines (GPU facts come from
 NVML); the oracle, last, does. Without CUDA it prints one line of JSON and exits 0; with
