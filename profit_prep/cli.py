@@ -40,6 +40,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             type=kind,
             required=not has_default,
             default=f.default if has_default else None,
+            choices=f.metadata.get("choices"),
             help=help_text,
             metavar=f.name.upper(),
         )

@@ -11,9 +11,10 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from profit_prep.errors import InputError
+from profit_prep.gpu import DTYPES
 from profit_prep.masks import MaskRule
 from profit_prep.reading import (
     FORMATS,
@@ -83,11 +84,14 @@ class ScoreConfig:
                   "signals come from (above 20 needs a server started with --max-logprobs)"},
     )
     dtype: str = field(
-        default="float32",
-        metadata={"help": "float32 (default), bfloat16 or float16. vLLM bf16 on a CPU with "
-                  "AVX512-BF16: ~1.2x fp32, and the tau=0.1 mask agrees with fp32 on ~99.4%% of "
-                  "tokens (SmolLM2, docs/benchmarks.md); without AVX512-BF16 it is emulated and "
-                  "several times slower"},
+        default="auto",
+        metadata={"help": "auto (default): bfloat16 on a CUDA GPU (float16 where it has no bf16), "
+                  "float32 on CPU; the first output lines and the manifest say which and why. "
+                  "Or float32, bfloat16, float16. vLLM bf16 on a CPU with AVX512-BF16: ~1.2x "
+                  "fp32, and the tau=0.1 mask agrees with fp32 on ~99.4%% of tokens (SmolLM2, "
+                  "docs/benchmarks.md); without AVX512-BF16 it is emulated and several times "
+                  "slower",
+                  "choices": DTYPES},
     )
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: auto)"})
     compile: bool = field(
@@ -173,7 +177,13 @@ _AT_LEAST = {
 
 
 def check_numbers(config: ScoreConfig) -> None:
-    """Refuse numeric options outside their range, naming the flag (before any work starts)."""
+    """Refuse numeric options outside their range, and values outside a field's declared
+    ``choices`` (the same list argparse checks), naming the flag (before any work starts)."""
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise InputError(f"--{f.name.replace('_', '-')} {getattr(config, f.name)!r}: choose "
+                             f"{', '.join(choices)}")
     for name, least in _AT_LEAST.items():
         value = getattr(config, name)
         if value is not None and value < least:

@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from profit_prep import __version__
-from profit_prep.backends import check_signals, choose_backend, make_scorer, top_k_backend
+from profit_prep.backends import (
+    check_signals,
+    choose_backend,
+    choose_dtype,
+    make_scorer,
+    top_k_backend,
+)
 from profit_prep.config import ScoreConfig, check_numbers
 from profit_prep.errors import InputError, RowError
 from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
@@ -164,6 +170,7 @@ class Prepared:
     manifest: dict[str, Any]
     backend_reason: str = ""
     end_of_turn_ids: list[int] = field(default_factory=list)
+    dtype_reason: str = ""
     _duplicates: dict[int, int] | None = field(default=None, repr=False)
 
     @property
@@ -178,8 +185,11 @@ class Prepared:
         return self._duplicates
 
     def backend_line(self) -> str:
-        """The one line that says which scorer runs and why."""
-        return f"backend     {self.params['backend']} ({self.backend_reason})"
+        """The lines that say which scorer runs, in which dtype, and why."""
+        line = f"backend     {self.params['backend']} ({self.backend_reason})"
+        if self.dtype_reason:
+            line += f"\ndtype       {self.params['dtype']} ({self.dtype_reason})"
+        return line
 
     def fall_back_to_transformers(self) -> Prepared:
         """The same job on the transformers backend (``auto`` when vLLM does not start)."""
@@ -290,6 +300,9 @@ def prepare(config: ScoreConfig) -> Prepared:
     backend, reason = choose_backend(config, resumed=started.get("backend"))
     config = replace(config, backend=backend)
     check_tensor_parallel(backend, config.tensor_parallel_size, reason)
+    dtype, dtype_reason = choose_dtype(config, resumed=started.get("dtype"))
+    if dtype_reason.startswith("auto: resuming"):  # the scorers then load that dtype too
+        config = replace(config, dtype=dtype)
     rule = config.mask_rule()
     signals = check_signals(config)
     source = open_source(config.data, id_field=config.id_field, split=config.split)
@@ -325,7 +338,7 @@ def prepare(config: ScoreConfig) -> Prepared:
         "max_length": config.max_length,
         "mask": rule.to_dict(),
         "backend": "server" if config.server else config.backend,
-        "dtype": config.dtype,
+        "dtype": dtype,
         "shard_size": config.shard_size,
     }
     if signals:  # only when set, so outputs written before signals existed still resume
@@ -355,7 +368,8 @@ def prepare(config: ScoreConfig) -> Prepared:
     eot = end_of_turn_ids(renderer)
     manifest["render"]["end_of_turn_ids"] = eot
     return Prepared(config, source, fmt, model_dir, renderer, params, manifest,
-                    backend_reason=reason, end_of_turn_ids=eot)
+                    backend_reason=reason, end_of_turn_ids=eot,
+                    dtype_reason="" if config.server else dtype_reason)
 
 
 def _started_params(config: ScoreConfig) -> dict[str, Any]:

@@ -213,6 +213,9 @@ def placement() -> dict[str, Any]:
         "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "placement_group": group,
+        # The engine settings the actor got (worker_env: CPU defaults only on CPU actors);
+        # names only, since a value may be a credential.
+        "vllm_env": sorted(k for k in os.environ if k.startswith("VLLM_")),
     }
 
 
@@ -447,7 +450,7 @@ def _dataset(job: Job, prepared: Any, todo: list[int], workers: int) -> Any:
             # Ray starts workers at nice 15, so on a small node its own processes (driver,
             # raylet, the light tasks) preempt the scorer and stall its OpenMP threads; the
             # actor is the job, so it runs at normal priority (as Ray Jobs does for drivers).
-            runtime_env={"env_vars": {**worker_env(), "RAY_worker_niceness": "0"}},
+            runtime_env={"env_vars": {**worker_env(job.use_gpu), "RAY_worker_niceness": "0"}},
         )
         # The writer needs only the config and --out: without the tokenizer (and source) in its
         # pickle, a write actor does not import transformers (~2 s of CPU taken from scoring).

@@ -157,6 +157,8 @@ def length_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[i
 class TransformersScorer:
     """Scores with a Hugging Face causal LM through transformers (CPU or GPU)."""
 
+    dtype_reason: str | None = None  # why this dtype (set by backends.make_scorer), for describe()
+
     def __init__(
         self,
         model: str | Path,
@@ -209,6 +211,7 @@ class TransformersScorer:
         return {
             "backend": "transformers",
             "dtype": self.dtype,
+            **({"dtype_reason": self.dtype_reason} if self.dtype_reason else {}),
             "device": self.device,
             "max_batch_tokens": self.max_batch_tokens,
             "compile": self.compiled,

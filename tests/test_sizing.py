@@ -16,14 +16,16 @@ from profit_prep.sizing import (
     MAX_BATCHED_TOKENS,
     MIN_BATCHED_TOKENS,
     ROUND_TO,
+    V2_PROMPT_LOGPROB_CHUNK,
     GiB,
     GpuSpec,
     MiB,
     ModelSpec,
+    logit_entry_bytes,
     plan_run,
     step_token_budget,
 )
-from profit_prep.vllm_backend import choose_max_num_batched_tokens
+from profit_prep.vllm_backend import choose_max_num_batched_tokens, model_runner
 
 REPO = Path(__file__).resolve().parent.parent
 H100 = 81559 * MiB  # NVML's total for an H100 80GB
@@ -149,15 +151,57 @@ def test_docs_hold_the_tables_gpu_plan_prints() -> None:
 
 
 def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path: Path) -> None:
+    """No GPU: one line of JSON, exit 0, and no CUDA question asked the fork-unsafe way."""
     out = tmp_path / "gpu.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"),
                            "--json", str(out)], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines() == [
-        "gpu_check: no CUDA device here; nothing to check (run it on a GPU machine)"]
-    assert json.loads(out.read_text()) == {"complete": True, "skipped": "no CUDA device"}
+    [line] = proc.stdout.splitlines()
+    said = json.loads(line)
+    assert said["complete"] is True and said["skipped"].startswith("no CUDA device")
+    assert json.loads(out.read_text()) == said
+
+
+def test_gpu_check_picks_a_tensor_parallel_size_the_heads_split_into(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import tensor_parallel
+
+    smol = write_config(tmp_path / "smol", num_attention_heads=9, num_key_value_heads=3)
+    llama = write_config(tmp_path / "llama", num_attention_heads=32, num_key_value_heads=8)
+    assert tensor_parallel(llama, 2)[0] == 2 and tensor_parallel(llama, 8)[0] == 2
+    assert tensor_parallel(smol, 2) == (None, tensor_parallel(smol, 2)[1])
+    assert "do not split" in tensor_parallel(smol, 2)[1]
+    assert tensor_parallel(smol, 3)[0] == 3
+    assert tensor_parallel(llama, 1)[1] == "skipped: 2 GPUs needed, 1 visible"
+
+
+def test_gpu_plan_prints_both_runners() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_plan
+
+    sizing, plans = gpu_plan.sizing_table()[2:], gpu_plan.plans_table()[2:]
+    assert len(sizing) == 2 * len(gpu_plan.SIZING_ROWS)
+    assert len(plans) == 2 * len(gpu_plan.PLANS)
+    for rows in (sizing, plans):
+        assert [r.split("|")[5 if rows is sizing else 2].strip() for r in rows] == [
+            "V2", "V1"] * (len(rows) // 2)
+
+
+def test_gpu_configs_leave_the_step_to_the_sizing_default() -> None:
+    """The GPU pipeline configs set no --max-num-batched-tokens (the runner-aware default
+    applies) and no fixed dtype (auto: bf16 on the GPUs)."""
+    sys.path.insert(0, str(REPO / "pipelines"))
+    from load_config import load
+
+    configs = sorted((REPO / "pipelines" / "configs").glob("*gpu*.yaml"))
+    assert configs
+    for path in configs:
+        config = load(path)
+        assert config.max_num_batched_tokens is None, path.name
+        assert config.dtype == "auto", path.name
 
 
 def test_gpu_check_compare() -> None:
@@ -184,3 +228,84 @@ def test_docstring_examples() -> None:
 
     failed, attempted = doctest.testmod(profit_prep.sizing)
     assert attempted >= 3 and failed == 0
+
+
+# --------------------------------------------------------------------------- model runners
+
+
+@pytest.mark.parametrize(("memory", "vocab", "util"),
+                         list(itertools.product(MEMORIES, VOCABS, UTILS)))
+def test_v2_keeps_vllms_step_and_its_peak_is_one_chunk(memory: int, vocab: int,
+                                                       util: float) -> None:
+    """Model Runner V2 scores prompt logprobs 1,024 tokens at a time with no fp32 log-softmax:
+    its peak is one chunk's logits, the same at every step size, and the step stays vLLM's."""
+    for dtype in ("bfloat16", "float32"):
+        v2 = step_token_budget(memory, vocab, util, dtype, runner="v2")
+        assert v2.tokens == (16384 if memory >= 70 * GiB else 8192)
+        assert v2.peak_bytes == V2_PROMPT_LOGPROB_CHUNK * vocab * {"bfloat16": 2,
+                                                                   "float32": 4}[dtype]
+        v1 = step_token_budget(memory, vocab, util, dtype, runner="v1")
+        assert v1.peak_bytes == v1.tokens * vocab * logit_entry_bytes(dtype)
+        assert v2.peak_bytes < v1.peak_bytes  # no full log-softmax, a chunk not the step
+        fits = v2.peak_bytes <= v2.headroom_bytes
+        assert ("does not fit" in v2.reason) is not fits
+        assert "1,024 tokens at a time" in v2.reason
+
+
+def test_the_issues_h100_figures_for_both_runners() -> None:
+    """H100 80GB, Llama-3's vocabulary, bf16, 0.9: V1's bound 9,472; V2 vLLM's 16,384."""
+    assert step_token_budget(H100, 128256, 0.9, runner="v1").tokens == 9472
+    v2 = step_token_budget(H100, 128256, 0.9, runner="v2")
+    assert v2.tokens == 16384 and v2.peak_bytes == 1024 * 128256 * 2
+    with pytest.raises(ValueError, match="model runner"):
+        step_token_budget(H100, 128256, 0.9, runner="v3")
+
+
+def test_choose_on_v2_leaves_the_step_to_vllm(tmp_path: Path) -> None:
+    model = write_config(tmp_path / "m", vocab_size=152064)
+    value, reason = choose_max_num_batched_tokens(
+        None, on_cpu=False, model_dir=model, dtype="bfloat16", gpu_memory_utilization=0.85,
+        total_memory=H100, runner="v2")
+    assert value is None and "vLLM's default" in reason and "1,024 tokens" in reason
+    assert choose_max_num_batched_tokens(
+        None, on_cpu=False, model_dir=model, dtype="bfloat16", gpu_memory_utilization=0.85,
+        total_memory=H100, runner="v1")[0] == step_token_budget(H100, 152064, 0.85).tokens
+
+
+@pytest.mark.parametrize("forced", [None, "0", "1"])
+@pytest.mark.parametrize("triton", [False, True])
+def test_model_runner_decides_as_vllm_does(monkeypatch: pytest.MonkeyPatch,
+                                           forced: str | None, triton: bool) -> None:
+    """Our prediction against vLLM's own ``VllmConfig.use_v2_model_runner`` (the installed
+    source, evaluated for a config with nothing that forces either runner)."""
+    import importlib.util
+    import types
+
+    vllm_config = pytest.importorskip("vllm.config.vllm")
+    if forced is None:
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", forced)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if triton else None) if name == "triton" else real_find_spec(name, *a)))
+    monkeypatch.setattr(vllm_config, "HAS_TRITON", triton)
+    plain = types.SimpleNamespace(
+        attention_config=types.SimpleNamespace(hisparse_config=None), watermark_config=None,
+        _get_v2_model_runner_unsupported_features=lambda: [])
+    theirs = vllm_config.VllmConfig.use_v2_model_runner.fget(plain)
+    ours, why = model_runner(on_cpu=False)
+    assert ours == ("v2" if theirs else "v1"), why
+    if forced is not None:
+        assert why == f"$VLLM_USE_V2_MODEL_RUNNER={forced}"
+
+
+def test_plans_for_both_runners() -> None:
+    spec = ModelSpec("70B", 70e9, layers=80, kv_heads=8, head_dim=128, vocab=128256)
+    gpu = GpuSpec("H100", H100)
+    v1, v2 = (plan_run(spec, gpu, gpus=8, tensor_parallel_size=4, rows=1000, tokens_per_row=500,
+                       gpu_tokens_per_s=1000.0, runner=r) for r in ("v1", "v2"))
+    assert (v1.runner, v2.runner) == ("v1", "v2")
+    assert v2.max_num_batched_tokens == 16384 > v1.max_num_batched_tokens
+    assert v2.logits_peak_bytes < v1.logits_peak_bytes
+    assert v2.kv_step_bytes > v1.kv_step_bytes  # a bigger step holds more KV

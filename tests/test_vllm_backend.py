@@ -124,6 +124,7 @@ def test_gpu_default_max_num_batched_tokens_reaches_the_engine_and_the_manifest(
 
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
     monkeypatch.setattr(backend, "gpu_total_memory", lambda: 81559 * MiB)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # V1: the runner whose step is bounded
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 128256,
                                                       "max_position_embeddings": 8192}))
     expected = step_token_budget(81559 * MiB, 128256, 0.85, "bfloat16").tokens
