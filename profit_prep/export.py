@@ -78,6 +78,7 @@ class ExportSummary:
     empty_rows: list[str] = field(default_factory=list)  # no trained token: left out
     refused: list[dict[str, str]] = field(default_factory=list)  # mask not representable
     files: list[str] = field(default_factory=list)
+    note: str = ""  # what the trainer does beyond the masks (ms-swift's trained suffix)
 
     def line(self) -> str:
         share = self.trained_tokens / self.response_tokens if self.response_tokens else 0.0
@@ -89,7 +90,7 @@ class ExportSummary:
         if self.refused:
             text += (f"; {len(self.refused)} rows refused (mask not representable; reasons in "
                      f"{EXPORT_MANIFEST})")
-        return text
+        return text + (f"; {self.note}" if self.note else "")
 
 
 def export(
@@ -125,6 +126,9 @@ def export(
     _check_dest(target, overwrite)
     manifest = read_manifest(out)
     ds = load(out, labels=True, response_mask=True, **options)
+    if len(ds) and not any(sum(k) for k in ds["completion_mask"]):
+        raise InputError(f"nothing to export: none of the {len(ds)} rows has a trained token "
+                         "under this rule")
     rule = _rule_of(manifest, options)
     source = {
         "path": str(out.resolve()),
@@ -291,15 +295,15 @@ def _label_table(rows: _Rows, columns: tuple[str, ...]) -> pa.Table:
 
 def _save_to_disk(ds: Any, folder: Path) -> None:
     """``save_to_disk`` without its progress bar (the export prints one summary line)."""
-    from datasets.utils import tqdm as ds_tqdm
+    import datasets
 
-    quiet = ds_tqdm.are_progress_bars_disabled()
-    ds_tqdm.disable_progress_bars()
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         ds.save_to_disk(str(folder))
     finally:
-        if not quiet:
-            ds_tqdm.enable_progress_bars()
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def _content_hash(path: Path) -> str:
@@ -450,7 +454,15 @@ def _write_ms_swift(ds: Any, out: Path, manifest: dict[str, Any], work: Path, ta
         "    --model_type MODEL_TYPE --template TEMPLATE  # a local model needs both\n")
     exported = set(kept)
     index = [i for i, e in enumerate(rows.example_ids) if e in exported]
-    return _summary("ms-swift", rows, index, refused)
+    summary = _summary("ms-swift", rows, index, refused)
+    # Its template trains what it appends after the final end of turn (chatml: "<|im_end|>\n"),
+    # beyond any mask: count it so that it is said, not hidden.
+    extra = sum(len(rows.response[i]) - 1 - int(np.flatnonzero(rows.response[i])[-1])
+                for i in index)
+    if extra:
+        summary.note = (f"ms-swift also trains the {extra:,} template tokens after each row's "
+                        "final end of turn (its suffix)")
+    return summary
 
 
 _WRITERS = {

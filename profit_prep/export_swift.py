@@ -111,8 +111,11 @@ def _turn(ctx: _Context, ids: np.ndarray, keep: np.ndarray, turn: int) -> list[d
         n_eot += 1
     content, content_keep = ids[:len(ids) - n_eot], keep[:len(ids) - n_eot]
     eot_keep = keep[len(ids) - n_eot:]
-    if n_eot and eot_keep.min() != eot_keep.max():
-        raise RowError(f"assistant turn {turn}: its end-of-turn tokens are partly masked")
+    if n_eot and not eot_keep.all():
+        # ms-swift's template trains a turn's end (its suffix) whatever the messages say
+        raise RowError(f"assistant turn {turn}: its end-of-turn token is masked, which ms-swift "
+                       "cannot express (it always trains the turn's end); export with protect "
+                       "end_of_turn")
     pieces = []
     bounds = np.flatnonzero(np.diff(content_keep.astype(np.int8))) + 1
     for s, e in zip([0, *bounds.tolist()], [*bounds.tolist(), len(content)]):
@@ -122,9 +125,8 @@ def _turn(ctx: _Context, ids: np.ndarray, keep: np.ndarray, turn: int) -> list[d
             raise RowError(f"assistant turn {turn}: the piece {json.dumps(text)[:60]} re-tokenises "
                            "to other ids than it has in the row (a mask boundary inside a merge)")
         pieces.append({"role": "assistant", "content": text, "loss": bool(content_keep[s])})
-    if n_eot and (not pieces or pieces[-1]["loss"] != bool(eot_keep[0])):
-        # ms-swift trains the turn's end with its last message: an empty message carries it
-        pieces.append({"role": "assistant", "content": "", "loss": bool(eot_keep[0])})
+    if not pieces:
+        pieces.append({"role": "assistant", "content": "", "loss": False})
     return pieces
 
 
@@ -211,7 +213,7 @@ def read_back(jsonl: Path, out: Path, manifest: dict[str, Any],
                 n_eot += 1
             eot = scored[e - n_eot:e].tolist()
             got += eot
-            lab += eot if turn[-1]["loss"] else [-100] * len(eot)
+            lab += eot  # ms-swift always trains the turn's end (rows masking it are refused)
             if len(got) != e - s:
                 ids[s:e] = -1  # a different length: the ids check reports the row
                 continue
