@@ -403,16 +403,22 @@ def _write_hf(ds: Any, out: Path, manifest: dict[str, Any], work: Path, target: 
     if rows.weights is not None:
         columns += ("weights", "response_mask")  # for ProFitLossMixin (docs/trainers.md)
     _save_to_disk(datasets.Dataset(_label_table(rows, columns)), work / "dataset")
+    weighted = rows.weights is not None
     (work / "train_hf.py").write_text(
         "# written by profit-prep export: labels are -100 where masked (any HF-style trainer)\n"
-        "import datasets\nfrom transformers import AutoModelForCausalLM, Trainer, "
-        "TrainingArguments\nfrom profit_prep.collate import PadCollator\n\n"
+        "import datasets\nfrom transformers import AutoModelForCausalLM, AutoTokenizer, "
+        "Trainer, TrainingArguments\nfrom profit_prep.collate import PadCollator\n"
+        + ("from profit_prep.losses import ProFitLossMixin\n" if weighted else "") + "\n"
         f"train = datasets.load_from_disk({str(target / 'dataset')!r})\n"
         f"model = AutoModelForCausalLM.from_pretrained({model!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({model!r})\n"
         "args = TrainingArguments(output_dir='hf-out', remove_unused_columns=False)\n"
-        "# PadCollator pads by row length: with SmolLM2, pad == eos is a trained token\n"
-        "Trainer(model=model, args=args, train_dataset=train,\n"
-        "        data_collator=PadCollator(pad_token_id=0)).train()\n")
+        + ("class ProFitTrainer(ProFitLossMixin, Trainer):  # reads weights, response_mask\n"
+           "    pass\n\n" if weighted else "")
+        + "# PadCollator pads by row length: with SmolLM2, pad == eos is a trained token\n"
+        f"{'ProFitTrainer' if weighted else 'Trainer'}(model=model, args=args, "
+        "train_dataset=train,\n"
+        "        data_collator=PadCollator(pad_token_id=tokenizer.pad_token_id)).train()\n")
     return _summary("hf", rows)
 
 

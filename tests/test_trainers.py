@@ -91,8 +91,10 @@ def cpu_steps(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 def run_cli(argv: list[str], cwd: Path, timeout: int = 1500) -> str:
+    # the venv's bin first: axolotl re-launches itself through `accelerate` found on PATH
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-           "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+           "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+           "PATH": f"{Path(argv[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("PYTHONPATH", None)
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
