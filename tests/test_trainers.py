@@ -105,6 +105,7 @@ def run_cli(argv: list[str], cwd: Path, timeout: int = 1500) -> str:
 def assert_trainer_loss(logged: float, model_dir: Path, out: Path) -> None:
     rows = oracle_rows(out, TAU)
     masked, unmasked = batch_loss(model_dir, rows, "kept"), batch_loss(model_dir, rows, "response")
+    print(f"first logged loss {logged:.5f}, masked {masked:.5f}, unmasked {unmasked:.5f}")
     assert abs(logged - masked) < 1e-3, (logged, masked, unmasked)
     assert abs(unmasked - masked) > 1e-2, (masked, unmasked)
 
