@@ -135,7 +135,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from profit_prep.export import check_export, export
+    from profit_prep.exports import check_export, export
 
     if args.check:
         problems = check_export(args.out)
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --into")
     commands["combine"] = cmd_combine
 
-    from profit_prep.export import FORMATS
+    from profit_prep.exports import FORMATS
 
     p = sub.add_parser("export", help="write the masks in the container a trainer reads "
                        "(LLaMA-Factory, axolotl, ms-swift, HF labels, TRL) with its config")

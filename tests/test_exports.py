@@ -1,4 +1,4 @@
-"""profit_prep.export: each trainer's container read back independently, the check, DEST safety.
+"""profit_prep.exports: each trainer's container read back independently, the check, DEST safety.
 
 Rows are scored by the tiny random model; a ``random`` rule (keep_fraction 0.5) puts mask
 boundaries everywhere. The oracle recomputes the kept tokens from the shard with
@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from profit_prep.errors import InputError, RowError
-from profit_prep.export import EXPORT_MANIFEST, FORMATS, check_export, export
+from profit_prep.exports import EXPORT_MANIFEST, FORMATS, check_export, export
 from tests.conftest import REPO, score_demo
 
 RULE = {"strategy": "random", "keep_fraction": 0.5, "seed": 3}
@@ -153,7 +153,7 @@ def _ctx(tokenizer) -> types.SimpleNamespace:
                                   "日本語のテキスト", "  spaces\n\nand newlines  "])
 def test_ms_swift_split_is_exact_or_refused(smollm2_tokenizer, text):
     """Every boundary position: the pieces re-tokenise to the row's ids, or the row is refused."""
-    from profit_prep.export_swift import _turn
+    from profit_prep.exports.swift import _turn
 
     ctx = _ctx(smollm2_tokenizer)
     ids = np.array(ctx.encode(text) + ctx.eot)
@@ -176,7 +176,7 @@ def test_ms_swift_split_is_exact_or_refused(smollm2_tokenizer, text):
 
 def test_ms_swift_refuses_a_masked_end_of_turn(smollm2_tokenizer):
     """ms-swift always trains a turn's end (its template suffix): a mask without it is refused."""
-    from profit_prep.export_swift import _turn
+    from profit_prep.exports.swift import _turn
 
     ctx = _ctx(smollm2_tokenizer)
     ids = np.array(ctx.encode("It is 4.") + ctx.eot)
@@ -269,7 +269,7 @@ def test_dest_holding_foreign_files_is_never_touched(out, tmp_path, private_data
 
 def test_failed_export_leaves_the_earlier_one_whole(out, tmp_path, monkeypatch,
                                                     private_datasets_cache):
-    from profit_prep import export as export_module
+    import profit_prep.exports as export_module
 
     dest = tmp_path / "lf"
     export(out, dest, "llamafactory")

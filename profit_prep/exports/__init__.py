@@ -441,7 +441,7 @@ def _write_trl(ds: Any, out: Path, manifest: dict[str, Any], work: Path, target:
 
 def _write_ms_swift(ds: Any, out: Path, manifest: dict[str, Any], work: Path, target: Path,
                     model: str) -> ExportSummary:
-    from profit_prep import export_swift
+    from profit_prep.exports import swift as export_swift
 
     rows = _rows(ds)
     records, refused, kept = export_swift.build(out, manifest, rows.example_ids, rows.ids,
@@ -575,7 +575,7 @@ def _read_container(target: Path, to: str, files: dict[str, str], out: Path,
     elif to == "axolotl":
         table = pq.read_table(target / next(f for f in files if f.endswith(".parquet")))
     else:
-        from profit_prep import export_swift
+        from profit_prep.exports import swift as export_swift
 
         jsonl = target / next(f for f in files if f.endswith(".jsonl"))
         return export_swift.read_back(jsonl, out, manifest, names)
