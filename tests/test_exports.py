@@ -99,11 +99,12 @@ def test_config_snippets_point_at_the_written_data(out, tmp_path, private_datase
     # no dataset_info.json where LLaMA-Factory would look: a vanished tokenized_path fails
     assert not (Path(lf["dataset_dir"]) / "dataset_info.json").exists()
     assert lf["cutoff_len"] >= max(len(i) for i, _ in oracle(out).values())
+    assert isinstance(lf["learning_rate"], float) and lf["do_train"] is True
     ax = yaml.safe_load((export(out, tmp_path / "ax", "axolotl").dest /
                          "axolotl.yaml").read_text())
     (entry,) = ax["datasets"]
     assert Path(entry["path"]).is_file() and "type" not in entry
-    assert ax["sample_packing"] is False
+    assert ax["sample_packing"] is False and isinstance(ax["learning_rate"], float)
     export(out, tmp_path / "sw", "ms-swift")
     line = (tmp_path / "sw" / "ms-swift.sh").read_text()
     assert str(next((tmp_path / "sw").glob("data-*.jsonl"))) in line

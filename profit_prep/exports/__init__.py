@@ -321,8 +321,12 @@ def _yaml(lines: list[tuple[str, Any, str]]) -> str:
         if key.startswith("#"):
             out.append(key)
             continue
-        text = json.dumps(value) if isinstance(value, str) else str(value).lower() \
-            if isinstance(value, bool) else str(value)
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, float):
+            text = f"{value:.1e}"  # "1.0e-05": a float to YAML 1.1 readers (PyYAML), "1e-05" is not
+        else:
+            text = json.dumps(value) if isinstance(value, str) else str(value)
         out.append(f"{key}: {text}" + (f"  # {comment}" if comment else ""))
     return "\n".join(out) + "\n"
 
