@@ -15,7 +15,9 @@ __version__ = "0.2.0"
 from profit_prep.config import ScoreConfig  # noqa: E402
 from profit_prep.driver import score  # noqa: E402
 from profit_prep.errors import InputError, RowError  # noqa: E402
+from profit_prep.exports import check_export, export  # noqa: E402
 from profit_prep.loading import load  # noqa: E402 - cheap: datasets is imported on first call
 from profit_prep.masks import MaskRule  # noqa: E402
 
-__all__ = ["InputError", "MaskRule", "RowError", "ScoreConfig", "load", "score", "__version__"]
+__all__ = ["InputError", "MaskRule", "RowError", "ScoreConfig", "check_export", "export", "load",
+           "score", "__version__"]

@@ -135,6 +135,24 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from profit_prep.exports import check_export, export
+
+    if args.check:
+        problems = check_export(args.out)
+        for p in problems:
+            print(f"problem: {_one_line(p)}")
+        print("ok" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    if not args.to or not args.dest:
+        raise InputError("export needs --to FORMAT and --dest DIR (or --check DIR)")
+    summary = export(args.out, args.dest, args.to, overwrite=args.overwrite, model=args.model,
+                     tokenizer=args.tokenizer, max_length=args.max_length,
+                     weights=args.weights, **_rule_args(args))
+    print(summary.line())
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from profit_prep.output import read_manifest
 
@@ -304,6 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--into", required=True, metavar="DIR", help="the new output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --into")
     commands["combine"] = cmd_combine
+
+    from profit_prep.exports import FORMATS
+
+    p = sub.add_parser("export", help="write the masks in the container a trainer reads "
+                       "(LLaMA-Factory, axolotl, ms-swift, HF labels, TRL) with its config")
+    _add_view_arguments(p)
+    p.add_argument("--to", choices=FORMATS, help="the trainer's format")
+    p.add_argument("--dest", metavar="DIR", help="folder to write (new, empty or an earlier "
+                   "export)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    p.add_argument("--model", metavar="PATH", help="model named in the config snippet "
+                   "(default: the scoring tokenizer's folder)")
+    p.add_argument("--max-length", type=int, metavar="N", help="keep the first N tokens per row")
+    p.add_argument("--weights", choices=("prob",), help="add DFT-style weights (hf only)")
+    p.add_argument("--check", action="store_true",
+                   help="check the export in OUT (the first argument) against its source")
+    commands["export"] = cmd_export
 
     p = sub.add_parser("manifest", help="print an output's manifest")
     p.add_argument("out")
