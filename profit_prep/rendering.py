@@ -93,7 +93,8 @@ def _backend_state(tokenizer: Any) -> Any:
     """The fast tokenizer's whole pipeline (normalizer, pre-tokenizer, model with vocabulary
     and merges, post-processor, decoder, added tokens) as JSON, without the truncation and
     padding state a call may leave on it, and with merges in one spelling whatever the
-    ``tokenizers`` version (``"a b"`` or ``["a", "b"]``)."""
+    ``tokenizers`` version (``"a b"`` or ``["a", "b"]``). The model's vocabulary is left to the
+    fingerprint's ``vocab`` part."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
@@ -101,8 +102,10 @@ def _backend_state(tokenizer: Any) -> Any:
     state.pop("truncation", None)
     state.pop("padding", None)
     model = state.get("model")
-    if isinstance(model, dict) and isinstance(model.get("merges"), list):
-        model["merges"] = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    if isinstance(model, dict):
+        model.pop("vocab", None)  # the "vocab" part hashes it, sorted by id (and faster)
+        if isinstance(model.get("merges"), list):
+            model["merges"] = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
     return state
 
 
