@@ -219,7 +219,7 @@ class Prepared:
     def check_input_unchanged(self) -> None:
         """Refuse to finish when the input was written to since this run opened it (before the
         manifest is written): rows read before and after the write would mix two versions."""
-        if input_stamp(self.config.data) != self.input_stamp:
+        if input_stamp(self.config.data, self.config.out) != self.input_stamp:
             raise InputError(
                 f"{self.config.data} changed while this run was reading it (its size, times or "
                 "files differ from when the run started): the shards may hold rows of both "
@@ -228,13 +228,18 @@ class Prepared:
             )
 
 
-def input_stamp(data: str) -> list[list[Any]]:
-    """What any write to a local input changes: per file (a folder's files, recursively), its
-    path, device, inode, size, and mtime and ctime in ns. Empty for a hub dataset."""
+def input_stamp(data: str, out: str | None = None) -> list[list[Any]]:
+    """What any write to a local input changes: per file (a folder's files, recursively, but
+    none inside ``out``, which this run writes), its path, device, inode, size, and mtime and
+    ctime in ns. Empty for a hub dataset."""
     path = Path(data)
     if not path.exists():
         return []
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    files = [path]
+    if path.is_dir():
+        skip = Path(out).resolve() if out else None
+        files = sorted(f for f in path.rglob("*") if f.is_file()
+                       and not (skip and f.resolve().is_relative_to(skip)))
     stamp = []
     for f in files:
         st = f.stat()
@@ -289,7 +294,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     check_tensor_parallel(backend, config.tensor_parallel_size, reason)
     rule = config.mask_rule()
     signals = check_signals(config)
-    stamp = input_stamp(config.data)  # before the first read: any later write is seen
+    stamp = input_stamp(config.data, config.out)  # before the first read: later writes show
     source = open_source(config.data, id_field=config.id_field, split=config.split)
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")

@@ -534,3 +534,20 @@ def test_the_manifest_records_the_template_that_rendered(tmp_path: Path, tiny_mo
         recorded = json.loads((out / "manifest.json").read_text())["chat_template"]
         assert recorded == {"source": source, "text": text,
                             "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def test_the_input_stamp_sees_input_files_and_not_the_output_inside(tmp_path: Path) -> None:
+    from profit_prep.pipeline import input_stamp
+
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    (data / "a.parquet").write_bytes(b"1234")
+    (data / "nested" / "b.arrow").write_bytes(b"5678")
+    out = data / "out"
+    before = input_stamp(str(data), str(out))
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "part-00000.parquet").write_bytes(b"x")  # the run's own writes
+    assert input_stamp(str(data), str(out)) == before
+    (data / "nested" / "b.arrow").write_bytes(b"5679")  # same size, a nested file
+    assert input_stamp(str(data), str(out)) != before
+    assert input_stamp("org/hub-dataset-name") == []
