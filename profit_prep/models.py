@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from profit_prep.errors import InputError
@@ -194,19 +195,29 @@ def _file_key(path: Path) -> tuple[str, dict[str, int | str]]:
     return key, ident
 
 
+def cached_sha256(path: Path, cache: Path | None) -> str | None:
+    """The sha256 remembered for ``path`` as it is now (same identity), if any."""
+    if cache is None:
+        return None
+    key, ident = _file_key(path)
+    try:
+        stored = json.loads((cache / f"{key}.json").read_text())
+        if stored.get("file") == ident and isinstance(stored.get("sha256"), str):
+            return stored["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
 def file_sha256(path: Path, cache: Path | None = None) -> str:
     """The sha256 of every byte of ``path``, remembered under ``cache`` by the file's identity
     (path, device, inode, size, mtime and ctime in ns): a checkpoint is read once, and a later
     call costs one stat (docs/format.md has the measured rates)."""
     key, ident = _file_key(path)
     entry = cache / f"{key}.json" if cache is not None else None
-    if entry is not None:
-        try:
-            stored = json.loads(entry.read_text())
-            if stored.get("file") == ident and isinstance(stored.get("sha256"), str):
-                return stored["sha256"]
-        except (OSError, ValueError, AttributeError):
-            pass
+    known = cached_sha256(path, cache)
+    if known is not None:
+        return known
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if _file_key(path)[1] != ident:  # written while we read it: the digest names no version
@@ -223,14 +234,16 @@ def file_sha256(path: Path, cache: Path | None = None) -> str:
     return digest
 
 
-def model_content_hash(folder: Path, cache: Path | None = None) -> str:
+def model_content_hash(
+    folder: Path, cache: Path | None = None, note: Callable[[str], None] | None = None
+) -> str:
     """A hash of everything in a model folder that decides its numbers: ``config.json`` and
     every byte of every weight file and weight index (``sha256-files:HEX``).
 
     Each file is hashed once and then found again by its identity (:func:`file_sha256`, cached
     under ``cache``, by default ``cache_dir()/content-hashes``), so a 70B checkpoint costs one
     read the first time and a few stat calls after. Files are hashed in parallel threads
-    (hashlib releases the GIL).
+    (hashlib releases the GIL). ``note`` hears one line before a long first read.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -240,6 +253,10 @@ def model_content_hash(folder: Path, cache: Path | None = None) -> str:
     if config.is_file():
         digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
     files = weight_files(folder)
+    unread = sum(p.stat().st_size for p in files if cached_sha256(p, cache) is None)
+    if note is not None and unread > 1 << 30:
+        note(f"hashing the model's weights ({unread / 1e9:.1f} GB, once: the hash is kept by "
+             "file identity)")
     workers = max(1, min(len(files), os.cpu_count() or 1, 8))
     with ThreadPoolExecutor(workers) as pool:
         hashes = list(pool.map(lambda p: file_sha256(p, cache), files))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -325,7 +326,8 @@ def prepare(config: ScoreConfig) -> Prepared:
     else:
         check_weights(model_dir)
         _check_vocab(model_dir, tokenizer)
-        model_hash = model_content_hash(model_dir)
+        note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
+        model_hash = model_content_hash(model_dir, note=note)
         model = {"name": config.model, "path": str(model_dir), "content_hash": model_hash}
     params = {
         "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,

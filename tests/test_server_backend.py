@@ -977,3 +977,26 @@ def test_a_password_in_the_server_url_is_never_printed_or_stored(
         assert "alice" not in results[-1].stderr or "***@" in results[-1].stderr
     for result in results:
         assert not any(n in result.stdout + result.stderr for n in needles), result.stderr
+
+
+@pytest.mark.parametrize("text", [
+    f"http://alice:{PASSWORD}@gpu-a:8000/v1", f"HTTPS://alice:{PASSWORD}@gpu-a/team/v1?x=1",
+    f"cannot reach 'http://{PASSWORD}@10.0.0.1:8000' (refused)",
+    f"http://alice:{PASSWORD}@[::1]:8000 and http://bob:{PASSWORD}@h2:1",
+])
+def test_redact_url_masks_every_user_info(text: str) -> None:
+    from profit_prep.cli import _one_line
+    from profit_prep.server_answers import redact_url
+
+    assert PASSWORD not in redact_url(text) and "***@" in redact_url(text)
+    assert PASSWORD not in _one_line(text)  # the CLI's error line, whatever raised it
+
+
+def test_url_secrets_cover_the_encoded_forms() -> None:
+    import base64
+
+    from profit_prep.server_answers import url_secrets
+
+    found = url_secrets("http://al%40ice:p%3Aw%2Fd@h:1")
+    assert {"p%3Aw%2Fd", "p:w/d", base64.b64encode(b"al@ice:p:w/d").decode()} <= set(found)
+    assert url_secrets("http://h:1/v1") == []
