@@ -412,20 +412,23 @@ def _server_probe(server: Any, tokenizer: Any, stored: Any) -> dict[str, Any]:
     keep the stored probe otherwise (run.json must stay equal)."""
     ids = np.asarray(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"], np.int64)
     [logprobs] = server.score([ids])
-    probe = {"ids": ids.tolist(),
-             "logprobs": [None] + [round(float(x), 5) for x in logprobs[1:]]}
+    # Strict JSON: -inf (a token the model rules out) is stored as null, like position 0.
+    probe = {"ids": ids.tolist(), "logprobs": [None] + [
+        round(float(x), 5) if np.isfinite(x) else None for x in logprobs[1:]]}
     if not isinstance(stored, dict) or stored.get("ids") != probe["ids"]:
         return probe  # a new output (or a probe of another text: run.json says what differs)
-    then = np.array([np.nan if x is None else x for x in stored["logprobs"]], np.float64)
-    diff = np.abs(then[1:] - np.asarray(logprobs[1:], np.float64))
+    then = np.array([-np.inf if x is None else x for x in stored["logprobs"]], np.float64)
+    now = np.asarray(logprobs[1:], np.float64)
+    with np.errstate(invalid="ignore"):  # -inf both times is no change
+        diff = np.where(then[1:] == now, 0.0, np.abs(then[1:] - now))
     worst = int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))) if len(diff) else 0
     if len(diff) and not diff[worst] <= PROBE_TOLERANCE:
         raise InputError(
             f"server model {server.model!r} scores the probe text differently from when this "
             f"output was started (token {worst + 1}: {then[worst + 1]:.4f} then, "
-            f"{float(logprobs[worst + 1]):.4f} now; tolerance {PROBE_TOLERANCE} nats): another "
-            "model is served under that name; score with the original model, or start again "
-            "with --overwrite (or another --out)"
+            f"{float(logprobs[worst + 1]):.4f} now; tolerance {PROBE_TOLERANCE} nats): it "
+            "serves another model (or the same in another dtype) under that name; score with "
+            "the original model, or start again with --overwrite (or another --out)"
         )
     return stored
 

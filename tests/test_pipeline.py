@@ -551,3 +551,38 @@ def test_the_input_stamp_sees_input_files_and_not_the_output_inside(tmp_path: Pa
     (data / "nested" / "b.arrow").write_bytes(b"5679")  # same size, a nested file
     assert input_stamp(str(data), str(out)) != before
     assert input_stamp("org/hub-dataset-name") == []
+
+
+class ProbeServer:
+    """A stand-in server for the probe alone: fixed logprobs, or ``shift`` added at one token."""
+
+    model = "ref"
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def score(self, sequences):
+        [ids] = sequences
+        out = np.resize(np.array(self.values, np.float32), len(ids))
+        out[0] = np.nan
+        return [out]
+
+
+@pytest.mark.parametrize(("then", "now", "refused"), [
+    ([-1.0, -2.0, -np.inf], [-1.0, -2.0, -np.inf], False),  # -inf both times: no change
+    ([-1.0, -2.0, -3.0], [-1.05, -1.95, -3.0], False),  # float noise
+    ([-1.0, -2.0, -3.0], [-1.0, -2.2, -3.0], True),  # one token moved 0.2 nats
+    ([-1.0, -2.0, -3.0], [-1.0, -2.0, -np.inf], True),
+    ([-1.0, -2.0, -np.inf], [-1.0, -2.0, -3.0], True),
+])
+def test_the_server_probe_tolerates_noise_and_refuses_a_change(smollm2_tokenizer, then, now,
+                                                               refused: bool) -> None:
+    from profit_prep.pipeline import _server_probe
+
+    stored = _server_probe(ProbeServer(then), smollm2_tokenizer, None)
+    json.dumps(stored, allow_nan=False)  # strict JSON in run.json and the manifest
+    if refused:
+        with pytest.raises(InputError, match="scores the probe text differently"):
+            _server_probe(ProbeServer(now), smollm2_tokenizer, stored)
+    else:
+        assert _server_probe(ProbeServer(now), smollm2_tokenizer, stored) == stored
