@@ -21,7 +21,10 @@ the expected JSON, or a log-probability that is NaN, +inf, positive or not a num
 with one line naming the server and what was wrong. The API key goes in the ``Authorization``
 header only: it is never logged, never part of ``describe()`` (the manifest) and never in an error
 message (server text quoted in messages is cut to 200 characters, control characters removed, the
-key masked).
+key masked); so is a URL's ``user:password@`` (:func:`profit_prep.server_answers.redact_url`).
+Every answer is read under a cap on its decoded size derived from the request
+(:func:`answer_cap`; gzip inflated here under that bound), and a 429/503 ``Retry-After`` is
+waited out (at most ``RETRY_AFTER_MAX_S`` a try).
 
 Example:
     >>> scorer = ServerScorer(["http://127.0.0.1:8000"], api_key=None)  # doctest: +SKIP
@@ -213,10 +216,10 @@ class ServerScorer(TopKScorer):
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def _error(self, message: str, kind: type[ServerError] = ServerError) -> ServerError:
+    def _error(self, message: str) -> ServerError:
         """A ServerError whose text never holds the API key or a URL's password, whatever the
         server echoed."""
-        return kind(clean_text(message, limit=10_000, secret=self._secrets))
+        return ServerError(clean_text(message, limit=10_000, secret=self._secrets))
 
     async def _fetch(
         self, client: Any, method: str, url: str, body: Any, cap: int
