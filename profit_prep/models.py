@@ -103,11 +103,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HASH_SCHEME = "sha256-files"
 
 
+# Training state a checkpoint folder may hold next to the weights, which no loader reads as
+# weights (vLLM skips the same names): not hashed, not counted as weights.
+NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The folder's weight files and weight indexes (``*.index.json``), sorted by name."""
     return sorted(
         p for p in folder.iterdir()
         if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"))
+        and p.name not in NOT_WEIGHTS and not p.name.startswith("rng_state")
     )
 
 
