@@ -374,10 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(text: str) -> str:
-    """An error message as one line with no control characters: it may quote data."""
+    """An error message as one line with no control characters and no URL password: it may
+    quote data, and URLs given on the command line."""
+    from profit_prep.server_answers import redact_url
     from profit_prep.views.text import visible
 
-    return visible(" ".join(text.split()))
+    return visible(" ".join(redact_url(text).split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,6 +141,7 @@ def run_job(config: ScoreConfig, executor: Executor) -> dict[str, Any]:
                 **scored.run,
             }
             describe = scored.scorer or {"backend": config.backend}
+            prepared.check_input_unchanged()  # rows of two versions must never be finished
             manifest = out.finalize(
                 {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards,
                 prepared.end_of_turn_ids,

@@ -329,7 +329,9 @@ def transform(
 # -- tokenizer check -------------------------------------------------------------------------
 
 PART_NAMES = {
-    "vocab": "vocab", "special_tokens": "special tokens", "chat_template": "chat template"
+    "vocab": "vocab", "special_tokens": "special tokens", "backend": "normalizer/pre-tokenizer/"
+    "merges/post-processor", "settings": "settings (add_bos/eos, clean-up, ...)",
+    "chat_template": "chat template",
 }
 
 
@@ -338,9 +340,14 @@ def check_tokenizer(
 ) -> list[str]:
     """Compare the trainer's tokenizer with the scoring one; the names of the parts that differ.
 
-    Vocabulary and special tokens decide the token ids, so they must match. The chat template is
-    compared only when the tokenizer has one of its own: it decides how the trained model is
-    prompted later. A mismatch raises InputError, or warns with ``allow_mismatch=True``.
+    Vocabulary, special tokens, the backend pipeline (normalizer, pre-tokenizer, merges, ...)
+    and the id settings decide the token ids, so they must match. The chat template is compared
+    only when the tokenizer has one of its own: it decides how the trained model is prompted
+    later. A mismatch raises InputError, or warns with ``allow_mismatch=True``.
+
+    An output written before the fingerprint covered the backend and settings cannot show that
+    they match: it is refused like a mismatch (after its vocabulary and special tokens are
+    compared), with that reason.
 
     Example:
         >>> check_tokenizer("models/my-model", read_manifest("out"))  # doctest: +SKIP
@@ -355,7 +362,9 @@ def check_tokenizer(
         own = own.get("default")
     ours = tokenizer_fingerprint(tokenizer, own or "")
     stored = manifest["tokenizer"]
-    parts = ["vocab", "special_tokens"] + (["chat_template"] if own else [])
+    old = "backend" not in stored or "settings" not in stored
+    parts = ["vocab", "special_tokens", *([] if old else ["backend", "settings"])]
+    parts += ["chat_template"] if own else []
     differ = [PART_NAMES[p] for p in parts if ours[p] != stored.get(p)]
     if differ:
         message = (
@@ -363,6 +372,16 @@ def check_tokenizer(
             f"differ (scored with {stored.get('path')}); pass allow_tokenizer_mismatch=True to "
             "load anyway"
         )
+    elif old:
+        differ = ["unknown (older fingerprint)"]
+        message = (
+            f"this output was written by an earlier profit-prep, whose tokenizer fingerprint "
+            f"does not cover the normalizer, pre-tokenizer, merges or settings, so it cannot "
+            f"show that this tokenizer gives the same ids (vocab and special tokens match; "
+            f"scored with {stored.get('path')}): rescore with this version, or pass "
+            "allow_tokenizer_mismatch=True if you know it is the same tokenizer"
+        )
+    if differ:
         if not allow_mismatch:
             raise InputError(message)
         warnings.warn(message, stacklevel=3)

@@ -13,7 +13,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +35,7 @@ from profit_prep.config import ScoreConfig, check_numbers
 from profit_prep.errors import InputError, RowError
 from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
 from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
-from profit_prep.models import model_content_hash, resolve_model
+from profit_prep.models import check_weights, model_content_hash, resolve_model
 from profit_prep.output import OutputDir
 from profit_prep.placement import check_tensor_parallel
 from profit_prep.reading import (
@@ -171,6 +173,7 @@ class Prepared:
     backend_reason: str = ""
     end_of_turn_ids: list[int] = field(default_factory=list)
     dtype_reason: str = ""
+    input_stamp: list[list[Any]] = field(default_factory=list)
     _duplicates: dict[int, int] | None = field(default=None, repr=False)
 
     @property
@@ -228,6 +231,36 @@ class Prepared:
                 )
         ranges = [self.shard_range(i) for i in todo]
         return todo, self.n_rows - sum(stop - start for start, stop in ranges)
+
+    def check_input_unchanged(self) -> None:
+        """Refuse to finish when the input was written to since this run opened it (before the
+        manifest is written): rows read before and after the write would mix two versions."""
+        if input_stamp(self.config.data, self.config.out) != self.input_stamp:
+            raise InputError(
+                f"{self.config.data} changed while this run was reading it (its size, times or "
+                "files differ from when the run started): the shards may hold rows of both "
+                "versions, so no manifest is written; restore the input and rerun to resume "
+                "(each shard is checked against it), or score the new one with --overwrite"
+            )
+
+
+def input_stamp(data: str, out: str | None = None) -> list[list[Any]]:
+    """What any write to a local input changes: per file (a folder's files, recursively, but
+    none inside ``out``, which this run writes), its path, device, inode, size, and mtime and
+    ctime in ns. Empty for a hub dataset."""
+    path = Path(data)
+    if not path.exists():
+        return []
+    files = [path]
+    if path.is_dir():
+        skip = Path(out).resolve() if out else None
+        files = sorted(f for f in path.rglob("*") if f.is_file()
+                       and not (skip and f.resolve().is_relative_to(skip)))
+    stamp = []
+    for f in files:
+        st = f.stat()
+        stamp.append([str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return stamp
 
 
 def _check_format(source: Source, config: ScoreConfig) -> str:
@@ -297,6 +330,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     """
     check_numbers(config)
     started = _started_params(config)
+    _check_identity_scheme(config, started)
     backend, reason = choose_backend(config, resumed=started.get("backend"))
     config = replace(config, backend=backend)
     check_tensor_parallel(backend, config.tensor_parallel_size, reason)
@@ -305,6 +339,7 @@ def prepare(config: ScoreConfig) -> Prepared:
         config = replace(config, dtype=dtype)
     rule = config.mask_rule()
     signals = check_signals(config)
+    stamp = input_stamp(config.data, config.out)  # before the first read: later writes show
     source = open_source(config.data, id_field=config.id_field, split=config.split)
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
@@ -317,22 +352,34 @@ def prepare(config: ScoreConfig) -> Prepared:
     tokenizer_dir = resolve_model(config.tokenizer) if config.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_dir)
     template, template_source = resolve_template(tokenizer, config.chat_template)
+    renderer = Renderer(tokenizer, template, config.max_length)
+    if renderer.chat_template != template:  # e.g. an empty file: what renders is recorded
+        template, template_source = resolve_template(tokenizer, None)
     fingerprint = fingerprint_of(tokenizer, template)
+    model: dict[str, Any]
+    probe: dict[str, Any] | None = None
     if config.server:
         # The reference model lives on the server: check it serves what we expect and tokenizes
         # like the trainer before any row is scored.
         server = make_scorer(config, model_dir)
         server.check(tokenizer, expected_model=config.server_model)
-        model_name, model_hash = server.model, f"server:{server.model}"
+        probe = _server_probe(server, tokenizer, started.get("model_probe"))
+        model_hash = f"server:{server.model}"
+        model = {"name": server.model, "path": str(model_dir), "content_hash": model_hash,
+                 "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}
     else:
+        check_weights(model_dir)
         _check_vocab(model_dir, tokenizer)
-        model_name, model_hash = config.model, model_content_hash(model_dir)
+        note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
+        model_hash = model_content_hash(model_dir, note=note)
+        model = {"name": config.model, "path": str(model_dir), "content_hash": model_hash}
     params = {
         "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,
         "input_rows": len(source),
         "limit": config.limit,
         "format": fmt,
         "fields": asdict(config.fields()),
+        "identity": IDENTITY_SCHEME,
         "model_hash": model_hash,
         "tokenizer_fingerprint": fingerprint["fingerprint"],
         "max_length": config.max_length,
@@ -341,6 +388,8 @@ def prepare(config: ScoreConfig) -> Prepared:
         "dtype": dtype,
         "shard_size": config.shard_size,
     }
+    if probe is not None:
+        params["model_probe"] = probe
     if signals:  # only when set, so outputs written before signals existed still resume
         params["signals"] = list(signals)
         if top_k_backend(config):  # k changes the entropy estimate
@@ -353,23 +402,81 @@ def prepare(config: ScoreConfig) -> Prepared:
             f"from its top {config.signals_top_k} logprobs (a lower bound; see "
             "scorer.entropy_estimator); NaN at t = 0"
         )
+    template_hash = hashlib.sha256(template.encode("utf-8")).hexdigest()
     manifest = {
         "profit_prep_version": __version__,
-        "model": {"name": model_name, "path": str(model_dir), "content_hash": model_hash},
+        "model": model,
         "tokenizer": {"path": str(tokenizer_dir), **fingerprint},
-        "chat_template": {"source": template_source, "text": template},
+        "chat_template": {"source": template_source, "sha256": template_hash, "text": template},
         "mask": rule.to_dict(),
         "render": {"max_length": config.max_length, "format": fmt, **asdict(config.fields())},
         "input": {"path": params["data"], "rows": len(source), "limit": config.limit},
         "columns": columns,
     }
-    renderer = Renderer(tokenizer, template, config.max_length)
     check_template(renderer, source, fmt, config.fields())
     eot = end_of_turn_ids(renderer)
     manifest["render"]["end_of_turn_ids"] = eot
     return Prepared(config, source, fmt, model_dir, renderer, params, manifest,
-                    backend_reason=reason, end_of_turn_ids=eot,
+                    backend_reason=reason, end_of_turn_ids=eot, input_stamp=stamp,
                     dtype_reason="" if config.server else dtype_reason)
+
+
+# Bumped when what identifies the model or tokenizer in run.json changes: an output started
+# under another scheme cannot be shown to match, so it is not resumed (docs/format.md).
+IDENTITY_SCHEME = 2
+# Largest change of any probe token's logprob (nats) taken for the same model on a resume: a
+# server's float noise (batching, bf16) stays well inside it; another checkpoint does not.
+PROBE_TOLERANCE = 0.1
+# The probe: a fixed text (prose, digits, code, unicode, chat markup) scored at the start of
+# every --server run; ~70 SmolLM2 tokens, one request.
+PROBE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. 12345 + 678 = 13023.\n"
+    "def f(x):\n    return x ** 2  # square\n"
+    "Ünïcödé — 日本語のテキスト 🙂 <|im_start|>user\nWhat is 7 * 6?<|im_end|>"
+)
+
+
+def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None:
+    """An output started by an earlier profit-prep (a sampled model hash, a tokenizer
+    fingerprint without normalizer and merges) is not resumed: nothing shows that its shards
+    were scored by the same model and tokenizer as the rest would be."""
+    if not started or started.get("identity") == IDENTITY_SCHEME:
+        return
+    sampled = str(started.get("model_hash", "")).startswith("sha256:")
+    how = "by sampled bytes of its weights" if sampled else "by the name its server reports"
+    raise InputError(
+        f"{config.out} was started by an earlier profit-prep, whose run.json identifies the "
+        f"model {how} and the tokenizer without its normalizer and merges, so resuming cannot "
+        "prove the rest would be scored alike: finish it with the version that started it, or "
+        "start again with --overwrite (or another --out)"
+    )
+
+
+def _server_probe(server: Any, tokenizer: Any, stored: Any) -> dict[str, Any]:
+    """Score :data:`PROBE_TEXT` on the server: its logprobs identify the served model, whatever
+    name it reports. On a resume, refuse a model whose probe moved beyond PROBE_TOLERANCE, and
+    keep the stored probe otherwise (run.json must stay equal)."""
+    ids = np.asarray(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"], np.int64)
+    [logprobs] = server.score([ids])
+    # Strict JSON: -inf (a token the model rules out) is stored as null, like position 0.
+    probe = {"ids": ids.tolist(), "logprobs": [None] + [
+        round(float(x), 5) if np.isfinite(x) else None for x in logprobs[1:]]}
+    if not isinstance(stored, dict) or stored.get("ids") != probe["ids"]:
+        return probe  # a new output (or a probe of another text: run.json says what differs)
+    then = np.array([-np.inf if x is None else x for x in stored["logprobs"]], np.float64)
+    now = np.asarray(logprobs[1:], np.float64)
+    with np.errstate(invalid="ignore"):  # -inf both times is no change
+        diff = np.where(then[1:] == now, 0.0, np.abs(then[1:] - now))
+    worst = int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))) if len(diff) else 0
+    if len(diff) and not diff[worst] <= PROBE_TOLERANCE:
+        raise InputError(
+            f"server model {server.model!r} scores the probe text differently from when this "
+            f"output was started (token {worst + 1}: {then[worst + 1]:.4f} then, "
+            f"{float(logprobs[worst + 1]):.4f} now; tolerance {PROBE_TOLERANCE} nats): it "
+            "serves another model (or the same in another dtype) under that name; score with "
+            "the original model, or start again with --overwrite (or another --out)"
+        )
+    return stored
 
 
 def _started_params(config: ScoreConfig) -> dict[str, Any]:

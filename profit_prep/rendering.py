@@ -121,14 +121,43 @@ def resolve_template(tokenizer: Any, template: str | Path | None) -> tuple[str, 
     return PLAIN_TEMPLATE, "builtin:plain"
 
 
-def tokenizer_fingerprint(tokenizer: Any, chat_template: str) -> dict[str, str]:
-    """Hashes of what decides token ids: vocabulary, special tokens, and the chat template.
+# Tokenizer settings (init kwargs) that change ids or the text offsets map back to.
+_ID_SETTINGS = ("add_bos_token", "add_eos_token", "add_prefix_space",
+                "clean_up_tokenization_spaces", "split_special_tokens", "do_lower_case", "legacy",
+                "truncation_side")
 
-    The parts are kept separately so that a mismatch can name what differs.
+
+def _backend_state(tokenizer: Any) -> Any:
+    """The fast tokenizer's whole pipeline (normalizer, pre-tokenizer, model with vocabulary
+    and merges, post-processor, decoder, added tokens) as JSON, without the truncation and
+    padding state a call may leave on it, and with merges in one spelling whatever the
+    ``tokenizers`` version (``"a b"`` or ``["a", "b"]``). The model's vocabulary is left to the
+    fingerprint's ``vocab`` part."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    state = json.loads(backend.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    model = state.get("model")
+    if isinstance(model, dict):
+        model.pop("vocab", None)  # the "vocab" part hashes it, sorted by id (and faster)
+        if isinstance(model.get("merges"), list):
+            model["merges"] = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    return state
+
+
+def tokenizer_fingerprint(tokenizer: Any, chat_template: str) -> dict[str, str]:
+    """Hashes of what decides token ids: vocabulary, special tokens, the backend pipeline
+    (normalizer, pre-tokenizer, merges, post-processor, decoder), the settings that change ids
+    (``add_bos_token``, ``clean_up_tokenization_spaces``, ...), and the chat template.
+
+    The parts are kept separately so that a mismatch can name what differs. Fingerprints
+    written before ``backend`` and ``settings`` existed lack them (docs/format.md).
     """
 
     def h(obj: Any) -> str:
-        blob = json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()
+        blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     vocab = h(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
@@ -138,8 +167,10 @@ def tokenizer_fingerprint(tokenizer: Any, chat_template: str) -> dict[str, str]:
             "added": {str(i): str(t) for i, t in tokenizer.added_tokens_decoder.items()},
         }
     )
-    template = h(chat_template)
-    parts = {"vocab": vocab, "special_tokens": special, "chat_template": template}
+    init = getattr(tokenizer, "init_kwargs", {}) or {}
+    settings = {k: getattr(tokenizer, k, init.get(k)) for k in _ID_SETTINGS}
+    parts = {"vocab": vocab, "special_tokens": special, "chat_template": h(chat_template),
+             "backend": h(_backend_state(tokenizer)), "settings": h(settings)}
     parts["fingerprint"] = h(parts)
     return parts
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.parse
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,16 +37,49 @@ class BadLogprob(ServerError):
     """A well-formed answer whose log-probability is NaN, +inf or above 0: a model problem."""
 
 
-def clean_text(text: Any, limit: int = 200, secret: str | None = None) -> str:
-    r"""Server text fit for a one-line message: ``secret`` masked, control characters removed,
-    whitespace collapsed, cut to ``limit`` characters.
+# A URL's user:password@ part, wherever a URL appears in a text.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#@]+@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it masked: the one helper for
+    anything that may echo a ``--server`` URL (error lines, logs, files).
+
+    >>> redact_url("cannot reach http://alice:s3cret@gpu-a:8000/v1 (refused)")
+    'cannot reach http://***@gpu-a:8000/v1 (refused)'
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets a URL carries, in every form a message may echo them: the password and
+    user name as written and percent-decoded, and the HTTP Basic credentials built from them."""
+    import base64
+
+    parts = urllib.parse.urlsplit(url.strip())
+    if "@" not in parts.netloc:
+        return []
+    userinfo = parts.netloc.rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    plain_user, plain_password = urllib.parse.unquote(user), urllib.parse.unquote(password)
+    basic = base64.b64encode(f"{plain_user}:{plain_password}".encode()).decode()
+    found = [userinfo, password, plain_password, basic] if password else [userinfo, user,
+                                                                           plain_user, basic]
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def clean_text(text: Any, limit: int = 200, secret: str | Sequence[str] | None = None) -> str:
+    r"""Server text fit for a one-line message: ``secret`` (one or several) masked, URL
+    passwords masked, control characters removed, whitespace collapsed, cut to ``limit``
+    characters.
 
     >>> clean_text("bad\x1b[31m  thing\n\x00" + "x" * 300, limit=20)
     'bad [31m thing xx...'
     """
-    text = str(text)
-    if secret:
-        text = text.replace(secret, "***")
+    text = redact_url(str(text))
+    for one in [secret] if isinstance(secret, str) else secret or ():
+        if one:
+            text = text.replace(one, "***")
     text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -60,7 +95,7 @@ def normalize_server_url(url: str) -> str:
     'https://gateway.example/team-a'
     """
     text = url.strip()
-    shown = clean_text(text, 100)
+    shown = clean_text(text, 100, url_secrets(text) if "@" in text else None)
     try:
         parts = urllib.parse.urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError on a port that is not a number
@@ -97,7 +132,42 @@ def names(models: Sequence[str]) -> str:
     return clean_text(", ".join(models), 200)
 
 
-def server_message(response: Any, secret: str | None = None) -> str:
+@dataclass
+class Answer:
+    """A server's answer, read under a byte cap (:mod:`profit_prep.server_backend`)."""
+
+    status_code: int
+    headers: Any = field(default_factory=dict)
+    content: bytes = b""
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (a number, or an HTTP date); None if absent
+    or unreadable.
+
+    >>> retry_after_s("7"), retry_after_s("soon")
+    (7.0, None)
+    """
+    import email.utils
+    import time
+
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def server_message(response: Any, secret: str | Sequence[str] | None = None) -> str:
     """The server's own words: vLLM sends {"error": {"message"}}, auth layers {"error": "..."}."""
     try:
         body = json.loads(response.content)

@@ -21,7 +21,10 @@ the expected JSON, or a log-probability that is NaN, +inf, positive or not a num
 with one line naming the server and what was wrong. The API key goes in the ``Authorization``
 header only: it is never logged, never part of ``describe()`` (the manifest) and never in an error
 message (server text quoted in messages is cut to 200 characters, control characters removed, the
-key masked).
+key masked); so is a URL's ``user:password@`` (:func:`profit_prep.server_answers.redact_url`).
+Every answer is read under a cap on its decoded size derived from the request
+(:func:`answer_cap`; gzip inflated here under that bound), and a 429/503 ``Retry-After`` is
+waited out (at most ``RETRY_AFTER_MAX_S`` a try).
 
 Example:
     >>> scorer = ServerScorer(["http://127.0.0.1:8000"], api_key=None)  # doctest: +SKIP
@@ -39,6 +42,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +50,7 @@ import numpy as np
 
 from profit_prep.errors import InputError
 from profit_prep.server_answers import (
+    Answer,
     BadLogprob,
     Entries,
     ServerError,
@@ -56,7 +61,9 @@ from profit_prep.server_answers import (
     display,
     names,
     normalize_server_url,
+    retry_after_s,
     server_message,
+    url_secrets,
 )
 from profit_prep.top_k import TopKScorer, describe_top_k_signals, parse_top_k_signals
 
@@ -67,6 +74,72 @@ DEFAULT_TIMEOUT_S = 300.0
 # Tries of one request that may time out before the run stops: a hung server ends the run within
 # about TIMEOUT_TRIES * timeout_s (plus a few seconds of backoff), not retries * timeout_s.
 TIMEOUT_TRIES = 2
+# Decoded bytes an answer may hold, derived from the request: a prompt_logprobs answer has at
+# most k + 1 entries per token, each ~85 bytes of JSON ({"id": {"logprob", "rank",
+# "decoded_token"}}) plus the token's text, escaped: 320 bytes leaves room for long tokens. Every
+# answer may also hold ANSWER_FLOOR_BYTES (model lists, tokenize answers, the envelope). Beyond
+# its cap an answer stops the run (a gzip bomb or a runaway server never fills memory).
+ANSWER_BYTES_PER_ENTRY = 320
+ANSWER_FLOOR_BYTES = 4 << 20
+# Of an error answer (4xx/5xx) only the message is quoted: the rest is not read.
+ERROR_BODY_BYTES = 64 << 10
+# The longest wait a Retry-After (429/503) is granted, per try.
+RETRY_AFTER_MAX_S = 120.0
+# Content encodings an answer may use (asked for in Accept-Encoding, decoded here under the cap).
+ENCODINGS = {"gzip": 47, "x-gzip": 47, "deflate": 47}  # zlib wbits: gzip or zlib header
+
+
+class AnswerTooLarge(ServerError):
+    """An answer whose decoded size passed its cap."""
+
+
+def answer_cap(n_tokens: int, k: int) -> int:
+    """Decoded bytes a ``prompt_logprobs`` answer for ``n_tokens`` tokens and top ``k`` may take.
+
+    >>> answer_cap(8192, 20) // (1 << 20)
+    56
+    """
+    return ANSWER_FLOOR_BYTES + n_tokens * (k + 1) * ANSWER_BYTES_PER_ENTRY
+
+
+async def read_capped(response: Any, cap: int, strict: bool) -> bytes:
+    """The decoded body of a streamed httpx ``response``, never holding more than ``cap`` + one
+    network chunk: gzip/deflate are inflated here with an output bound (httpx would inflate a
+    whole chunk at once: 64 KiB of a gzip bomb is ~64 MB). Past ``cap``: AnswerTooLarge when
+    ``strict``, else the first ``cap`` bytes."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity") and encoding not in ENCODINGS:
+        raise ServerError(f"its answer is encoded as {clean_text(encoding, 40)!r}, which was "
+                          "not asked for (gzip, deflate)")
+    wbits = ENCODINGS.get(encoding)
+    decoder = zlib.decompressobj(wbits) if wbits else None
+    body = bytearray()
+    async for raw in response.aiter_raw():
+        pending = raw
+        while pending:
+            if decoder is None:
+                body += pending[: cap + 1 - len(body)]
+                pending = b""
+            else:
+                try:
+                    body += decoder.decompress(pending, cap + 1 - len(body))
+                except zlib.error as exc:
+                    raise ServerError(f"its {encoding} answer does not decode ({exc})") from None
+                if decoder.eof:  # a gzip stream may hold several members
+                    pending = decoder.unused_data
+                    decoder = zlib.decompressobj(wbits) if pending else decoder
+                else:
+                    pending = decoder.unconsumed_tail
+            if len(body) > cap:
+                if not strict:
+                    return bytes(body[:cap])
+                raise AnswerTooLarge(
+                    f"its answer passed {cap:,} bytes decoded, more than the request can need "
+                    "(tokens x (top-k + 1) entries, docs/server.md)"
+                )
+    return bytes(body)
+
+
 # Probe strings for the tokenizer check: digits, whitespace runs, unicode, code, markup.
 PROBES = [
     "Hello, world! 12345 67.89",
@@ -121,6 +194,10 @@ class ServerScorer(TopKScorer):
         self.urls = list(dict.fromkeys(normalize_server_url(u) for u in urls))
         self._names = {u: display(u) for u in self.urls}
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        # Everything a message must never show: the key, and any user:password of a URL.
+        self._secrets = tuple(sorted(
+            {s for u in urls for s in url_secrets(u)} | ({self.api_key} if self.api_key else set()),
+            key=len, reverse=True))
         self.max_in_flight = max_in_flight
         self.timeout_s = float(timeout_s)
         # How often a line tells the user we are still waiting (every 30 s by default).
@@ -134,11 +211,25 @@ class ServerScorer(TopKScorer):
     # -- plumbing ---------------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {"Accept-Encoding": ", ".join(e for e in ENCODINGS if not e.startswith("x-"))}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
     def _error(self, message: str) -> ServerError:
-        """A ServerError whose text never holds the API key, whatever the server echoed."""
-        return ServerError(message.replace(self.api_key, "***") if self.api_key else message)
+        """A ServerError whose text never holds the API key or a URL's password, whatever the
+        server echoed."""
+        return ServerError(clean_text(message, limit=10_000, secret=self._secrets))
+
+    async def _fetch(
+        self, client: Any, method: str, url: str, body: Any, cap: int
+    ) -> Answer:
+        """One try: the answer streamed and read under ``cap`` (an error answer under
+        ERROR_BODY_BYTES, only its message is quoted)."""
+        async with client.stream(method, url, json=body, headers=self._headers()) as response:
+            ok = 200 <= response.status_code < 300
+            content = await read_capped(response, cap if ok else ERROR_BODY_BYTES, strict=ok)
+            return Answer(response.status_code, response.headers, content)
 
     async def _request(
         self,
@@ -148,10 +239,13 @@ class ServerScorer(TopKScorer):
         body: Any = None,
         retries: int | None = None,
         check: Callable[[Any], Any] | None = None,
+        cap: int = ANSWER_FLOOR_BYTES,
     ) -> Any:
         """One request with retries; returns the decoded JSON body, passed through ``check``.
 
-        Each try is bounded as a whole by ``timeout_s``; ``TIMEOUT_TRIES`` timeouts end it.
+        Each try is bounded as a whole by ``timeout_s``; ``TIMEOUT_TRIES`` timeouts end it. The
+        answer is read under ``cap`` decoded bytes (:func:`read_capped`). A 429 or 503 with
+        ``Retry-After`` waits what it asks (at most RETRY_AFTER_MAX_S) before the next try.
         """
         import httpx
 
@@ -162,11 +256,19 @@ class ServerScorer(TopKScorer):
             name = self._names[base]
             ticket = object()
             self._waiting[ticket] = (name, time.monotonic())
+            asked: float | None = None
             try:
                 response = await asyncio.wait_for(
-                    client.request(method, base + path, json=body, headers=self._headers()),
-                    self.timeout_s,
+                    self._fetch(client, method, base + path, body, cap), self.timeout_s
                 )
+            except AnswerTooLarge as exc:
+                raise self._error(
+                    f"server {name} sent too much in answer to {method} {path}: {exc}; is it "
+                    "the vLLM OpenAI server itself?"
+                ) from None
+            except ServerError as exc:  # an encoding it was not asked for, or bad gzip
+                raise self._error(f"server {name} sent an unreadable answer to {method} {path}: "
+                                  f"{exc}") from None
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 timeouts += 1
                 problem = f"no complete answer in {self.timeout_s:g} s"
@@ -175,7 +277,7 @@ class ServerScorer(TopKScorer):
             except httpx.HTTPError as exc:  # e.g. a body that does not decode as it says
                 raise self._error(
                     f"server {name} sent an unreadable answer to {method} {path}: "
-                    f"{clean_text(exc, secret=self.api_key)}"
+                    f"{clean_text(exc, secret=self._secrets)}"
                 ) from None
             else:
                 status = response.status_code
@@ -183,7 +285,7 @@ class ServerScorer(TopKScorer):
                     return self._decode(response, name, method, path, check)
                 if 300 <= status < 400:
                     where = clean_text(response.headers.get("location", "nowhere"), 120,
-                                       self.api_key)
+                                       self._secrets)
                     raise self._error(
                         f"server {name} answered {method} {path} with {status}, a redirect to "
                         f"{where}; redirects are not followed: give --server the address that "
@@ -192,10 +294,12 @@ class ServerScorer(TopKScorer):
                 if status not in RETRY_STATUS:
                     raise self._error(
                         f"server {name} answered {status}: "
-                        f"{server_message(response, self.api_key)}"
+                        f"{server_message(response, self._secrets)}"
                     )
                 problem = f"HTTP {status}"
                 timeouts += status in TIMEOUT_STATUS
+                if status in (429, 503):
+                    asked = retry_after_s(response.headers.get("retry-after"))
             finally:
                 del self._waiting[ticket]
             if timeouts >= TIMEOUT_TRIES:
@@ -207,6 +311,11 @@ class ServerScorer(TopKScorer):
             if attempt >= retries:
                 break
             delay = min(30.0, self.backoff_s * 2**attempt) * (0.5 + random.random())
+            if asked is not None:  # the server said when: neither sooner nor unboundedly later
+                delay = min(asked, RETRY_AFTER_MAX_S)
+                capped = f" (waiting at most {RETRY_AFTER_MAX_S:g} s)" if asked > delay else ""
+                print(f"waiting for {name}: {problem} asks to retry after {asked:g} s{capped}",
+                      file=sys.stderr, flush=True)
             await asyncio.sleep(delay)
         raise self._error(
             f"server {name} failed after {retries + 1} tries ({problem}); "
@@ -223,7 +332,7 @@ class ServerScorer(TopKScorer):
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             kind = clean_text(response.headers.get("content-type", "no content type"), 60)
             try:
-                shown = repr(clean_text(response.content.decode("utf-8"), secret=self.api_key))
+                shown = repr(clean_text(response.content.decode("utf-8"), secret=self._secrets))
             except UnicodeDecodeError:  # binary: show its first bytes escaped
                 shown = f"{len(response.content)} bytes, not text: {response.content[:32]!r}"
             raise self._error(
@@ -346,7 +455,8 @@ class ServerScorer(TopKScorer):
                 }
                 async with gate:
                     return await self._request(client, "POST", "/v1/completions", body,
-                                               check=lambda answer: check_completion(answer, seq))
+                                               check=lambda answer: check_completion(answer, seq),
+                                               cap=answer_cap(len(seq), k))
 
             return list(await gather_or_cancel(*(one(s) for s in sequences)))
 

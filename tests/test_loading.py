@@ -374,3 +374,59 @@ def test_protected_end_of_turn_gets_gradient_and_unprotected_does_not(
     assert torch.equal(end, end2) and end.sum() == 4  # one answer per row
     assert (protected > 0).all()
     assert (unprotected == 0).all()
+
+
+# -- the tokenizer check covers what decides ids, not only the vocabulary (issue 22) -------------
+
+
+@pytest.mark.parametrize(
+    ("change", "part"),
+    [("normalizer", "normalizer/pre-tokenizer/merges"),
+     ("pre_tokenizer", "normalizer/pre-tokenizer/merges"),
+     ("merges", "normalizer/pre-tokenizer/merges"),
+     ("post_processor", "normalizer/pre-tokenizer/merges"),
+     ("clean_up", "settings")],
+)
+def test_load_refuses_a_tokenizer_changed_beyond_its_vocab(
+    tiny_out: Path, tiny_model_dir: Path, tmp_path: Path, change: str, part: str
+) -> None:
+    from profit_prep.rendering import load_tokenizer
+    from tests.test_pipeline import changed_tokenizer
+
+    changed = changed_tokenizer(tiny_model_dir, tmp_path / "changed", change)
+    tokenizer = load_tokenizer(changed)
+    assert tokenizer.get_vocab() == load_tokenizer(tiny_model_dir).get_vocab()
+    with pytest.raises(InputError, match="the tokenizer differs") as caught:
+        load(tiny_out, tokenizer=changed)
+    assert part in str(caught.value) and "vocab," not in str(caught.value)
+    with pytest.raises(InputError, match=part):
+        load(tiny_out, tokenizer=tokenizer)  # as an object too
+
+
+def test_an_output_with_an_older_fingerprint_is_not_silently_accepted(
+    tiny_out: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    old = Path(shutil.copytree(tiny_out, tmp_path / "old"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    for part in ("backend", "settings"):  # what earlier versions did not store
+        del manifest["tokenizer"][part]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert len(load(old)) == 8  # no tokenizer given: readable as before
+    with pytest.raises(InputError, match="written by an earlier profit-prep") as caught:
+        load(old, tokenizer=tiny_model_dir)
+    assert "allow_tokenizer_mismatch=True" in str(caught.value)
+    with pytest.warns(UserWarning, match="earlier profit-prep"):
+        assert len(load(old, tokenizer=tiny_model_dir, allow_tokenizer_mismatch=True)) == 8
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    extra = load_tokenizer_with_extra_special(other)
+    with pytest.raises(InputError, match="special tokens differ"):  # what it can compare, it does
+        load(old, tokenizer=extra)
+
+
+def load_tokenizer_with_extra_special(folder: Path):
+    from profit_prep.rendering import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|profit_old|>"]})
+    return tokenizer

@@ -357,3 +357,232 @@ def test_find_duplicates_checks_hash_collisions_exactly(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", _rows_with_repeats(40))
     source = Colliding(path, id_field="id")
     assert find_duplicates(source, len(source)) == {7: 2, 8: 2, 30: 11, 31: 11}
+
+
+# -- what was scored: model, tokenizer, input, template (issue 22, class A) ---------------------
+
+
+def interrupted(out: Path) -> None:
+    """As a run killed after its first shard leaves the output: later shards, no manifest."""
+    for shard in sorted((out / "data").glob("part-*.parquet"))[1:]:
+        shard.unlink()
+    (out / "manifest.json").unlink()
+
+
+def test_resume_is_refused_after_same_size_weights_are_replaced(tmp_path: Path, tiny_model_dir,
+                                                               gsm_file) -> None:
+    import shutil
+
+    from tests.test_models import perturb_middle_tensor
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    out = tmp_path / "out"
+    score(config(gsm_file, out, model))
+    interrupted(out)
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    perturb_middle_tensor(weights)  # another checkpoint of the same size, same mtime
+    assert weights.stat().st_size == size
+    with pytest.raises(InputError, match="model_hash differ"):
+        score(config(gsm_file, out, model))
+    assert not (out / "manifest.json").exists()
+    manifest_hash = json.loads((out / "run.json").read_text())["model_hash"]
+    assert manifest_hash.startswith("sha256-files:")
+
+
+def changed_tokenizer(src: Path, dst: Path, change: str) -> Path:
+    """A copy of ``src`` whose tokenizer gives other ids in one way that vocab and special
+    tokens do not show."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    config_file = dst / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text())
+    if change == "normalizer":
+        spec["normalizer"] = {"type": "Lowercase"}
+    elif change == "pre_tokenizer":
+        spec["pre_tokenizer"]["add_prefix_space"] = not spec["pre_tokenizer"]["add_prefix_space"]
+    elif change == "merges":
+        spec["model"]["merges"] = spec["model"]["merges"][:-1000]
+    elif change == "post_processor":
+        spec["post_processor"] = {"type": "TemplateProcessing",
+                                  "single": [{"SpecialToken": {"id": "<|im_start|>",
+                                                               "type_id": 0}},
+                                             {"Sequence": {"id": "A", "type_id": 0}}],
+                                  "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                                           {"Sequence": {"id": "B", "type_id": 1}}],
+                                  "special_tokens": {"<|im_start|>": {"id": "<|im_start|>",
+                                                                      "ids": [1],
+                                                                      "tokens": ["<|im_start|>"]}}}
+    elif change == "clean_up":
+        tok_config["clean_up_tokenization_spaces"] = True
+    (dst / "tokenizer.json").write_text(json.dumps(spec))
+    config_file.write_text(json.dumps(tok_config))
+    return dst
+
+
+@pytest.mark.parametrize("change", ["normalizer", "pre_tokenizer", "merges"])
+def test_resume_is_refused_after_the_tokenizer_changes_beyond_its_vocab(
+    tmp_path: Path, tiny_model_dir, gsm_file, change: str
+) -> None:
+    import shutil
+
+    from profit_prep.rendering import load_tokenizer
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    out = tmp_path / "out"
+    score(config(gsm_file, out, model))
+    interrupted(out)
+    changed = changed_tokenizer(model, tmp_path / "changed", change)
+    before, after = load_tokenizer(model), load_tokenizer(changed)
+    assert before.get_vocab() == after.get_vocab()  # what the old fingerprint saw: unchanged
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(changed / name, model / name)
+    with pytest.raises(InputError, match="tokenizer_fingerprint differ"):
+        score(config(gsm_file, out, model))
+
+
+def test_an_output_started_by_an_earlier_version_is_not_resumed(tmp_path: Path, tiny_model_dir,
+                                                                gsm_file) -> None:
+    out = tmp_path / "out"
+    score(config(gsm_file, out, tiny_model_dir))
+    interrupted(out)
+    run = json.loads((out / "run.json").read_text())
+    del run["identity"]
+    run["model_hash"] = "sha256:" + "0" * 64  # the sampled hash earlier versions stored
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(InputError, match="started by an earlier profit-prep, whose run.json "
+                                         "identifies the model by sampled bytes") as caught:
+        score(config(gsm_file, out, tiny_model_dir))
+    assert "--overwrite" in str(caught.value)
+    assert score(config(gsm_file, out, tiny_model_dir, overwrite=True))["scored_rows"] == 12
+
+
+class RewritingScorer:
+    """A real scorer that rewrites the input as the first shard is scored (a user editing the
+    file, or a sync tool replacing it, while the run goes on)."""
+
+    def __init__(self, model: Path, data: Path, how: str) -> None:
+        from profit_prep.scoring import TransformersScorer
+
+        self.inner, self.data, self.how, self.calls = TransformersScorer(model), data, how, 0
+        self.signals = self.inner.signals
+
+    def score(self, sequences):
+        self.calls += 1
+        if self.calls == 1:
+            text = self.data.read_text()
+            if self.how == "same_size":  # digits swapped in a later row
+                lines = text.splitlines(keepends=True)
+                lines[-1] = lines[-1].replace("1", "7")
+                self.data.write_text("".join(lines))
+            elif self.how == "append":
+                with self.data.open("a") as f:
+                    f.write(json.dumps({"question": "new?", "answer": "new"}) + "\n")
+            elif self.how == "replace":  # another file renamed over it (editors, rsync)
+                tmp = self.data.with_suffix(".tmp")
+                tmp.write_text(text.replace("2", "3"))
+                tmp.replace(self.data)
+        return self.inner.score(sequences)
+
+    def score_with_signals(self, sequences):
+        return self.inner.score_with_signals(sequences)
+
+    def describe(self):
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("how", ["same_size", "append", "replace"])
+def test_an_input_rewritten_mid_run_is_caught_before_the_manifest(
+    tmp_path: Path, tiny_model_dir, gsm_file, how: str
+) -> None:
+    out = tmp_path / "out"
+    size = gsm_file.stat().st_size
+    scorer = RewritingScorer(tiny_model_dir, gsm_file, how)
+    with pytest.raises(InputError, match="changed while this run was reading it") as caught:
+        score(config(gsm_file, out, tiny_model_dir), scorer=scorer)
+    assert "no manifest is written" in str(caught.value)
+    assert scorer.calls >= 2 and not (out / "manifest.json").exists()
+    assert (gsm_file.stat().st_size > size) == (how == "append")
+
+
+def test_the_manifest_records_the_template_that_rendered(tmp_path: Path, tiny_model_dir,
+                                                         gsm_file) -> None:
+    import hashlib
+
+    from profit_prep.rendering import load_tokenizer
+
+    own = load_tokenizer(tiny_model_dir).chat_template
+    file_template = tmp_path / "t.jinja"
+    file_template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                             "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("")
+    for template, text, source in [(None, own, "tokenizer"),
+                                   (file_template, file_template.read_text(), "file:t.jinja"),
+                                   (empty, own, "tokenizer")]:
+        out = tmp_path / f"out-{source}-{template}".replace("/", "_")
+        try:
+            score(config(gsm_file, out, tiny_model_dir, limit=2,
+                         chat_template=str(template) if template else None))
+        except InputError as exc:  # an empty template file may be refused up front instead
+            assert template == empty and "empty" in str(exc)
+            continue
+        recorded = json.loads((out / "manifest.json").read_text())["chat_template"]
+        assert recorded == {"source": source, "text": text,
+                            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def test_the_input_stamp_sees_input_files_and_not_the_output_inside(tmp_path: Path) -> None:
+    from profit_prep.pipeline import input_stamp
+
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    (data / "a.parquet").write_bytes(b"1234")
+    (data / "nested" / "b.arrow").write_bytes(b"5678")
+    out = data / "out"
+    before = input_stamp(str(data), str(out))
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "part-00000.parquet").write_bytes(b"x")  # the run's own writes
+    assert input_stamp(str(data), str(out)) == before
+    (data / "nested" / "b.arrow").write_bytes(b"5679")  # same size, a nested file
+    assert input_stamp(str(data), str(out)) != before
+    assert input_stamp("org/hub-dataset-name") == []
+
+
+class ProbeServer:
+    """A stand-in server for the probe alone: fixed logprobs, or ``shift`` added at one token."""
+
+    model = "ref"
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def score(self, sequences):
+        [ids] = sequences
+        out = np.resize(np.array(self.values, np.float32), len(ids))
+        out[0] = np.nan
+        return [out]
+
+
+@pytest.mark.parametrize(("then", "now", "refused"), [
+    ([-1.0, -2.0, -np.inf], [-1.0, -2.0, -np.inf], False),  # -inf both times: no change
+    ([-1.0, -2.0, -3.0], [-1.05, -1.95, -3.0], False),  # float noise
+    ([-1.0, -2.0, -3.0], [-1.0, -2.2, -3.0], True),  # one token moved 0.2 nats
+    ([-1.0, -2.0, -3.0], [-1.0, -2.0, -np.inf], True),
+    ([-1.0, -2.0, -np.inf], [-1.0, -2.0, -3.0], True),
+])
+def test_the_server_probe_tolerates_noise_and_refuses_a_change(smollm2_tokenizer, then, now,
+                                                               refused: bool) -> None:
+    from profit_prep.pipeline import _server_probe
+
+    stored = _server_probe(ProbeServer(then), smollm2_tokenizer, None)
+    json.dumps(stored, allow_nan=False)  # strict JSON in run.json and the manifest
+    if refused:
+        with pytest.raises(InputError, match="scores the probe text differently"):
+            _server_probe(ProbeServer(now), smollm2_tokenizer, stored)
+    else:
+        assert _server_probe(ProbeServer(now), smollm2_tokenizer, stored) == stored

@@ -30,7 +30,7 @@ from profit_prep.server_answers import (
     normalize_server_url,
     parse_prompt_logprobs,
 )
-from profit_prep.server_backend import ServerScorer
+from profit_prep.server_backend import ServerScorer, answer_cap
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 
 SECRET = "sk-test-do-not-leak-4242"
@@ -333,16 +333,17 @@ HANG_S = 30.0  # how long a hanging fake waits at most: far beyond the test time
 COMPLETIONS = "/v1/completions"
 
 
-def fake_logprob(token: int, t: int) -> float:
-    """Cheap, deterministic and varied (probabilities 0.02..1) so masks keep some tokens."""
-    return -((token * 31 + t) % 40) / 10
+def fake_logprob(token: int, t: int, model: int = 0) -> float:
+    """Cheap, deterministic and varied (probabilities 0.02..1) so masks keep some tokens;
+    ``model`` stands for another checkpoint (other numbers for the same tokens)."""
+    return -((token * 31 + t + 7 * model) % 40) / 10
 
 
-def good_completion(ids: list[int], k: int) -> dict:
+def good_completion(ids: list[int], k: int, model: int = 0, noise: float = 0.0) -> dict:
     entries: list = [None]
     for t in range(1, len(ids)):
-        entry = {str(ids[t]): {"logprob": fake_logprob(ids[t], t), "rank": 3,
-                               "decoded_token": "x"}}
+        lp = min(0.0, fake_logprob(ids[t], t, model) + noise * (-1) ** t)
+        entry = {str(ids[t]): {"logprob": lp, "rank": 3, "decoded_token": "x"}}
         for j in range(k):  # top-k entries above the gold token
             entry.setdefault(str(40000 + j), {"logprob": -0.01 * (j + 1), "rank": j + 1})
         entries.append(entry)
@@ -361,6 +362,10 @@ class FakeServer:
         self.tokenizer, self.mode, self.paths = tokenizer, "good", {COMPLETIONS}
         self.mutate: Callable[[dict], Any] | None = None
         self.good_first, self.completions, self.seen = 0, 0, []
+        # The served checkpoint (same name whatever it is), float noise on every logprob, and
+        # how many completions are answered 429 with Retry-After first.
+        self.model, self.noise, self.busy, self.retry_after = 0, 0.0, 0, "1"
+        self.auth: list[str] = []  # the Authorization header of every request
         self.stop, self.lock = threading.Event(), threading.Lock()
         fake = self
 
@@ -391,8 +396,16 @@ class FakeServer:
         request = json.loads(h.rfile.read(int(h.headers.get("content-length") or 0)) or b"null")
         with self.lock:
             self.seen.append(h.path)
+            self.auth.append(h.headers.get("authorization", ""))
             if h.path == COMPLETIONS:
                 self.completions += 1
+                if self.busy > 0:
+                    self.busy -= 1
+                    h.send_response(429)
+                    h.send_header("retry-after", self.retry_after)
+                    h.send_header("content-length", "0")
+                    h.end_headers()
+                    return
             misbehave = h.path in self.paths and (
                 h.path != COMPLETIONS or self.completions > self.good_first)
         if h.path == "/v1/models":
@@ -401,7 +414,8 @@ class FakeServer:
             good = {"tokens": self.tokenizer(request["prompt"], add_special_tokens=False)
                     ["input_ids"]}
         elif h.path == COMPLETIONS:
-            good = good_completion(request["prompt"], request["prompt_logprobs"])
+            good = good_completion(request["prompt"], request["prompt_logprobs"], self.model,
+                                   self.noise)
             if misbehave and self.mutate is not None:
                 good = self.mutate(good)
         else:
@@ -439,6 +453,23 @@ class FakeServer:
             self.send(h, 200, f"you sent {key}\x1b[31m\x00".encode(), "text/plain")
         elif mode == "echo_key_400":
             self.send(h, 400, json.dumps({"error": {"message": f"bad auth {key}"}}).encode())
+        elif mode == "gzip_bomb":  # ~100 KB on the wire, BOMB_BYTES once inflated
+            h.send_response(200)
+            h.send_header("content-type", "application/json")
+            h.send_header("content-encoding", "gzip")
+            h.send_header("content-length", str(len(gzip_bomb())))
+            h.end_headers()
+            h.wfile.write(gzip_bomb())
+        elif mode == "huge":  # a plain answer far larger than any request needs
+            h.send_response(200)
+            h.send_header("content-type", "application/json")
+            h.send_header("content-length", str(HUGE_BYTES))
+            h.end_headers()
+            chunk = b" " * (1 << 20)
+            for _ in range(HUGE_BYTES >> 20):
+                if self.stop.is_set():
+                    break
+                h.wfile.write(chunk)
         else:  # json.dumps writes float NaN/inf as the bare tokens NaN/Infinity
             self.send(h, 200, json.dumps(good).encode())
 
@@ -450,6 +481,22 @@ class FakeServer:
         h.send_header("content-length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)
+
+
+BOMB_BYTES = 100 << 20
+HUGE_BYTES = 64 << 20
+
+
+def gzip_bomb(cache: dict[str, bytes] = {}) -> bytes:  # noqa: B006 - built once, on purpose
+    """A gzip stream of BOMB_BYTES of JSON whitespace: ~100 KB compressed."""
+    if "bomb" not in cache:
+        import zlib
+
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+        block = b" " * (1 << 20)
+        cache["bomb"] = b"".join(packer.compress(block) for _ in range(BOMB_BYTES >> 20))
+        cache["bomb"] += packer.flush()
+    return cache["bomb"]
 
 
 @pytest.fixture()
@@ -704,6 +751,7 @@ def fake_score_args(fake: FakeServer, tokenizer: Path, out: Path, *extra: str) -
         ("garbage", "is not JSON"),
         ("redirect", "a redirect to https://elsewhere.invalid/v1/completions"),
         ("nan", "logprob NaN at position"),
+        ("gzip_bomb", f"sent too much in answer to POST {COMPLETIONS}"),
     ],
 )
 def test_cli_against_a_faulty_server_is_one_error_line_and_no_manifest(
@@ -732,7 +780,7 @@ def test_a_run_stopped_by_a_bad_server_resumes_against_a_good_one(
     fake_with_tokenizer: FakeServer, smollm2_dir: Path, tmp_path: Path
 ) -> None:
     fake = fake_with_tokenizer
-    fake.good_first = 3  # the first shard (3 rows) is scored, then NaN comes back
+    fake.good_first = 4  # the model probe and the first shard (3 rows), then NaN comes back
     fake.mutate = lambda good: set_logprob(good, float("nan"), t=5)
     out = tmp_path / "out"
     failed = cli(*fake_score_args(fake, smollm2_dir, out))
@@ -776,3 +824,179 @@ def test_a_failed_request_leaves_no_unretrieved_failures(caplog: pytest.LogCaptu
         return i
 
     assert asyncio.run(gather_or_cancel(*(fine(i) for i in range(3)))) == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- issue 22
+# The served model's identity (a probe, not its name), bounded answers, Retry-After, secrets.
+
+
+def interrupted_server_run(fake: FakeServer, tokenizer: Path, out: Path) -> None:
+    """A run stopped after its first shard by a bad answer (the probe and 3 rows were good)."""
+    fake.good_first = 4
+    fake.mutate = lambda good: set_logprob(good, float("nan"), t=5)
+    failed = cli(*fake_score_args(fake, tokenizer, out))
+    assert_one_error_line(failed, "logprob NaN at position 5")
+    assert len(list(out.glob("data/part-*.parquet"))) == 1
+    fake.mutate = None
+
+
+@pytest.mark.parametrize(("model", "noise", "refused"),
+                         [(1, 0.0, True), (2, 0.0, True), (0, 0.3, True), (0, 0.04, False)])
+def test_resume_is_refused_when_another_model_is_served_under_the_same_name(
+    fake_with_tokenizer: FakeServer, smollm2_dir: Path, tmp_path: Path, model: int,
+    noise: float, refused: bool
+) -> None:
+    fake, out = fake_with_tokenizer, tmp_path / "out"
+    interrupted_server_run(fake, smollm2_dir, out)
+    stored = json.loads((out / "run.json").read_text())["model_probe"]
+    assert len(stored["ids"]) > 40 and stored["logprobs"][0] is None
+    fake.model, fake.noise = model, noise  # same name on /v1/models, other numbers
+    resumed = cli(*fake_score_args(fake, smollm2_dir, out))
+    if refused:
+        assert_one_error_line(resumed, f"server model '{FAKE_MODEL}' scores the probe text "
+                                       "differently from when this output was started")
+        assert "--overwrite" in resumed.stderr and not (out / "manifest.json").exists()
+        return
+    assert resumed.returncode == 0, resumed.stderr  # float noise within tolerance: resumes
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["probe"]["logprobs"] == stored["logprobs"]
+    assert manifest["model"]["probe"]["tolerance_nats"] == 0.1
+
+
+@pytest.mark.parametrize("mode", ["gzip_bomb", "huge"])
+def test_an_answer_beyond_its_cap_is_one_line_in_bounded_memory(fake: FakeServer,
+                                                                mode: str) -> None:
+    import tracemalloc
+
+    gzip_bomb()  # built before measuring
+    scorer = fast_scorer(fake.url, timeout_s=30)
+    fake.mode = mode
+    tracemalloc.start()
+    try:
+        with pytest.raises(ServerError) as caught:
+            scorer.score([ROW_IDS])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    cap = answer_cap(len(ROW_IDS), 0)
+    assert str(caught.value).startswith(f"server {fake.url} sent too much in answer to POST "
+                                        f"{COMPLETIONS}: its answer passed {cap:,} bytes decoded")
+    sent = BOMB_BYTES if mode == "gzip_bomb" else HUGE_BYTES
+    assert peak < 3 * cap < sent // 5, peak  # the cap, a chunk and change; never the answer
+
+
+def test_a_gzip_answer_within_its_cap_is_read(fake: FakeServer) -> None:
+    """Compression itself is fine: a normal answer, gzip-encoded (multi-member), is decoded."""
+    import gzip
+
+    scorer = fast_scorer(fake.url)
+    body = json.dumps(good_completion(ROW_IDS.tolist(), 0)).encode()
+    packed = gzip.compress(body[:50]) + gzip.compress(body[50:])
+
+    def send_gzip(h: BaseHTTPRequestHandler, status: int, data: bytes,
+                  content_type: str = "application/json") -> None:
+        h.send_response(status)
+        h.send_header("content-encoding", "gzip")
+        h.send_header("content-length", str(len(packed)))
+        h.end_headers()
+        h.wfile.write(packed)
+
+    fake.send = send_gzip  # type: ignore[method-assign]
+    [lp] = scorer.score([ROW_IDS])
+    assert lp[1:].tolist() == pytest.approx([fake_logprob(t, i) for i, t in enumerate(ROW_IDS)
+                                             if i], abs=1e-6)
+
+
+def test_retry_after_is_honoured_with_a_waiting_line(fake: FakeServer,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    scorer = fast_scorer(fake.url, timeout_s=5)  # backoff alone would wait ~0.05 s
+    fake.busy, fake.retry_after = 2, "1"
+    t0 = time.monotonic()
+    [lp] = scorer.score([ROW_IDS])
+    took = time.monotonic() - t0
+    assert 2.0 <= took < 6.0, took
+    assert not np.isnan(lp[1:]).any()
+    err = capsys.readouterr().err
+    assert err.count(f"waiting for {fake.url}: HTTP 429 asks to retry after 1 s") == 2, err
+
+
+def test_retry_after_is_bounded_and_read_as_a_date(fake: FakeServer, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import email.utils
+
+    from profit_prep import server_backend
+
+    monkeypatch.setattr(server_backend, "RETRY_AFTER_MAX_S", 0.5)
+    scorer = fast_scorer(fake.url, timeout_s=5)
+    fake.busy, fake.retry_after = 1, "3600"  # an hour: waited at most the bound
+    t0 = time.monotonic()
+    scorer.score([ROW_IDS])
+    assert 0.5 <= time.monotonic() - t0 < 3.0
+    assert "asks to retry after 3600 s (waiting at most 0.5 s)" in capsys.readouterr().err
+    fake.busy = 1
+    fake.retry_after = email.utils.formatdate(time.time() + 0.4, usegmt=True)
+    scorer.score([ROW_IDS])
+    assert "HTTP 429 asks to retry after" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "expected"),
+                         [("7", 7.0), ("0", 0.0), (None, None), ("", None), ("soon", None),
+                          ("-3", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)])
+def test_retry_after_values(value: str | None, expected: float | None) -> None:
+    from profit_prep.server_answers import retry_after_s
+
+    assert retry_after_s(value) == expected
+
+
+PASSWORD = "pw-do-not-print-9917"
+
+
+def test_a_password_in_the_server_url_is_never_printed_or_stored(
+    fake_with_tokenizer: FakeServer, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    import base64
+
+    fake = fake_with_tokenizer
+    url = fake.url.replace("http://", f"http://alice:{PASSWORD}@")
+    basic = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    needles = [PASSWORD, basic]
+    out = tmp_path / "out"
+    ok = cli(*score_args(url, smollm2_dir, out, limit=3), "--request-timeout", "10", key=None)
+    assert ok.returncode == 0, ok.stderr
+    assert fake.auth[-1] == f"Basic {basic}"  # the password was used ...
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if any(n.encode() in p.read_bytes() for n in needles)]
+    results = [ok]
+    fake.mode = "echo_key_400"  # ... never shown, even when a server echoes the header
+    results.append(cli(*score_args(url, smollm2_dir, tmp_path / "o2", limit=3), key=None))
+    assert_one_error_line(results[-1], "answered 400: bad auth Basic ***")
+    for bad in (f"http://alice:{PASSWORD}@127.0.0.1:port", f"ftp://alice:{PASSWORD}@h:1",
+                f"http://alice:{PASSWORD}@127.0.0.1:{free_port()}"):
+        results.append(cli(*score_args(bad, smollm2_dir, tmp_path / "o3", limit=1), key=None))
+        assert_one_error_line(results[-1], "error: ")
+        assert "alice" not in results[-1].stderr or "***@" in results[-1].stderr
+    for result in results:
+        assert not any(n in result.stdout + result.stderr for n in needles), result.stderr
+
+
+@pytest.mark.parametrize("text", [
+    f"http://alice:{PASSWORD}@gpu-a:8000/v1", f"HTTPS://alice:{PASSWORD}@gpu-a/team/v1?x=1",
+    f"cannot reach 'http://{PASSWORD}@10.0.0.1:8000' (refused)",
+    f"http://alice:{PASSWORD}@[::1]:8000 and http://bob:{PASSWORD}@h2:1",
+])
+def test_redact_url_masks_every_user_info(text: str) -> None:
+    from profit_prep.cli import _one_line
+    from profit_prep.server_answers import redact_url
+
+    assert PASSWORD not in redact_url(text) and "***@" in redact_url(text)
+    assert PASSWORD not in _one_line(text)  # the CLI's error line, whatever raised it
+
+
+def test_url_secrets_cover_the_encoded_forms() -> None:
+    import base64
+
+    from profit_prep.server_answers import url_secrets
+
+    found = url_secrets("http://al%40ice:p%3Aw%2Fd@h:1")
+    assert {"p%3Aw%2Fd", "p:w/d", base64.b64encode(b"al@ice:p:w/d").decode()} <= set(found)
+    assert url_secrets("http://h:1/v1") == []
