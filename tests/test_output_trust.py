@@ -191,6 +191,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process (no interpreter and torch start per call), as ``_cli`` returns."""
+    from profit_prep.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """8 GSM8K rows scored by the tiny Llama into shards of 3, 3 and 2 input rows."""
@@ -255,7 +265,8 @@ SHARD_DAMAGE = [_other_parquet, _copied_shard, _shard_of_another_run, _same_rows
 
 @pytest.mark.parametrize("damage", SHARD_DAMAGE, ids=lambda f: f.__name__.strip("_"))
 def test_resume_rescores_a_shard_that_is_not_the_one_it_wrote(
-    finished: Path, tmp_path: Path, tiny_model_dir: Path, damage
+    finished: Path, tmp_path: Path, tiny_model_dir: Path, damage,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Unfinished (no manifest) or finished, a rerun checks every shard: the damaged one is
     scored again with one line saying so, the others are kept as they are, and the output ends
@@ -268,7 +279,7 @@ def test_resume_rescores_a_shard_that_is_not_the_one_it_wrote(
         damage(out)
         kept = {n: (out / n).stat().st_ino for n in ("data/part-00000.parquet",
                                                       "data/part-00002.parquet")}
-        result = _cli(*_score_args(out, tiny_model_dir, finished.parent))
+        result = _main(capsys, *_score_args(out, tiny_model_dir, finished.parent))
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
         assert len(notes) == 1 and "part-00001.parquet is not trusted" in notes[0], result.stderr
@@ -280,7 +291,7 @@ def test_resume_rescores_a_shard_that_is_not_the_one_it_wrote(
             else:
                 assert (out / name).read_bytes() == (finished / name).read_bytes()
         assert read_manifest(out)["counts"] == read_manifest(finished)["counts"]
-        rerun = _cli(*_score_args(out, tiny_model_dir, finished.parent))  # and now it is trusted
+        rerun = _main(capsys, *_score_args(out, tiny_model_dir, finished.parent))  # trusted now
         assert rerun.returncode == 0 and "note:" not in rerun.stderr, rerun.stderr
 
 
@@ -374,7 +385,7 @@ MANIFEST_EDITS = {
 @pytest.mark.parametrize("edit", MANIFEST_EDITS)
 def test_verify_and_every_reader_refuse_totals_that_do_not_add_up(
     finished: Path, tmp_path: Path, tiny_model_dir: Path, edit: str,
-    private_datasets_cache: None,
+    private_datasets_cache: None, capsys: pytest.CaptureFixture[str],
 ) -> None:
     from profit_prep.loading import load
 
@@ -383,14 +394,15 @@ def test_verify_and_every_reader_refuse_totals_that_do_not_add_up(
     shutil.copytree(finished, out)
     change, problem = MANIFEST_EDITS[edit]
     change(out)
-    result = _cli("verify", str(out))
+    result = _main(capsys, "verify", str(out))
     assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr
     assert problem in result.stdout + result.stderr, (result.stdout, result.stderr)
     with pytest.raises(InputError, match="damaged"):
         load(out)
-    assert_one_error_line(_cli("stats", str(out)), str(out))  # "damaged" or "holds no shards"
+    # "damaged", or for an empty shard list "holds no shards": one line either way
+    assert_one_error_line(_main(capsys, "stats", str(out)), str(out))
     if edit != "a stray data file":  # the remedy named: the same score command rewrites it
-        assert _cli(*_score_args(out, tiny_model_dir, finished.parent)).returncode == 0
+        assert _main(capsys, *_score_args(out, tiny_model_dir, finished.parent)).returncode == 0
         assert verify(out) == [] and len(load(out)) == read_manifest(finished)["counts"][
             "scored_rows"]
 
