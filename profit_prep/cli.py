@@ -240,6 +240,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from profit_prep.output import writes_through
     from profit_prep.views.report import write_report
 
     if args.examples < 1 or args.per_page < 1:
@@ -247,10 +248,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     view = _view_options(args)
     rule_args = dict(view["rule_args"])
     rule_args["rule_seed"] = rule_args.pop("seed")
+    # A report streamed to /dev/stdout, a FIFO or a link: the status line must not join it.
+    streamed = args.html is not None and writes_through(args.html)
     path = write_report(args.out, args.html, examples=args.examples, seed=args.seed,
                         per_page=args.per_page, tokenizer_path=args.tokenizer,
                         color_by=view["color_by"], compare=view["compare"], **rule_args)
-    print(f"report      {path}")
+    print(f"report      {path}", file=sys.stderr if streamed else sys.stdout)
     return 0
 
 

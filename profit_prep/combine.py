@@ -145,8 +145,13 @@ def combine(
                 table = table.append_column(name, column)
             name = Path(shard["file"]).stem
             rejected_file = out / "rejected" / f"{name}.jsonl"
-            rejected = [json.loads(line) for line in rejected_file.read_text().splitlines()
-                        ] if rejected_file.exists() else []
+            try:
+                lines = rejected_file.read_text(encoding="utf-8").split("\n")
+            except FileNotFoundError:  # never combined as "no rejected rows"
+                raise InputError(
+                    f"{rejected_file} is missing; rerun the `profit-prep score` command that "
+                    f"wrote {out} (it scores that shard again), then this command") from None
+            rejected = [json.loads(line) for line in lines if line]
             target.write_shard(index, table, rejected)
         kept = {k: v for k, v in manifest.items()
                 if k not in ("format_version", "counts", "shards", "schema")}

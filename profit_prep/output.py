@@ -18,16 +18,20 @@ visible ``data/part-*.parquet`` always means the whole input range is done. Resu
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
+import secrets
+import stat
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - registers pa.compute
@@ -73,32 +77,203 @@ def temporary_file(folder: Path, name: str) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either nothing or all of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_file(path.parent, path.name)
+# -- file system primitives: no links followed inside OUT, one atomic write -----------------------
+
+# Inside OUT nothing is opened through a link: folders and files are opened relative to their
+# folder's descriptor with O_NOFOLLOW, so a link planted at one of profit-prep's names (data/,
+# .lock, a shard) is refused instead of written, locked or deleted through. OUT itself may be a
+# link: the user named it.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_LINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
+
+
+def kind_of(mode: int) -> str:
+    """What a file system entry is, as an error message says it."""
+    for test, kind in ((stat.S_ISLNK, "a link"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def not_ours(where: Path, mode: int, wanted: str = "a file") -> InputError:
+    return InputError(
+        f"{where} is {kind_of(mode)}, not {wanted} profit-prep made; it never writes, locks or "
+        "deletes through links or special files: move it away and rerun"
+    )
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+
+
+def open_folder(name: str, dir_fd: int, where: Path, *, create: bool = False) -> int:
+    """A descriptor of the folder ``name`` in ``dir_fd`` (made when ``create``); a link or a
+    file there is refused with one line, never followed."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o777, dir_fd=dir_fd)
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        st = _lstat(name, dir_fd) if exc.errno in _LINK_ERRNOS else None
+        if st is not None:
+            raise not_ours(where, st.st_mode, "a folder") from None
+        raise
+
+
+def open_regular(name: str, dir_fd: int, where: Path) -> int:
+    """A read descriptor of the regular file ``name`` in ``dir_fd``; a link, FIFO or device is
+    refused (never followed, never blocked on). FileNotFoundError when absent."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        st = _lstat(name, dir_fd) if exc.errno in _LINK_ERRNOS else None
+        if st is not None:
+            raise not_ours(where, st.st_mode) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise not_ours(where, mode)
+    return fd
+
+
+def _check_replaceable(name: str, dir_fd: int, where: Path) -> None:
+    """Only a regular file (or nothing) may be replaced: never a link, folder or device."""
+    st = _lstat(name, dir_fd)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise not_ours(where, st.st_mode)
+
+
+@contextlib.contextmanager
+def atomic_file(dir_fd: int, name: str, where: Path) -> Iterator[BinaryIO]:
+    """The one way profit-prep writes a file: a new temporary beside it (``.NAME.XXXXXXXX``,
+    created exclusively, never through a link, mode 0666 less the umask), fsynced, then renamed
+    over ``name`` in the same folder, which must be a regular file or absent. Readers see
+    nothing or all of it; on any error the temporary is removed."""
+    _check_replaceable(name, dir_fd, where)
+    while True:
+        tmp = f".{name}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, _NEW_FLAGS, 0o666, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _check_replaceable(name, dir_fd, where)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
+    os.fsync(dir_fd)  # the rename itself survives a crash
+
+
+def place(dir_fd: int, name: str, data: bytes | memoryview | pa.Buffer, where: Path) -> None:
+    """Write ``data`` as ``name`` in ``dir_fd`` atomically (:func:`atomic_file`)."""
+    with atomic_file(dir_fd, name, where) as f:
+        f.write(data)
+
+
+def _open_folder_of(path: Path) -> int:
+    """A descriptor of ``path``'s parent (made if missing); the user named it, links and all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either nothing or all of it (never through a link at
+    ``path`` itself: a link, folder or device there is refused)."""
+    dir_fd = _open_folder_of(Path(path))
+    try:
+        place(dir_fd, Path(path).name, data, Path(path))
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def write_user_file(path: str | Path, data: bytes) -> bool:
+    """Write ``data`` to a path the user named (``report --html FILE``); True when streamed.
+
+    A missing path or a regular file is written atomically (:func:`atomic_file`). A link, a
+    FIFO or a character device is written *through* as a stream and never replaced:
+    ``/dev/stdout`` (the process's own stdout or stderr is written on its descriptor, keeping
+    the shell's append or pipe), a FIFO, a link to a file (truncated and rewritten, as ``>``
+    would). A folder, socket, block device or a link to nothing is refused with one line.
+    """
+    path = Path(path)
+    if not writes_through(path):
+        atomic_write_bytes(path, data)
+        return False
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path} is a link to a missing file; name a file to write") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise InputError(f"{path} is {kind_of(st.st_mode)}: profit-prep writes a file, a link "
+                         "to one, a FIFO or a character device; name a file")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.flush()
+    for own in (1, 2):  # /dev/stdout, /dev/stderr: keep the shell's mode (append, pipe)
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.fstat(own)):
+                _write_all(own, data)
+                return True
+    flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY | (os.O_TRUNC if stat.S_ISREG(st.st_mode)
+                                                         else 0)
+    fd = os.open(path, flags)  # no O_CREAT: nothing is made at the end of a link
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    return True
+
+
+def writes_through(path: str | Path) -> bool:
+    """Whether :func:`write_user_file` streams to ``path`` (a link or special file there)
+    rather than replacing it atomically."""
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return _sha256_stream(f)
+
+
+def _sha256_stream(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def _sha256_bytes(data: bytes | memoryview | pa.Buffer) -> str:
+    return "sha256:" + hashlib.sha256(memoryview(data)).hexdigest()
 
 
 def shard_name(index: int) -> str:
@@ -107,10 +282,13 @@ def shard_name(index: int) -> str:
 
 # What profit-prep writes into an output folder (and so the only things --overwrite removes).
 _OWN_TOP = {"run.json", MANIFEST, ".lock", REJECTED, "report.html"}
-_OWN_IN = {"data": re.compile(r"part-\d{5}\.parquet"), "rejected": re.compile(r"part-\d{5}\.jsonl")}
-# Temporaries of atomic writes (tempfile.mkstemp adds 8 random characters).
+_OWN_IN = {"data": re.compile(r"part-\d{5}\.parquet"), "rejected": re.compile(r"part-\d{5}\.jsonl"),
+           "shards": re.compile(r"part-\d{5}\.json")}
+# Temporaries of atomic writes (8 random characters after the name).
 _OWN_TEMP = re.compile(r"\.(run\.json|manifest\.json|rejected\.jsonl|report\.html|"
-                       r"part-\d{5}\.(parquet|jsonl))\.[A-Za-z0-9_]{8}")
+                       r"part-\d{5}\.(parquet|jsonl|json))\.[A-Za-z0-9_]{8}")
+# What a shard record (shards/part-N.json) holds.
+_RECORD_KEYS = ("sha256", "bytes", "rows", "rejected_sha256", "run")
 
 
 def _own_file(folder: str | None, name: str) -> bool:
@@ -133,16 +311,23 @@ def foreign_entries(path: Path) -> list[Path]:
     return foreign
 
 
-def remove_own_files(path: Path) -> None:
-    """Delete profit-prep's own files in ``path`` (the caller has checked nothing else is there)."""
+def unsafe_entries(path: Path) -> list[tuple[Path, int]]:
+    """Entries at profit-prep's own names that it must not write, lock or delete: a link, or
+    the wrong kind (a FIFO named ``.lock``, a file named ``data``). With their ``st_mode``."""
+    unsafe = []
     for entry in sorted(path.iterdir()):
-        if entry.name in _OWN_IN and entry.is_dir() and not entry.is_symlink():
-            for f in entry.iterdir():
-                if f.is_file() and not f.is_symlink() and _own_file(entry.name, f.name):
-                    f.unlink()
-        elif entry.name != ".lock" and entry.is_file() and not entry.is_symlink() \
-                and _own_file(None, entry.name):
-            entry.unlink()
+        mode = entry.lstat().st_mode
+        if entry.name in _OWN_IN:
+            if not stat.S_ISDIR(mode):
+                unsafe.append((entry, mode))
+                continue
+            for f in sorted(entry.iterdir()):
+                inner = f.lstat().st_mode
+                if _own_file(entry.name, f.name) and not stat.S_ISREG(inner):
+                    unsafe.append((f, inner))
+        elif _own_file(None, entry.name) and not stat.S_ISREG(mode):
+            unsafe.append((entry, mode))
+    return unsafe
 
 
 def os_reason(exc: OSError) -> str:
@@ -164,7 +349,7 @@ def read_json_object(path: Path, what: str, remedy: str) -> dict[str, Any]:
 
 
 def _end_of_turn_counts(
-    source: Path | pa.Table, end_of_turn_ids: Sequence[int]
+    source: Path | BinaryIO | pa.Table, end_of_turn_ids: Sequence[int]
 ) -> tuple[int, int]:
     """Response tokens of a shard that close a turn, and how many of them are masked."""
     columns = ["input_ids", "response_mask", "loss_mask"]
@@ -209,6 +394,15 @@ def _stored_counts(meta: pq.FileMetaData) -> dict[str, Any] | None:
     return counts if ok else None
 
 
+# Why a finished-looking shard is not trusted (``_shard_problem``); NO_RECORD: an older
+# profit-prep wrote it, or something other than a run put it there.
+NO_RECORD = "it has no record in shards/ (written by an older profit-prep, or not by this run)"
+
+
+def _identity(st: os.stat_result | None) -> tuple[int, ...] | None:
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class OutputDir:
     """An output directory being written by one run."""
 
@@ -216,7 +410,36 @@ class OutputDir:
         self.path = Path(path)
         self.data = self.path / "data"
         self.rejected = self.path / "rejected"
-        self._lock_file: Any = None
+        self.records = self.path / "shards"
+        self._lock_fd: int | None = None
+        # Shard index -> (file identities, problem or None, record): a verdict is reused while
+        # the files are unchanged (all_done and pending ask about every shard).
+        self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
+        self._run_digest: tuple[Any, str] | None = None
+
+    # -- folders ------------------------------------------------------------------------------
+
+    def _open_out(self) -> int:
+        # OUT itself may be a link: the user named it (docs/format.md). Nothing inside is.
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    @contextlib.contextmanager
+    def _folders(self, *, create: bool = False) -> Iterator[dict[str, int]]:
+        """Descriptors of OUT ("") and its data/, rejected/, shards/ folders (missing ones are
+        left out unless ``create``); links there are refused, never followed."""
+        fds: dict[str, int] = {}
+        try:
+            fds[""] = self._open_out()
+            for name in _OWN_IN:
+                try:
+                    fds[name] = open_folder(name, fds[""], self.path / name, create=create)
+                except FileNotFoundError:
+                    if create:
+                        raise
+            yield fds
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -226,25 +449,48 @@ class OutputDir:
 
         ``overwrite`` removes only files profit-prep writes, and only in a directory it
         recognises as its own (``run.json`` or ``manifest.json`` present, nothing else there).
+        A link or special file at any of profit-prep's names is refused, with or without it.
         """
         self._check_own(overwrite)  # before the lock file: never leave one in a foreign folder
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the run
+            out_fd = self._open_out()
         except OSError as exc:
             raise InputError(f"--out {self.path}: cannot write there ({os_reason(exc)})") from None
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise InputError(f"{self.path}: another run is writing here (lock held)") from None
+            self._lock_fd = self._lock(out_fd)
+        finally:
+            os.close(out_fd)
         try:
             self._check_own(overwrite)  # again under the lock: another run may have written
             self._prepare(params, overwrite)
             yield self
         finally:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock(self, out_fd: int) -> int:
+        """Open and flock ``.lock``: a regular file, never a link, FIFO or device."""
+        where = self.path / ".lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(".lock", flags | os.O_NOCTTY, 0o666, dir_fd=out_fd)
+        except OSError as exc:
+            st = _lstat(".lock", out_fd) if exc.errno in _LINK_ERRNOS else None
+            if st is not None:
+                raise not_ours(where, st.st_mode) from None
+            raise InputError(f"--out {self.path}: cannot write there ({os_reason(exc)})") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise not_ours(where, mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{self.path}: another run is writing here (lock held)") from None
+        return fd
 
     def check_writable(self, overwrite: bool) -> None:
         """Fail now, before a model loads, if ``open`` would refuse this folder."""
@@ -255,12 +501,19 @@ class OutputDir:
 
     def _check_own(self, overwrite: bool) -> None:
         """Refuse an ``--out`` that is a file, or a folder holding anything profit-prep did not
-        write (with ``--overwrite`` too: it would delete the user's files)."""
+        write (with ``--overwrite`` too: it would delete the user's files), or a link or special
+        file at one of profit-prep's own names (always: it would write or delete through it)."""
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"--out {self.path} is a file, not a directory; choose a folder")
         if not self.path.is_dir():
             return
         entries = list(self.path.iterdir())
+        unsafe = unsafe_entries(self.path)
+        if unsafe:
+            where, mode = unsafe[0]
+            more = f" (and {len(unsafe) - 1} more)" if len(unsafe) > 1 else ""
+            wanted = "a folder" if where.name in _OWN_IN and where.parent == self.path else "a file"
+            raise InputError(str(not_ours(where, mode, wanted)) + more)
         foreign = foreign_entries(self.path)
         marked = (self.path / "run.json").exists() or (self.path / MANIFEST).exists()
         if not marked and any(e.name != ".lock" for e in entries):
@@ -279,12 +532,12 @@ class OutputDir:
     def _prepare(self, params: dict[str, Any], overwrite: bool) -> None:
         run_file = self.path / "run.json"
         if overwrite:
-            remove_own_files(self.path)
+            self._remove(lambda folder, name: _own_file(folder, name) and name != ".lock")
         elif run_file.exists():
             previous = read_json_object(
                 run_file, "the run's parameters", "use --overwrite to start this output again"
             )
-            self._remove_temporaries()
+            self._remove(lambda folder, name: bool(_OWN_TEMP.fullmatch(name)))
             if previous != params:
                 changed = sorted(
                     k for k in set(previous) | set(params) if previous.get(k) != params.get(k)
@@ -293,28 +546,112 @@ class OutputDir:
                     f"{self.path} holds a run with other parameters ({', '.join(changed)} "
                     "differ); use another --out, or --overwrite to replace it"
                 )
-            return
+            with self._folders(create=True):  # shards/ is new to outputs of older versions
+                return
         elif any(e.name != ".lock" for e in self.path.iterdir()):
             raise InputError(f"{self.path} holds an output without run.json (a damaged run); "
                              "use --overwrite to start it again, or another --out")
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.rejected.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_file, params)
+        with self._folders(create=True) as fds:
+            place(fds[""], "run.json", (json.dumps(params, indent=2) + "\n").encode(), run_file)
+        self._verdicts.clear()
 
-    def _remove_temporaries(self) -> None:
-        """Drop half-written files a killed run left behind (never visible as shards)."""
-        for folder in (self.data, self.rejected, self.path):
-            for tmp in folder.iterdir() if folder.is_dir() else []:
-                if _OWN_TEMP.fullmatch(tmp.name) and tmp.is_file() and not tmp.is_symlink():
-                    tmp.unlink(missing_ok=True)
+    def _remove(self, own: Any) -> None:
+        """Delete the regular files ``own(folder, name)`` accepts, in OUT and its folders, by
+        descriptor: never a link, never through one (a linked folder is not entered)."""
+        with self._folders() as fds:
+            for folder, fd in fds.items():
+                for name in sorted(os.listdir(fd)):
+                    st = _lstat(name, fd)
+                    if st is not None and stat.S_ISREG(st.st_mode) and own(folder or None, name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=fd)
 
     # -- shards -----------------------------------------------------------------------------
 
     def shard_done(self, index: int) -> bool:
-        return (self.data / f"{shard_name(index)}.parquet").exists()
+        """True when shard ``index`` is finished and trusted (:meth:`_shard_problem`)."""
+        return self._verdict(index)[0] is None
+
+    def _verdict(self, index: int) -> tuple[str | None, dict[str, Any] | None]:
+        """(None, record) for a trusted shard; ("", None) for one not written; else (why it is
+        not trusted, record). An untrusted shard is said once, in one line, and scored again."""
+        name = shard_name(index)
+        try:
+            with self._folders() as fds:
+                if "data" not in fds or _lstat(f"{name}.parquet", fds["data"]) is None:
+                    return "", None
+                key = tuple(_identity(_lstat(f, fds[d])) if d in fds else None
+                            for d, f in (("data", f"{name}.parquet"), ("rejected", f"{name}.jsonl"),
+                                         ("shards", f"{name}.json"), ("", "run.json")))
+                cached = self._verdicts.get(index)
+                if cached is not None and cached[0] == key:
+                    return cached[1], cached[2]
+                problem, record = self._shard_problem(name, fds)
+        except FileNotFoundError:  # no output yet, or a file went away while it was read
+            return "", None
+        except InputError as exc:  # a link or special file where a shard's file should be
+            problem, record, key = str(exc), None, None
+        if problem:
+            print(f"note: {self.data / name}.parquet is not trusted ({problem}); scoring that "
+                  "shard again", file=sys.stderr)
+        if key is not None:
+            self._verdicts[index] = (key, problem, record)
+        return problem, record
+
+    def _shard_problem(
+        self, name: str, fds: dict[str, int]
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """Why the finished-looking shard ``name`` is not the one this run wrote, or None.
+
+        Its record (written just before the data file appeared) must name this run's
+        ``run.json`` and the exact bytes of its data and rejected files (sha256): a shard
+        copied from another output, replaced, truncated or with its rejected rows gone fails.
+        """
+        if "shards" not in fds:
+            return NO_RECORD, None
+        try:
+            fd = open_regular(f"{name}.json", fds["shards"], self.records / f"{name}.json")
+        except FileNotFoundError:
+            return NO_RECORD, None
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(1 << 16)
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
+            return f"its record shards/{name}.json is damaged", None
+        if record["run"] != self._run_json_digest(fds[""]):
+            return "its record names another run's run.json", record
+        fd = open_regular(f"{name}.parquet", fds["data"], self.data / f"{name}.parquet")
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != record["bytes"]:
+                return f"{size} bytes, its record says {record['bytes']}", record
+            if _sha256_stream(f) != record["sha256"]:
+                return "its checksum differs from its record (changed or replaced)", record
+        try:
+            fd = open_regular(f"{name}.jsonl", fds["rejected"], self.rejected / f"{name}.jsonl")
+        except (FileNotFoundError, KeyError):
+            return f"rejected/{name}.jsonl is missing", record
+        with os.fdopen(fd, "rb") as f:
+            if _sha256_stream(f) != record["rejected_sha256"]:
+                return f"rejected/{name}.jsonl differs from its record", record
+        return None, record
+
+    def _run_json_digest(self, out_fd: int) -> str:
+        fd = open_regular("run.json", out_fd, self.path / "run.json")
+        with os.fdopen(fd, "rb") as f:
+            key = _identity(os.fstat(f.fileno()))
+            if self._run_digest is None or self._run_digest[0] != key:
+                self._run_digest = (key, _sha256_stream(f))
+        return self._run_digest[1]
 
     def input_digest(self, index: int) -> str | None:
         """The input digest stored with a finished shard (None for outputs that predate it)."""
+        problem, record = self._verdict(index)
+        if problem is None and record is not None and "input_digest" in record:
+            return record["input_digest"]
         path = self.data / f"{shard_name(index)}.parquet"
         try:
             metadata = pq.read_schema(path).metadata or {}
@@ -333,12 +670,14 @@ class OutputDir:
         end_of_turn_ids: Sequence[int] | None = None,
         formats: Sequence[str | None] | None = None,
     ) -> None:
-        """Write one shard's rejected rows, then its data (the data file marks it done).
+        """Write one shard: its rejected rows, its record, then its data (which marks it done).
 
         ``input_digest`` (a hash of the shard's input rows) goes into the Parquet footer, so a
         resumed run can tell whether the input changed since (docs/format.md). So do the
         shard's counts (:func:`shard_counts`; ``formats``: each scored row's input format), so
-        that :meth:`finalize` reads footers only, however large the output.
+        that :meth:`finalize` reads footers only, however large the output. The record
+        (``shards/part-N.json``: checksums of both files, rows, this run's ``run.json``) is
+        what a resume checks before it trusts the shard.
         """
         metadata = dict(table.schema.metadata or {})
         if input_digest is not None:
@@ -346,32 +685,27 @@ class OutputDir:
         counts = shard_counts(table, end_of_turn_ids, formats)
         metadata[SHARD_COUNTS_KEY] = json.dumps(counts, separators=(",", ":")).encode()
         table = table.replace_schema_metadata(metadata)
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
-        atomic_write_bytes(self.rejected / f"{shard_name(index)}.jsonl", lines.encode())
-        target = self.data / f"{shard_name(index)}.parquet"
-        fd, tmp = temporary_file(self.data, target.name)
-        os.close(fd)
-        try:
-            # Float columns (logprobs and any later signal) compress ~1.6x better split by
-            # byte plane; dictionary encoding would take precedence over that, so it is kept for
-            # the id column alone. Measured on GSM8K: 6.3 -> 4.7 bytes per token.
-            floats = [
-                f.name
-                for f in table.schema
-                if pa.types.is_floating(getattr(f.type, "value_type", f.type))
-            ]
-            pq.write_table(
-                table,
-                tmp,
-                compression="zstd",
-                use_dictionary=["example_id"],
-                use_byte_stream_split=floats,
-            )
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected).encode()
+        # Float columns (logprobs and any later signal) compress ~1.6x better split by byte
+        # plane; dictionary encoding would take precedence over that, so it is kept for the id
+        # column alone. Measured on GSM8K: 6.3 -> 4.7 bytes per token. Written to memory first
+        # (a few MB per shard) so its checksum is known before the file appears.
+        floats = [f.name for f in table.schema
+                  if pa.types.is_floating(getattr(f.type, "value_type", f.type))]
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", use_dictionary=["example_id"],
+                       use_byte_stream_split=floats)
+        data = sink.getvalue()
+        name = shard_name(index)
+        with self._folders(create=True) as fds:
+            record = {"sha256": _sha256_bytes(data), "bytes": data.size, "rows": table.num_rows,
+                      "rejected_sha256": _sha256_bytes(lines), "rejected_rows": len(rejected),
+                      "input_digest": input_digest, "run": self._run_json_digest(fds[""])}
+            place(fds["rejected"], f"{name}.jsonl", lines, self.rejected / f"{name}.jsonl")
+            place(fds["shards"], f"{name}.json", (json.dumps(record) + "\n").encode(),
+                  self.records / f"{name}.json")
+            place(fds["data"], f"{name}.parquet", data, self.data / f"{name}.parquet")
+        self._verdicts.pop(index, None)
 
     # -- finish -----------------------------------------------------------------------------
 
@@ -385,7 +719,8 @@ class OutputDir:
         Counts come from each shard's footer (:func:`shard_counts`), or its columns for shards
         written without them; the scored rows by input format go to ``render.formats``. Memory
         does not grow with the rows: rejected rows are copied file by file, and the manifest
-        lists one entry (~150 bytes) per shard.
+        lists one entry (~150 bytes) per shard. Every shard is checked against its record
+        first: one changed since it was written is refused, and a rerun scores it again.
         """
         shards: list[dict[str, Any]] = []
         counts = dict.fromkeys(["scored_rows", *_SUMMED.values()], 0)
@@ -393,48 +728,59 @@ class OutputDir:
             counts.update(end_of_turn_tokens=0, end_of_turn_masked=0)
         formats: Counter[str] | None = Counter()
         n_rejected = 0
-        fd, tmp = temporary_file(self.path, REJECTED)
-        try:
-            with os.fdopen(fd, "wb") as gathered:
-                for index in range(n_shards):
-                    name = shard_name(index)
-                    path = self.data / f"{name}.parquet"
-                    meta = pq.read_metadata(path)
+        with self._folders(create=True) as fds, \
+                atomic_file(fds[""], REJECTED, self.path / REJECTED) as gathered:
+            for index in range(n_shards):
+                name = shard_name(index)
+                problem, record = self._verdict(index)
+                if problem not in (None, NO_RECORD):  # NO_RECORD: shards of older versions
+                    raise InputError(
+                        f"{self.data / name}.parquet: {problem or 'missing'}; rerun the same "
+                        "command: it scores that shard again (finished shards are kept)")
+                where = self.data / f"{name}.parquet"
+                with os.fdopen(open_regular(f"{name}.parquet", fds["data"], where), "rb") as f:
+                    meta = pq.read_metadata(f)
                     stored = _stored_counts(meta)
                     if stored is None:  # a shard from before counts were kept in footers
-                        stats = pq.read_table(path, columns=list(_SUMMED))
-                        stored = shard_counts(stats)
-                    counts["scored_rows"] += meta.num_rows
-                    for key in _SUMMED.values():
-                        counts[key] += stored[key]
+                        f.seek(0)
+                        stored = shard_counts(pq.read_table(f, columns=list(_SUMMED)))
                     if end_of_turn_ids is not None:
                         eot = stored.get("end_of_turn") or {}
                         if eot.get("ids") == list(end_of_turn_ids):
                             total, masked = int(eot["tokens"]), int(eot["masked"])
                         else:
-                            total, masked = _end_of_turn_counts(path, end_of_turn_ids)
+                            f.seek(0)
+                            total, masked = _end_of_turn_counts(f, end_of_turn_ids)
                         counts["end_of_turn_tokens"] += total
                         counts["end_of_turn_masked"] += masked
-                    if formats is not None and isinstance(stored.get("formats"), dict):
-                        formats.update(stored["formats"])
+                    if record is None:
+                        f.seek(0)
+                        digest = _sha256_stream(f)
                     else:
-                        formats = None  # unknown for some shard: not claimed for any
-                    file = f"data/{name}.parquet"
-                    shards.append({"file": file, "rows": meta.num_rows,
-                                   "sha256": sha256_file(path)})
-                    data = (self.rejected / f"{name}.jsonl").read_bytes()
-                    if data and not data.endswith(b"\n"):
-                        data += b"\n"
-                    gathered.write(data)
-                    # Count "\n" alone: a reason may hold U+2028, which splitlines would split.
-                    n_rejected += data.count(b"\n")
-                gathered.flush()
-                os.fsync(gathered.fileno())
-            os.replace(tmp, self.path / REJECTED)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+                        digest = record["sha256"]
+                counts["scored_rows"] += meta.num_rows
+                for key in _SUMMED.values():
+                    counts[key] += stored[key]
+                if formats is not None and isinstance(stored.get("formats"), dict):
+                    formats.update(stored["formats"])
+                else:
+                    formats = None  # unknown for some shard: not claimed for any
+                shards.append({"file": f"data/{name}.parquet", "rows": meta.num_rows,
+                               "sha256": digest})
+                try:
+                    rejected_fd = open_regular(f"{name}.jsonl", fds["rejected"],
+                                               self.rejected / f"{name}.jsonl")
+                except FileNotFoundError:
+                    raise InputError(
+                        f"{self.rejected / name}.jsonl is missing; rerun the same command: it "
+                        "scores that shard again (finished shards are kept)") from None
+                with os.fdopen(rejected_fd, "rb") as f:
+                    data = f.read()
+                if data and not data.endswith(b"\n"):
+                    data += b"\n"
+                gathered.write(data)
+                # Count "\n" alone: a reason may hold U+2028, which splitlines would split.
+                n_rejected += data.count(b"\n")
         counts["rejected_rows"] = n_rejected
         if formats and isinstance(manifest.get("render"), dict):
             manifest = {**manifest, "render": {**manifest["render"], "formats": dict(formats)}}
@@ -445,7 +791,9 @@ class OutputDir:
             "shards": shards,
             "schema": [f.name for f in SCHEMA],
         }
-        atomic_write_json(self.path / MANIFEST, manifest)
+        with self._folders() as fds:
+            place(fds[""], MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(),
+                  self.path / MANIFEST)
         return manifest
 
 
@@ -502,28 +850,60 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"{file}: 'rows' is not a row count"
         if not isinstance(shard.get("sha256"), str):
             return f"{file}: no 'sha256'"
+    return _totals_problem(manifest)
+
+
+def _count(obj: Any, key: str) -> int | None:
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _totals_problem(manifest: dict[str, Any]) -> str | None:
+    """Whether the manifest's totals agree with its own shard list and input, or what differs:
+    a shard list cut short (or grown) no longer sums to ``counts.scored_rows``, and scored plus
+    rejected rows must be the input rows the run read (``input.rows`` up to ``input.limit``)."""
+    counts = manifest.get("counts")
+    scored = _count(counts, "scored_rows")
+    listed = sum(shard["rows"] for shard in manifest["shards"])
+    if scored is not None and scored != listed:
+        return (f"counts.scored_rows is {scored} but the shard list holds {listed} rows: the "
+                "shard list was cut short or edited")
+    rejected = _count(counts, "rejected_rows")
+    rows, limit = _count(manifest.get("input"), "rows"), _count(manifest.get("input"), "limit")
+    if scored is not None and rejected is not None and rows is not None:
+        expected = min(rows, limit) if limit else rows
+        if scored + rejected != expected:
+            return (f"{scored} scored + {rejected} rejected rows, but the input had {expected}: "
+                    "the counts or the shard list were edited")
     return None
 
 
 def shard_problems(
     path: str | Path, manifest: dict[str, Any], *, checksum: bool = True
 ) -> list[str]:
-    """Every way the shard files differ from the manifest (empty: none), one line each.
+    """Every way the output's files differ from the manifest (empty: none), one line each.
 
     A shard must be present, be the very file the run wrote (its sha256, and its size when the
-    manifest records ``bytes``), be readable Parquet with the recorded row count and the core
-    columns. A valid shard copied over another, or a truncated one, fails the checksum.
-    ``checksum=False`` reads only each file's footer (for callers that need a schema only).
+    manifest records ``bytes``; not a link), be readable Parquet with the recorded row count
+    and the core columns. A valid shard copied over another, or a truncated one, fails the
+    checksum. Then the cross-checks: every file in ``data/`` must be listed (readers of
+    ``data/*.parquet`` would read an unlisted one too), the shards' footer counts must sum to
+    the manifest's ``counts``, and ``rejected.jsonl`` must hold ``counts.rejected_rows`` rows.
+    ``checksum=False`` reads only each file's footer and lists unlisted files (for callers that
+    need a schema only): the checksums, the counts and ``rejected.jsonl`` are left to the full
+    check every reader makes before it reads rows.
     """
     problems = []
+    sums: dict[str, int] | None = dict.fromkeys(_SUMMED.values(), 0)
     for shard in manifest["shards"]:
         name = shard["file"]
         file = Path(path) / name
         try:
-            size = file.stat().st_size
-            if not file.is_file():
-                problems.append(f"{name}: not a file")
+            st = file.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{name}: {kind_of(st.st_mode)}, not the file the run wrote")
                 continue
+            size = st.st_size
             if "bytes" in shard and size != shard["bytes"]:
                 problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
                 continue
@@ -549,7 +929,53 @@ def shard_problems(
         missing = [f.name for f in SCHEMA if f.name not in names]
         if missing:
             problems.append(f"{name}: missing columns {', '.join(missing)}")
+        stored = _stored_counts(meta)
+        if stored is None:
+            sums = None  # a shard of an older version: its counts are in its columns only
+        elif sums is not None:
+            for key in sums:
+                sums[key] += stored[key]
+    problems += _unlisted(Path(path), manifest)
+    counts = manifest.get("counts")
+    if checksum and not problems and sums is not None and isinstance(counts, dict):
+        for key, total in sums.items():
+            if _count(counts, key) is not None and counts[key] != total:
+                problems.append(f"counts.{key} is {counts[key]} but the shards hold {total}")
+    rejected = _count(counts, "rejected_rows")
+    if checksum and rejected is not None:
+        problems += _rejected_problem(Path(path), rejected)
     return problems
+
+
+def _unlisted(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """Each entry of ``data/`` the manifest does not list (temporaries of a write excepted)."""
+    data = path / "data"
+    if data.is_symlink() or (data.exists() and not data.is_dir()):
+        return [f"data: {kind_of(data.lstat().st_mode)}, not the folder the run made"]
+    listed = {shard["file"] for shard in manifest["shards"]}
+    entries = sorted(os.listdir(data)) if data.is_dir() else []
+    return [f"data/{visible_name(n)}: not in the manifest (readers of data/ would read it too)"
+            for n in entries if f"data/{n}" not in listed and not _OWN_TEMP.fullmatch(n)]
+
+
+def visible_name(name: str) -> str:
+    """A file name as an error line may show it (no control characters, no lone surrogates)."""
+    return name if name.isprintable() else ascii(name)[1:-1]
+
+
+def _rejected_problem(path: Path, expected: int) -> list[str]:
+    file = path / REJECTED
+    try:
+        with file.open("rb") as f:
+            lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return [f"{REJECTED}: missing (the manifest counts {expected} rejected rows)"] \
+            if expected else []
+    except OSError as exc:
+        return [f"{REJECTED}: cannot read it ({os_reason(exc)})"]
+    if lines != expected:
+        return [f"{REJECTED}: {lines} rows, manifest counts {expected}"]
+    return []
 
 
 def check_shards(path: str | Path, manifest: dict[str, Any], *, checksum: bool = True) -> None:

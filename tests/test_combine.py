@@ -112,3 +112,28 @@ def test_combine_refuses_other_tokens_with_the_row_and_writes_nothing(
     assert not into.exists()
     with pytest.raises(InputError, match="needs reference=OTHER_OUT"):
         load(a, select=Select("top", "excess_loss", fraction=0.5))
+
+
+def test_a_missing_rejected_part_is_refused_and_the_named_remedy_works(
+    pair: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Never combined as "no rejected rows": refused in one line, and the rerun it names (the
+    same score command) restores the file, after which the combine goes through."""
+    import shutil
+
+    a, b = pair
+    copy = tmp_path / "a"
+    shutil.copytree(a, copy)
+    (copy / "rejected" / "part-00001.jsonl").unlink()
+    into = tmp_path / "ab"
+    capsys.readouterr()
+    assert cli(["combine", str(copy), "--reference", str(b), "--into", str(into)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "part-00001.jsonl is missing; rerun the `profit-prep score`" in err[0]
+    assert not (into / "manifest.json").exists()
+    score_demo(copy, tiny_model_dir, limit=6, dtype="bfloat16")  # the command that wrote it
+    assert (copy / "rejected" / "part-00001.jsonl").is_file() and verify(copy) == []
+    assert cli(["combine", str(copy), "--reference", str(b), "--into", str(into)]) == 0
+    assert read_manifest(into)["counts"]["scored_rows"] == read_manifest(a)["counts"][
+        "scored_rows"]

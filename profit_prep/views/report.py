@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.output import atomic_write_bytes
+from profit_prep.output import atomic_write_bytes, write_user_file
 from profit_prep.rules import Rule, rule_columns
 from profit_prep.views.colors import Scale, color_scale
 from profit_prep.views.flat import (
@@ -448,7 +448,6 @@ def write_report(
     )
     if tokenizer is None:
         tokenizer = load_output_tokenizer(out, tokenizer_path)
-    target = Path(html_path) if html_path else Path(out) / "report.html"
     page = build_html(
         flat,
         tokenizer,
@@ -459,5 +458,10 @@ def write_report(
         color_by=color_by,
         compare=compare,
     )
-    atomic_write_bytes(target, page.encode())  # readable as the umask allows, like any file
+    if html_path:  # the user's path: a link or device there is written through, never replaced
+        target = Path(html_path)
+        write_user_file(target, page.encode())
+    else:  # inside OUT: a link or special file at report.html is refused, never followed
+        target = Path(out) / "report.html"
+        atomic_write_bytes(target, page.encode())  # readable as the umask allows, like any file
     return target
