@@ -123,6 +123,7 @@ def test_a_shard_that_comes_back_twice_is_written_once(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
+    (out / "run.json").write_text("{}")  # a run's shard records name its run.json
     job = Job(ScoreConfig(data="d", out=str(out)), None, "plain", ScoreConfig(
         data="d", out=str(out)).fields(), None, tmp_path, str(out), 1.0, False)
     work = ShardWork(3, [], [{"example_id": "x", "source_index": 9, "reason": "bad"}], "d1",
