@@ -34,6 +34,7 @@ from profit_prep.backends import (
 from profit_prep.config import ScoreConfig, check_numbers
 from profit_prep.errors import InputError, RowError
 from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
+from profit_prep.input_checks import escape_text
 from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
 from profit_prep.models import check_weights, model_content_hash, resolve_model
 from profit_prep.output import OutputDir
@@ -56,7 +57,7 @@ from profit_prep.rendering import (
 )
 from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
 from profit_prep.scoring import Scorer, signal_columns
-from profit_prep.sources import RawRow, Source, escape_text, open_source
+from profit_prep.sources import RawRow, Source, open_source
 
 
 def rejection(row: RawRow, reason: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from profit_prep.errors import InputError
+from profit_prep.input_checks import check_path
 
 # For tokenizers with no chat template: a readable plain-text layout, trained on the answer + EOS.
 PLAIN_TEMPLATE = (
@@ -40,8 +41,6 @@ def load_tokenizer(path: str | Path) -> Any:
 def resolve_template(tokenizer: Any, template: str | Path | None) -> tuple[str, str]:
     """The chat template to use and where it came from: a file, the tokenizer, or plain text."""
     if template is not None:
-        from profit_prep.sources import check_path
-
         check_path(str(template), "--chat-template")
         path = Path(template)
         if not path.is_file():
