@@ -39,25 +39,20 @@ from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
 from profit_prep.models import check_weights, model_content_hash, resolve_model
 from profit_prep.output import OutputDir
 from profit_prep.placement import check_tensor_parallel
+from profit_prep.preflight import check_format, check_template
 from profit_prep.reading import (
     FORMATS,
     FieldMap,
-    detect_format,
     detect_row_format,
-    required_columns,
     row_tools,
     to_messages,
 )
-from profit_prep.rendering import (
-    Rendered,
-    Renderer,
-    end_of_turn_ids,
-    load_tokenizer,
-    resolve_template,
-)
-from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
+from profit_prep.rendering import Rendered, Renderer, end_of_turn_ids
 from profit_prep.scoring import Scorer, signal_columns
+from profit_prep.server_probe import PROBE_TOLERANCE, server_probe
 from profit_prep.sources import RawRow, Source, open_source
+from profit_prep.tokenizer_identity import load_tokenizer, resolve_template
+from profit_prep.tokenizer_identity import tokenizer_fingerprint as fingerprint_of
 
 
 def rejection(row: RawRow, reason: str) -> dict[str, Any]:
@@ -264,66 +259,6 @@ def input_stamp(data: str, out: str | None = None) -> list[list[Any]]:
     return stamp
 
 
-def _check_format(source: Source, config: ScoreConfig) -> str:
-    """The format every row is read as, or ``auto`` (each row's own, :func:`render_rows`).
-
-    ``auto`` with ``--prompt-field``/``--response-field`` is ``fields``. A plain ``auto`` input
-    must have a row of a known format among its first 50 readable rows: if none has, the file
-    is refused with one line rather than every row rejected.
-    """
-    fields = config.fields()
-    if config.format not in FORMATS:
-        raise InputError(f"unknown --format {config.format!r} (choose from {', '.join(FORMATS)})")
-    if config.format == "fields" and not (config.prompt_field and config.response_field):
-        raise InputError("--format fields needs --prompt-field and --response-field")
-    readable = [r for r in source.read(0, min(len(source), 50)) if r.data is not None]
-    if not readable:
-        raise InputError(f"{config.data}: no readable rows among the first 50")
-    first = readable[0]
-    if config.format == "auto" and not (fields.prompt_field or fields.response_field):
-        for row in readable:
-            try:
-                detect_format(row.data, fields)
-                return "auto"
-            except InputError:
-                continue
-        detect_format(first.data, fields)  # raises, naming the first row's columns
-    fmt = detect_format(first.data, fields) if config.format == "auto" else config.format
-    missing = [c for c in required_columns(fmt, fields) if c not in first.data]
-    if missing:
-        raise InputError(
-            f"{config.data}: column {missing[0]!r} not found for format {fmt} "
-            f"(row {first.index} has: {', '.join(sorted(first.data))})"
-        )
-    return fmt
-
-
-def check_template(renderer: Renderer, source: Source, fmt: str, fields: FieldMap) -> None:
-    """A chat template that cannot be compiled, or that fails on every one of the first 50
-    readable rows, is one :class:`InputError` before scoring, not every row rejected."""
-    renderer.check_template()
-    failed: list[tuple[RawRow, str]] = []
-    for row in source.read(0, min(len(source), 50)):
-        if row.data is None:
-            continue
-        try:
-            row_fmt = detect_row_format(row.data, fields) if fmt == "auto" else fmt
-            messages, tools = to_messages(row.data, row_fmt, fields), row_tools(row.data)
-        except RowError:
-            continue  # a row the template never sees
-        try:
-            renderer.render_text(messages, tools)
-            return
-        except RowError as exc:
-            failed.append((row, str(exc)))
-        except RecursionError:
-            continue
-    if failed:
-        row, reason = failed[0]
-        raise InputError(f"{reason} on every row tried ({len(failed)} of the first rows; row "
-                         f"{row.index} shown): fix the chat template")
-
-
 def prepare(config: ScoreConfig) -> Prepared:
     """Resolve the backend, model, tokenizer, template and input; fail early with one line.
 
@@ -344,7 +279,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     source = open_source(config.data, id_field=config.id_field, split=config.split)
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
-    fmt = _check_format(source, config)
+    fmt = check_format(source, config)
     if fmt == "auto" and started.get("format") in FORMATS[1:]:
         # An output started when auto meant "the first row's format" resumes as it began.
         fmt = started["format"]
@@ -364,7 +299,7 @@ def prepare(config: ScoreConfig) -> Prepared:
         # like the trainer before any row is scored.
         server = make_scorer(config, model_dir)
         server.check(tokenizer, expected_model=config.server_model)
-        probe = _server_probe(server, tokenizer, started.get("model_probe"))
+        probe = server_probe(server, tokenizer, started.get("model_probe"))
         model_hash = f"server:{server.model}"
         model = {"name": server.model, "path": str(model_dir), "content_hash": model_hash,
                  "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}
@@ -425,18 +360,6 @@ def prepare(config: ScoreConfig) -> Prepared:
 # Bumped when what identifies the model or tokenizer in run.json changes: an output started
 # under another scheme cannot be shown to match, so it is not resumed (docs/format.md).
 IDENTITY_SCHEME = 2
-# Largest change of any probe token's logprob (nats) taken for the same model on a resume: a
-# server's float noise (batching, bf16) stays well inside it; another checkpoint does not.
-PROBE_TOLERANCE = 0.1
-# The probe: a fixed text (prose, digits, code, unicode, chat markup) scored at the start of
-# every --server run; ~70 SmolLM2 tokens, one request.
-PROBE_TEXT = (
-    "The quick brown fox jumps over the lazy dog. 12345 + 678 = 13023.\n"
-    "def f(x):\n    return x ** 2  # square\n"
-    "Ünïcödé — 日本語のテキスト 🙂 <|im_start|>user\nWhat is 7 * 6?<|im_end|>"
-)
-
-
 def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None:
     """An output started by an earlier profit-prep (a sampled model hash, a tokenizer
     fingerprint without normalizer and merges) is not resumed: nothing shows that its shards
@@ -451,33 +374,6 @@ def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None
         "prove the rest would be scored alike: finish it with the version that started it, or "
         "start again with --overwrite (or another --out)"
     )
-
-
-def _server_probe(server: Any, tokenizer: Any, stored: Any) -> dict[str, Any]:
-    """Score :data:`PROBE_TEXT` on the server: its logprobs identify the served model, whatever
-    name it reports. On a resume, refuse a model whose probe moved beyond PROBE_TOLERANCE, and
-    keep the stored probe otherwise (run.json must stay equal)."""
-    ids = np.asarray(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"], np.int64)
-    [logprobs] = server.score([ids])
-    # Strict JSON: -inf (a token the model rules out) is stored as null, like position 0.
-    probe = {"ids": ids.tolist(), "logprobs": [None] + [
-        round(float(x), 5) if np.isfinite(x) else None for x in logprobs[1:]]}
-    if not isinstance(stored, dict) or stored.get("ids") != probe["ids"]:
-        return probe  # a new output (or a probe of another text: run.json says what differs)
-    then = np.array([-np.inf if x is None else x for x in stored["logprobs"]], np.float64)
-    now = np.asarray(logprobs[1:], np.float64)
-    with np.errstate(invalid="ignore"):  # -inf both times is no change
-        diff = np.where(then[1:] == now, 0.0, np.abs(then[1:] - now))
-    worst = int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))) if len(diff) else 0
-    if len(diff) and not diff[worst] <= PROBE_TOLERANCE:
-        raise InputError(
-            f"server model {server.model!r} scores the probe text differently from when this "
-            f"output was started (token {worst + 1}: {then[worst + 1]:.4f} then, "
-            f"{float(logprobs[worst + 1]):.4f} now; tolerance {PROBE_TOLERANCE} nats): it "
-            "serves another model (or the same in another dtype) under that name; score with "
-            "the original model, or start again with --overwrite (or another --out)"
-        )
-    return stored
 
 
 def _started_params(config: ScoreConfig) -> dict[str, Any]:

@@ -577,12 +577,12 @@ class ProbeServer:
 ])
 def test_the_server_probe_tolerates_noise_and_refuses_a_change(smollm2_tokenizer, then, now,
                                                                refused: bool) -> None:
-    from profit_prep.pipeline import _server_probe
+    from profit_prep.server_probe import server_probe
 
-    stored = _server_probe(ProbeServer(then), smollm2_tokenizer, None)
+    stored = server_probe(ProbeServer(then), smollm2_tokenizer, None)
     json.dumps(stored, allow_nan=False)  # strict JSON in run.json and the manifest
     if refused:
         with pytest.raises(InputError, match="scores the probe text differently"):
-            _server_probe(ProbeServer(now), smollm2_tokenizer, stored)
+            server_probe(ProbeServer(now), smollm2_tokenizer, stored)
     else:
-        assert _server_probe(ProbeServer(now), smollm2_tokenizer, stored) == stored
+        assert server_probe(ProbeServer(now), smollm2_tokenizer, stored) == stored
