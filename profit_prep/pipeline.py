@@ -32,6 +32,7 @@ from profit_prep.backends import (
     top_k_backend,
 )
 from profit_prep.config import ScoreConfig, check_numbers
+from profit_prep.duplicate_ids import find_duplicates
 from profit_prep.errors import InputError, RowError
 from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
 from profit_prep.input_checks import escape_text
@@ -292,23 +293,8 @@ def prepare(config: ScoreConfig) -> Prepared:
     if renderer.chat_template != template:  # e.g. an empty file: what renders is recorded
         template, template_source = resolve_template(tokenizer, None)
     fingerprint = fingerprint_of(tokenizer, template)
-    model: dict[str, Any]
-    probe: dict[str, Any] | None = None
-    if config.server:
-        # The reference model lives on the server: check it serves what we expect and tokenizes
-        # like the trainer before any row is scored.
-        server = make_scorer(config, model_dir)
-        server.check(tokenizer, expected_model=config.server_model)
-        probe = server_probe(server, tokenizer, started.get("model_probe"))
-        model_hash = f"server:{server.model}"
-        model = {"name": server.model, "path": str(model_dir), "content_hash": model_hash,
-                 "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}
-    else:
-        check_weights(model_dir)
-        _check_vocab(model_dir, tokenizer)
-        note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
-        model_hash = model_content_hash(model_dir, note=note)
-        model = {"name": config.model, "path": str(model_dir), "content_hash": model_hash}
+    model, probe = _model_identity(config, model_dir, tokenizer, started)
+    model_hash = model["content_hash"]
     params = {
         "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,
         "input_rows": len(source),
@@ -330,14 +316,7 @@ def prepare(config: ScoreConfig) -> Prepared:
         params["signals"] = list(signals)
         if top_k_backend(config):  # k changes the entropy estimate
             params["signals_top_k"] = config.signals_top_k
-    columns = dict(COLUMN_DOCS)
-    columns.update({c: SIGNAL_DOCS[c] for c in signal_columns(signals)})
-    if "entropy" in signals and top_k_backend(config):
-        columns["entropy"] = (
-            f"entropy (nats) of the reference distribution that predicted token t, estimated "
-            f"from its top {config.signals_top_k} logprobs (a lower bound; see "
-            "scorer.entropy_estimator); NaN at t = 0"
-        )
+    columns = _column_docs(config, signals)
     template_hash = hashlib.sha256(template.encode("utf-8")).hexdigest()
     manifest = {
         "profit_prep_version": __version__,
@@ -360,6 +339,40 @@ def prepare(config: ScoreConfig) -> Prepared:
 # Bumped when what identifies the model or tokenizer in run.json changes: an output started
 # under another scheme cannot be shown to match, so it is not resumed (docs/format.md).
 IDENTITY_SCHEME = 2
+def _model_identity(
+    config: ScoreConfig, model_dir: Path, tokenizer: Any, started: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The manifest's ``model`` record (its ``content_hash`` identifies it) and, with
+    ``--server``, the probe that identifies the served model."""
+    if config.server:
+        # The reference model lives on the server: check it serves what we expect and tokenizes
+        # like the trainer before any row is scored.
+        server = make_scorer(config, model_dir)
+        server.check(tokenizer, expected_model=config.server_model)
+        probe = server_probe(server, tokenizer, started.get("model_probe"))
+        model_hash = f"server:{server.model}"
+        return {"name": server.model, "path": str(model_dir), "content_hash": model_hash,
+                "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}, probe
+    check_weights(model_dir)
+    _check_vocab(model_dir, tokenizer)
+    note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
+    model_hash = model_content_hash(model_dir, note=note)
+    return {"name": config.model, "path": str(model_dir), "content_hash": model_hash}, None
+
+
+def _column_docs(config: ScoreConfig, signals: Sequence[str]) -> dict[str, str]:
+    """The manifest's column descriptions: the standard ones and the signals stored."""
+    columns = dict(COLUMN_DOCS)
+    columns.update({c: SIGNAL_DOCS[c] for c in signal_columns(signals)})
+    if "entropy" in signals and top_k_backend(config):
+        columns["entropy"] = (
+            f"entropy (nats) of the reference distribution that predicted token t, estimated "
+            f"from its top {config.signals_top_k} logprobs (a lower bound; see "
+            "scorer.entropy_estimator); NaN at t = 0"
+        )
+    return columns
+
+
 def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None:
     """An output started by an earlier profit-prep (a sampled model hash, a tokenizer
     fingerprint without normalizer and merges) is not resumed: nothing shows that its shards
@@ -386,48 +399,6 @@ def _started_params(config: ScoreConfig) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}  # no output yet, or a damaged one: OutputDir says so with one line
     return params if isinstance(params, dict) else {}
-
-
-def find_duplicates(source: Source, n_rows: int) -> dict[int, int]:
-    """Row index -> first row index, for every row whose user-given id was seen before.
-
-    One pass over the ids before scoring, so that every worker rejects the same rows whatever
-    order shards finish in, and a resumed run rejects exactly what the first run did.
-
-    Memory: a 64-bit hash of each id (:meth:`Source.id_hashes`) and a sorted copy, ~18 bytes a
-    row while it runs, not a dict of every id string (~130 bytes a row). Rows whose hash occurs
-    more than once are read again and their ids compared exactly, so a hash collision never
-    makes a duplicate.
-    """
-    hashes, valid = source.id_hashes(n_rows)
-    ordered = hashes[valid]
-    ordered.sort()  # in place: no third copy
-    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-    del ordered
-    duplicates: dict[int, int] = {}
-    if not len(repeated):
-        return duplicates
-    # Rows whose hash repeats, found block by block: np.isin would sort all the hashes again
-    # (~45 MB of temporaries at 1M rows, measured).
-    found = []
-    for start in range(0, len(hashes), 1 << 16):
-        block = hashes[start : start + (1 << 16)]
-        at = np.searchsorted(repeated, block).clip(max=len(repeated) - 1)
-        hit = (repeated[at] == block) & valid[start : start + len(block)]
-        found.append(np.flatnonzero(hit) + start)
-    candidates = np.concatenate(found)
-    del hashes, valid
-    first_seen: dict[str, int] = {}
-    # Consecutive candidates are read as one range.
-    breaks = np.flatnonzero(np.diff(candidates) != 1) + 1
-    for run in np.split(candidates, breaks):
-        for row in source.read(int(run[0]), int(run[-1]) + 1):
-            if row.error is not None:
-                continue
-            first = first_seen.setdefault(row.example_id, row.index)
-            if first != row.index:
-                duplicates[row.index] = first
-    return duplicates
 
 
 def _check_vocab(model_dir: Path, tokenizer: Any) -> None:

@@ -75,7 +75,7 @@ class Source:
 
         Equal ids hash equal within this process (Python's string hash); different ids may
         collide, so a caller compares candidates' ids exactly. 9 bytes a row, where a dict of
-        id strings costs ~130 (:func:`profit_prep.pipeline.find_duplicates`).
+        id strings costs ~130 (:func:`profit_prep.duplicate_ids.find_duplicates`).
         """
         hashes = np.zeros(n_rows, np.int64)
         valid = np.zeros(n_rows, bool)

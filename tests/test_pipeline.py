@@ -328,7 +328,7 @@ def _rows_with_repeats(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl-slow", "parquet", "json"])
 def test_find_duplicates_names_the_first_row_of_each_id(tmp_path: Path, kind: str) -> None:
-    from profit_prep.pipeline import find_duplicates
+    from profit_prep.duplicate_ids import find_duplicates
     from profit_prep.sources import open_source
     from tests.conftest import write_rows
 
@@ -345,7 +345,7 @@ def test_find_duplicates_names_the_first_row_of_each_id(tmp_path: Path, kind: st
 
 
 def test_find_duplicates_checks_hash_collisions_exactly(tmp_path: Path) -> None:
-    from profit_prep.pipeline import find_duplicates
+    from profit_prep.duplicate_ids import find_duplicates
     from profit_prep.sources import JsonlSource
 
     class Colliding(JsonlSource):
