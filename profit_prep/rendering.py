@@ -22,7 +22,7 @@ template ignores (the text is the same without it) is a reason (:meth:`Renderer.
 
 Special-token strings inside messages (``<|im_start|>`` typed by a user) stay text: the special
 tokens of ``input_ids`` are always exactly the template's own, whatever the content (see
-``Renderer._data_ranges``).
+:mod:`profit_prep.protected_tokenization`).
 
 Example:
     >>> renderer = Renderer(tokenizer, max_length=4096)  # doctest: +SKIP
