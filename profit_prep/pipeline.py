@@ -32,31 +32,28 @@ from profit_prep.backends import (
     top_k_backend,
 )
 from profit_prep.config import ScoreConfig, check_numbers
+from profit_prep.duplicate_ids import find_duplicates
 from profit_prep.errors import InputError, RowError
 from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
+from profit_prep.input_checks import escape_text
 from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
 from profit_prep.models import check_weights, model_content_hash, resolve_model
 from profit_prep.output import OutputDir
 from profit_prep.placement import check_tensor_parallel
+from profit_prep.preflight import check_format, check_template
 from profit_prep.reading import (
     FORMATS,
     FieldMap,
-    detect_format,
     detect_row_format,
-    required_columns,
     row_tools,
     to_messages,
 )
-from profit_prep.rendering import (
-    Rendered,
-    Renderer,
-    end_of_turn_ids,
-    load_tokenizer,
-    resolve_template,
-)
-from profit_prep.rendering import tokenizer_fingerprint as fingerprint_of
+from profit_prep.rendering import Rendered, Renderer, end_of_turn_ids
 from profit_prep.scoring import Scorer, signal_columns
-from profit_prep.sources import RawRow, Source, escape_text, open_source
+from profit_prep.server_probe import PROBE_TOLERANCE, server_probe
+from profit_prep.sources import RawRow, Source, open_source
+from profit_prep.tokenizer_identity import load_tokenizer, resolve_template
+from profit_prep.tokenizer_identity import tokenizer_fingerprint as fingerprint_of
 
 
 def rejection(row: RawRow, reason: str) -> dict[str, Any]:
@@ -263,66 +260,6 @@ def input_stamp(data: str, out: str | None = None) -> list[list[Any]]:
     return stamp
 
 
-def _check_format(source: Source, config: ScoreConfig) -> str:
-    """The format every row is read as, or ``auto`` (each row's own, :func:`render_rows`).
-
-    ``auto`` with ``--prompt-field``/``--response-field`` is ``fields``. A plain ``auto`` input
-    must have a row of a known format among its first 50 readable rows: if none has, the file
-    is refused with one line rather than every row rejected.
-    """
-    fields = config.fields()
-    if config.format not in FORMATS:
-        raise InputError(f"unknown --format {config.format!r} (choose from {', '.join(FORMATS)})")
-    if config.format == "fields" and not (config.prompt_field and config.response_field):
-        raise InputError("--format fields needs --prompt-field and --response-field")
-    readable = [r for r in source.read(0, min(len(source), 50)) if r.data is not None]
-    if not readable:
-        raise InputError(f"{config.data}: no readable rows among the first 50")
-    first = readable[0]
-    if config.format == "auto" and not (fields.prompt_field or fields.response_field):
-        for row in readable:
-            try:
-                detect_format(row.data, fields)
-                return "auto"
-            except InputError:
-                continue
-        detect_format(first.data, fields)  # raises, naming the first row's columns
-    fmt = detect_format(first.data, fields) if config.format == "auto" else config.format
-    missing = [c for c in required_columns(fmt, fields) if c not in first.data]
-    if missing:
-        raise InputError(
-            f"{config.data}: column {missing[0]!r} not found for format {fmt} "
-            f"(row {first.index} has: {', '.join(sorted(first.data))})"
-        )
-    return fmt
-
-
-def check_template(renderer: Renderer, source: Source, fmt: str, fields: FieldMap) -> None:
-    """A chat template that cannot be compiled, or that fails on every one of the first 50
-    readable rows, is one :class:`InputError` before scoring, not every row rejected."""
-    renderer.check_template()
-    failed: list[tuple[RawRow, str]] = []
-    for row in source.read(0, min(len(source), 50)):
-        if row.data is None:
-            continue
-        try:
-            row_fmt = detect_row_format(row.data, fields) if fmt == "auto" else fmt
-            messages, tools = to_messages(row.data, row_fmt, fields), row_tools(row.data)
-        except RowError:
-            continue  # a row the template never sees
-        try:
-            renderer.render_text(messages, tools)
-            return
-        except RowError as exc:
-            failed.append((row, str(exc)))
-        except RecursionError:
-            continue
-    if failed:
-        row, reason = failed[0]
-        raise InputError(f"{reason} on every row tried ({len(failed)} of the first rows; row "
-                         f"{row.index} shown): fix the chat template")
-
-
 def prepare(config: ScoreConfig) -> Prepared:
     """Resolve the backend, model, tokenizer, template and input; fail early with one line.
 
@@ -343,7 +280,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     source = open_source(config.data, id_field=config.id_field, split=config.split)
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
-    fmt = _check_format(source, config)
+    fmt = check_format(source, config)
     if fmt == "auto" and started.get("format") in FORMATS[1:]:
         # An output started when auto meant "the first row's format" resumes as it began.
         fmt = started["format"]
@@ -356,23 +293,8 @@ def prepare(config: ScoreConfig) -> Prepared:
     if renderer.chat_template != template:  # e.g. an empty file: what renders is recorded
         template, template_source = resolve_template(tokenizer, None)
     fingerprint = fingerprint_of(tokenizer, template)
-    model: dict[str, Any]
-    probe: dict[str, Any] | None = None
-    if config.server:
-        # The reference model lives on the server: check it serves what we expect and tokenizes
-        # like the trainer before any row is scored.
-        server = make_scorer(config, model_dir)
-        server.check(tokenizer, expected_model=config.server_model)
-        probe = _server_probe(server, tokenizer, started.get("model_probe"))
-        model_hash = f"server:{server.model}"
-        model = {"name": server.model, "path": str(model_dir), "content_hash": model_hash,
-                 "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}
-    else:
-        check_weights(model_dir)
-        _check_vocab(model_dir, tokenizer)
-        note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
-        model_hash = model_content_hash(model_dir, note=note)
-        model = {"name": config.model, "path": str(model_dir), "content_hash": model_hash}
+    model, probe = _model_identity(config, model_dir, tokenizer, started)
+    model_hash = model["content_hash"]
     params = {
         "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,
         "input_rows": len(source),
@@ -394,14 +316,7 @@ def prepare(config: ScoreConfig) -> Prepared:
         params["signals"] = list(signals)
         if top_k_backend(config):  # k changes the entropy estimate
             params["signals_top_k"] = config.signals_top_k
-    columns = dict(COLUMN_DOCS)
-    columns.update({c: SIGNAL_DOCS[c] for c in signal_columns(signals)})
-    if "entropy" in signals and top_k_backend(config):
-        columns["entropy"] = (
-            f"entropy (nats) of the reference distribution that predicted token t, estimated "
-            f"from its top {config.signals_top_k} logprobs (a lower bound; see "
-            "scorer.entropy_estimator); NaN at t = 0"
-        )
+    columns = _column_docs(config, signals)
     template_hash = hashlib.sha256(template.encode("utf-8")).hexdigest()
     manifest = {
         "profit_prep_version": __version__,
@@ -424,16 +339,38 @@ def prepare(config: ScoreConfig) -> Prepared:
 # Bumped when what identifies the model or tokenizer in run.json changes: an output started
 # under another scheme cannot be shown to match, so it is not resumed (docs/format.md).
 IDENTITY_SCHEME = 2
-# Largest change of any probe token's logprob (nats) taken for the same model on a resume: a
-# server's float noise (batching, bf16) stays well inside it; another checkpoint does not.
-PROBE_TOLERANCE = 0.1
-# The probe: a fixed text (prose, digits, code, unicode, chat markup) scored at the start of
-# every --server run; ~70 SmolLM2 tokens, one request.
-PROBE_TEXT = (
-    "The quick brown fox jumps over the lazy dog. 12345 + 678 = 13023.\n"
-    "def f(x):\n    return x ** 2  # square\n"
-    "Ünïcödé — 日本語のテキスト 🙂 <|im_start|>user\nWhat is 7 * 6?<|im_end|>"
-)
+def _model_identity(
+    config: ScoreConfig, model_dir: Path, tokenizer: Any, started: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The manifest's ``model`` record (its ``content_hash`` identifies it) and, with
+    ``--server``, the probe that identifies the served model."""
+    if config.server:
+        # The reference model lives on the server: check it serves what we expect and tokenizes
+        # like the trainer before any row is scored.
+        server = make_scorer(config, model_dir)
+        server.check(tokenizer, expected_model=config.server_model)
+        probe = server_probe(server, tokenizer, started.get("model_probe"))
+        model_hash = f"server:{server.model}"
+        return {"name": server.model, "path": str(model_dir), "content_hash": model_hash,
+                "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}, probe
+    check_weights(model_dir)
+    _check_vocab(model_dir, tokenizer)
+    note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
+    model_hash = model_content_hash(model_dir, note=note)
+    return {"name": config.model, "path": str(model_dir), "content_hash": model_hash}, None
+
+
+def _column_docs(config: ScoreConfig, signals: Sequence[str]) -> dict[str, str]:
+    """The manifest's column descriptions: the standard ones and the signals stored."""
+    columns = dict(COLUMN_DOCS)
+    columns.update({c: SIGNAL_DOCS[c] for c in signal_columns(signals)})
+    if "entropy" in signals and top_k_backend(config):
+        columns["entropy"] = (
+            f"entropy (nats) of the reference distribution that predicted token t, estimated "
+            f"from its top {config.signals_top_k} logprobs (a lower bound; see "
+            "scorer.entropy_estimator); NaN at t = 0"
+        )
+    return columns
 
 
 def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None:
@@ -452,33 +389,6 @@ def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None
     )
 
 
-def _server_probe(server: Any, tokenizer: Any, stored: Any) -> dict[str, Any]:
-    """Score :data:`PROBE_TEXT` on the server: its logprobs identify the served model, whatever
-    name it reports. On a resume, refuse a model whose probe moved beyond PROBE_TOLERANCE, and
-    keep the stored probe otherwise (run.json must stay equal)."""
-    ids = np.asarray(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"], np.int64)
-    [logprobs] = server.score([ids])
-    # Strict JSON: -inf (a token the model rules out) is stored as null, like position 0.
-    probe = {"ids": ids.tolist(), "logprobs": [None] + [
-        round(float(x), 5) if np.isfinite(x) else None for x in logprobs[1:]]}
-    if not isinstance(stored, dict) or stored.get("ids") != probe["ids"]:
-        return probe  # a new output (or a probe of another text: run.json says what differs)
-    then = np.array([-np.inf if x is None else x for x in stored["logprobs"]], np.float64)
-    now = np.asarray(logprobs[1:], np.float64)
-    with np.errstate(invalid="ignore"):  # -inf both times is no change
-        diff = np.where(then[1:] == now, 0.0, np.abs(then[1:] - now))
-    worst = int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))) if len(diff) else 0
-    if len(diff) and not diff[worst] <= PROBE_TOLERANCE:
-        raise InputError(
-            f"server model {server.model!r} scores the probe text differently from when this "
-            f"output was started (token {worst + 1}: {then[worst + 1]:.4f} then, "
-            f"{float(logprobs[worst + 1]):.4f} now; tolerance {PROBE_TOLERANCE} nats): it "
-            "serves another model (or the same in another dtype) under that name; score with "
-            "the original model, or start again with --overwrite (or another --out)"
-        )
-    return stored
-
-
 def _started_params(config: ScoreConfig) -> dict[str, Any]:
     """The parameters an unfinished or finished output in ``--out`` was started with, if any:
     a resume keeps choices that ``auto`` would make differently now (backend, format)."""
@@ -489,48 +399,6 @@ def _started_params(config: ScoreConfig) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}  # no output yet, or a damaged one: OutputDir says so with one line
     return params if isinstance(params, dict) else {}
-
-
-def find_duplicates(source: Source, n_rows: int) -> dict[int, int]:
-    """Row index -> first row index, for every row whose user-given id was seen before.
-
-    One pass over the ids before scoring, so that every worker rejects the same rows whatever
-    order shards finish in, and a resumed run rejects exactly what the first run did.
-
-    Memory: a 64-bit hash of each id (:meth:`Source.id_hashes`) and a sorted copy, ~18 bytes a
-    row while it runs, not a dict of every id string (~130 bytes a row). Rows whose hash occurs
-    more than once are read again and their ids compared exactly, so a hash collision never
-    makes a duplicate.
-    """
-    hashes, valid = source.id_hashes(n_rows)
-    ordered = hashes[valid]
-    ordered.sort()  # in place: no third copy
-    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-    del ordered
-    duplicates: dict[int, int] = {}
-    if not len(repeated):
-        return duplicates
-    # Rows whose hash repeats, found block by block: np.isin would sort all the hashes again
-    # (~45 MB of temporaries at 1M rows, measured).
-    found = []
-    for start in range(0, len(hashes), 1 << 16):
-        block = hashes[start : start + (1 << 16)]
-        at = np.searchsorted(repeated, block).clip(max=len(repeated) - 1)
-        hit = (repeated[at] == block) & valid[start : start + len(block)]
-        found.append(np.flatnonzero(hit) + start)
-    candidates = np.concatenate(found)
-    del hashes, valid
-    first_seen: dict[str, int] = {}
-    # Consecutive candidates are read as one range.
-    breaks = np.flatnonzero(np.diff(candidates) != 1) + 1
-    for run in np.split(candidates, breaks):
-        for row in source.read(int(run[0]), int(run[-1]) + 1):
-            if row.error is not None:
-                continue
-            first = first_seen.setdefault(row.example_id, row.index)
-            if first != row.index:
-                duplicates[row.index] = first
-    return duplicates
 
 
 def _check_vocab(model_dir: Path, tokenizer: Any) -> None:

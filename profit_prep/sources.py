@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
-import re
-import stat
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +28,18 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.input_checks import (
+    BOM,
+    SURROGATE_ESCAPE,
+    check_encoding,
+    check_kind,
+    check_parquet,
+    check_path,
+    escape_text,
+    invalid_text,
+    looks_local,
+)
+from profit_prep.json_array import json_array_spans
 
 
 @dataclass
@@ -66,7 +75,7 @@ class Source:
 
         Equal ids hash equal within this process (Python's string hash); different ids may
         collide, so a caller compares candidates' ids exactly. 9 bytes a row, where a dict of
-        id strings costs ~130 (:func:`profit_prep.pipeline.find_duplicates`).
+        id strings costs ~130 (:func:`profit_prep.duplicate_ids.find_duplicates`).
         """
         hashes = np.zeros(n_rows, np.int64)
         valid = np.zeros(n_rows, bool)
@@ -87,7 +96,7 @@ class Source:
         except RecursionError:
             return RawRow(index, str(index), None, TOO_DEEP)
         # Decoded UTF-8 never holds a surrogate: only a JSON escape can make one.
-        return self._wrap(index, data, self.id_field, _SURROGATE_ESCAPE.search(raw) is not None)
+        return self._wrap(index, data, self.id_field, SURROGATE_ESCAPE.search(raw) is not None)
 
     def _wrap(self, index: int, data: Any, id_field: str | None, check: bool = True) -> RawRow:
         """Every reader's rows pass here: the one place a row's text is checked to be valid
@@ -107,51 +116,6 @@ class Source:
         if id_field is not None and data.get(id_field) is None:
             return RawRow(index, str(index), data, f"id field {id_field!r} is missing or null")
         return RawRow(index, example_id, data)
-
-
-BOM = "\ufeff"  # a UTF-8 byte-order mark, decoded: every reader skips it at a file's start
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def invalid_text(data: Any) -> str | None:
-    """Where ``data`` (a row: dicts, lists, strings) holds a string that is not valid Unicode (a
-    lone surrogate, which JSON's ``\\ud800`` escapes can make), as a field path such as
-    ``messages[1].content``; None if it holds none. Iterative, and a path is built only for the
-    string found, so any nesting depth costs time linear in the row."""
-    # (value, parent entry, label): a linked path, joined only on a hit.
-    stack: list[tuple[Any, Any, str]] = [(data, None, "")]
-    while stack:
-        entry = stack.pop()
-        value = entry[0]
-        if isinstance(value, str):
-            if not value.isascii() and _SURROGATE.search(value):
-                return _path(entry) or "the row"
-        elif isinstance(value, Mapping):
-            for key, item in value.items():
-                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
-                    where = _path(entry)
-                    name = f"field name {escape_text(key)!r}"
-                    return f"{where} {name}" if where else name
-                stack.append((item, entry, f".{key}"))
-        elif isinstance(value, (list, tuple)):
-            stack.extend((item, entry, f"[{i}]") for i, item in enumerate(value))
-    return None
-
-
-def _path(entry: tuple[Any, Any, str]) -> str:
-    labels = []
-    while entry is not None:
-        labels.append(entry[2])
-        entry = entry[1]
-    return escape_text("".join(reversed(labels)).removeprefix("."))
-
-
-def escape_text(text: str) -> str:
-    """``text`` with lone surrogates written as ``\\udxxx``: always encodable as UTF-8."""
-    if text.isascii() or not _SURROGATE.search(text):
-        return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class JsonlSource(Source):
@@ -271,64 +235,6 @@ def _hash_ids(ids: list[str | None], start: int, hashes: np.ndarray, valid: np.n
         if value is not None:
             hashes[i] = hash(value)
             valid[i] = True
-_RELEASE = 64 << 20  # json_array_spans releases scanned pages of the file in steps of this
-_STRUCTURE = re.compile(rb'[\[\]{},"]')
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-
-
-def json_array_spans(path: Path) -> np.ndarray:
-    """Byte spans ``(begin, end)`` of the elements of the JSON array in ``path`` as a (rows, 2)
-    int64 array, found by a scan that tracks strings and bracket depth without recursion (so any
-    nesting depth is fine). Pages already scanned are dropped from this process's memory as it
-    goes, so a large file does not sit in its resident set."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            raise InputError(f"{path}: empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            pos = 3 if data[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte-order mark
-            while pos < size and data[pos : pos + 1].isspace():
-                pos += 1
-            if data[pos : pos + 1] != b"[":
-                raise InputError(f"{path}: expected a JSON array of rows")
-            spans = array("q")
-            depth, element, pos = 0, pos + 1, pos + 1
-            dropped = 0  # bytes before this are released (madvise) once scanned
-            while True:
-                if pos - dropped >= _RELEASE and hasattr(data, "madvise"):
-                    upto = pos - pos % mmap.PAGESIZE
-                    data.madvise(mmap.MADV_DONTNEED, dropped, upto - dropped)
-                    dropped = upto
-                match = _STRUCTURE.search(data, pos)
-                if match is None:
-                    raise InputError(f"{path}: the JSON array is not closed (file truncated?)")
-                char, at = match.group(), match.start()
-                if char == b'"':
-                    string = _STRING.match(data, at)
-                    if string is None:
-                        raise InputError(f"{path}: unterminated string at byte {at}")
-                    pos = string.end()
-                    continue
-                pos = at + 1
-                if depth > 0 and char == b",":
-                    continue
-                if char in b"[{":
-                    depth += 1
-                elif depth > 0 and char in b"]}":
-                    depth -= 1
-                elif char == b"}":
-                    raise InputError(f"{path}: unbalanced '}}' at byte {at}")
-                elif char in b",]":  # the end of an element at the array's own level
-                    raw = data[element:at]
-                    lead = len(raw) - len(raw.lstrip())
-                    span = (element + lead, element + len(raw.rstrip()))
-                    if char == b"," or spans or span[1] > span[0]:
-                        spans.extend(span)
-                    element = pos
-                    if char == b"]":
-                        if data[pos:].strip():
-                            raise InputError(f"{path}: text after the JSON array (byte {pos})")
-                        return np.frombuffer(spans, np.int64).reshape(-1, 2).copy()
 
 
 def _sha256(data: bytes) -> str:
@@ -443,11 +349,11 @@ def open_source(
     p = Path(path)
     name = str(path)
     check_path(name, "--data")
-    _check_kind(p)
+    check_kind(p)
     if p.is_file():
         suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
         if suffix in (".jsonl", ".ndjson", ".json"):
-            _check_encoding(p)
+            check_encoding(p)
         if suffix in (".jsonl", ".ndjson"):
             return JsonlSource(p, id_field)
         if suffix == ".json":
@@ -458,7 +364,7 @@ def open_source(
                 return JsonArraySource(p, id_field)
             return _json_object_source(p, id_field)
         if suffix == ".parquet":
-            _check_parquet([p])
+            check_parquet([p])
             ds = datasets.Dataset.from_parquet(name, keep_in_memory=False)
             return ArrowSource(ds, name, id_field)
         raise InputError(f"{p}: unknown file type {suffix!r} (use .jsonl, .json or .parquet)")
@@ -469,7 +375,7 @@ def open_source(
             files = sorted(str(f) for f in p.glob("*.parquet"))
             for file in files:
                 check_path(file, "--data file")
-            _check_parquet([Path(f) for f in files])
+            check_parquet([Path(f) for f in files])
             return ArrowSource(datasets.Dataset.from_parquet(files), name, id_field)
         saved = ("dataset_info.json", "state.json", "dataset_dict.json")
         if not any((p / f).is_file() for f in saved):
@@ -484,7 +390,7 @@ def open_source(
                 raise InputError(f"{p}: no split {split!r} (has {', '.join(ds)})")
             ds = ds[split]
         return ArrowSource(ds, name, id_field)
-    if _looks_local(name):  # a missing file, not a hub name: no 30 s wait for the hub
+    if looks_local(name):  # a missing file, not a hub name: no 30 s wait for the hub
         raise InputError(f"{name}: no such file")
     # Not a local path: try the hub (works only where it is reachable).
     try:
@@ -493,51 +399,6 @@ def open_source(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{name}: no such file, and load_dataset failed: {first}") from None
     return ArrowSource(ds, name, id_field)
-
-
-def check_path(name: str, what: str) -> None:
-    """Refuse a path that is not valid UTF-8 (undecodable bytes arrive as surrogate escapes)
-    up front: it could not be recorded in the manifest or printed as it is."""
-    if _SURROGATE.search(name):
-        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise InputError(f"{what} path {shown!r} is not valid UTF-8; rename it")
-
-
-_KINDS = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
-          stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
-
-
-def _check_kind(p: Path) -> None:
-    """A path that exists but is neither a file nor a folder: one accurate line, at once (a
-    FIFO cannot be indexed, read twice or digested; opening one would block)."""
-    try:
-        mode = p.stat().st_mode
-    except OSError:
-        return  # absent: a hub name, or "no such file" below
-    for test, kind in _KINDS.items():
-        if test(mode):
-            raise InputError(f"{p}: is {kind}, not a data file; write the rows to a .jsonl, "
-                             ".json or .parquet file")
-
-
-_LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".gz", ".csv", ".txt", ".arrow")
-
-
-def _looks_local(name: str) -> bool:
-    """A name no ``datasets`` hub id can be: a file suffix, or a path from the root or ``.``."""
-    return name.lower().endswith(_LOCAL_SUFFIXES) or name.startswith(("/", "./", "../", "~"))
-
-
-def _check_encoding(p: Path) -> None:
-    """JSON is UTF-8 (a UTF-8 BOM is skipped by every reader); a UTF-16 or UTF-32 file would
-    have every row rejected as invalid UTF-8, so it is refused with one line."""
-    with open(p, "rb") as f:
-        head = f.read(4)
-    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
-        if head.startswith(bom):
-            raise InputError(f"{p}: the file is {name}-encoded; JSON input must be UTF-8 "
-                             f"(convert it, e.g. iconv -f {name} -t UTF-8)")
 
 
 def _first_byte(path: Path) -> bytes:
@@ -563,15 +424,3 @@ def _json_object_source(p: Path, id_field: str | None) -> Source:
     if not isinstance(data, list):
         raise InputError(f"{p}: expected a JSON list of rows, got {type(data).__name__}")
     return ListSource(data, str(p), id_field)
-
-
-def _check_parquet(files: list[Path]) -> None:
-    """One clear line for a truncated or non-Parquet file, before datasets reads it."""
-    import pyarrow.parquet as pq
-
-    for file in files:
-        try:
-            pq.read_metadata(file)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for one fault
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"{file}: not a readable Parquet file ({first})") from None

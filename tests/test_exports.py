@@ -270,7 +270,7 @@ def test_dest_holding_foreign_files_is_never_touched(out, tmp_path, private_data
 
 def test_failed_export_leaves_the_earlier_one_whole(out, tmp_path, monkeypatch,
                                                     private_datasets_cache):
-    import profit_prep.exports as export_module
+    import profit_prep.exports.writers as export_writers
 
     dest = tmp_path / "lf"
     export(out, dest, "llamafactory")
@@ -279,7 +279,7 @@ def test_failed_export_leaves_the_earlier_one_whole(out, tmp_path, monkeypatch,
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setitem(export_module._WRITERS, "llamafactory", boom)
+    monkeypatch.setitem(export_writers.WRITERS, "llamafactory", boom)
     with pytest.raises(OSError):
         export(out, dest, "llamafactory", overwrite=True, tau=0.5)
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before

@@ -330,7 +330,7 @@ def _rows_with_repeats(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl-slow", "parquet", "json"])
 def test_find_duplicates_names_the_first_row_of_each_id(tmp_path: Path, kind: str) -> None:
-    from profit_prep.pipeline import find_duplicates
+    from profit_prep.duplicate_ids import find_duplicates
     from profit_prep.sources import open_source
     from tests.conftest import write_rows
 
@@ -347,7 +347,7 @@ def test_find_duplicates_names_the_first_row_of_each_id(tmp_path: Path, kind: st
 
 
 def test_find_duplicates_checks_hash_collisions_exactly(tmp_path: Path) -> None:
-    from profit_prep.pipeline import find_duplicates
+    from profit_prep.duplicate_ids import find_duplicates
     from profit_prep.sources import JsonlSource
 
     class Colliding(JsonlSource):
@@ -579,12 +579,12 @@ class ProbeServer:
 ])
 def test_the_server_probe_tolerates_noise_and_refuses_a_change(smollm2_tokenizer, then, now,
                                                                refused: bool) -> None:
-    from profit_prep.pipeline import _server_probe
+    from profit_prep.server_probe import server_probe
 
-    stored = _server_probe(ProbeServer(then), smollm2_tokenizer, None)
+    stored = server_probe(ProbeServer(then), smollm2_tokenizer, None)
     json.dumps(stored, allow_nan=False)  # strict JSON in run.json and the manifest
     if refused:
         with pytest.raises(InputError, match="scores the probe text differently"):
-            _server_probe(ProbeServer(now), smollm2_tokenizer, stored)
+            server_probe(ProbeServer(now), smollm2_tokenizer, stored)
     else:
-        assert _server_probe(ProbeServer(now), smollm2_tokenizer, stored) == stored
+        assert server_probe(ProbeServer(now), smollm2_tokenizer, stored) == stored
