@@ -289,6 +289,6 @@ def script(model: str, dataset: str) -> str:
         "# written by profit-prep export: assistant turns split at the mask's boundaries, each\n"
         "# piece with \"loss\": true/false (exact: every piece re-tokenises to its own ids); the\n"
         "# final turn carries its end of turn and \"add_eos\": false (kept by the flag below)\n"
-        f"swift sft --model {json.dumps(model)} --train_type full \\\n"
+        f"swift sft --model {json.dumps(model)} --tuner_type full \\\n"
         f"    --dataset {json.dumps(dataset)} {' '.join(SFT_FLAGS)} \\\n"
         "    --model_type MODEL_TYPE --template TEMPLATE  # a local model needs both\n")
