@@ -136,11 +136,13 @@ def test_ms_swift_pieces_rebuild_the_scored_tokens(out, tmp_path, smollm2_tokeni
         assistant = [m for m in record["messages"] if m["role"] == "assistant"]
         pieces = [smollm2_tokenizer(m["content"], add_special_tokens=False)["input_ids"]
                   for m in assistant]
+        # every kept token, the end of turn included (the final turn carries it, in place of
+        # the template's suffix); the assistant pieces run to the row's end
         trained = [t for p, m in zip(pieces, assistant) if m["loss"] for t in p]
-        content_keep = keep & ~np.isin(ids, json.loads((out / "manifest.json").read_text())
-                                       ["render"]["end_of_turn_ids"])
-        assert trained == ids[content_keep].tolist(), name
+        assert trained == ids[keep].tolist(), name
+        assert [t for p in pieces for t in p] == ids[-len(sum(pieces, [])):].tolist(), name
         assert all(set(m) == {"role", "content", "loss"} for m in assistant)
+        assert record["add_eos"] is False
     assert check_export(dest) == []
 
 
@@ -176,7 +178,8 @@ def test_ms_swift_split_is_exact_or_refused(smollm2_tokenizer, text):
 
 
 def test_ms_swift_refuses_a_masked_end_of_turn(smollm2_tokenizer):
-    """ms-swift always trains a turn's end (its template suffix): a mask without it is refused."""
+    """ms-swift trains an untrained end of turn right after a trained token
+    (Template._add_dynamic_eos): such a mask is refused."""
     from profit_prep.exports.swift import _turn
 
     ctx = _ctx(smollm2_tokenizer)
@@ -186,9 +189,42 @@ def test_ms_swift_refuses_a_masked_end_of_turn(smollm2_tokenizer):
     with pytest.raises(RowError, match="end-of-turn token is masked"):
         _turn(ctx, ids, keep, 1)
     keep[:] = False
-    keep[-1] = True  # only the end of turn trained: one untrained message, then the suffix
+    keep[-1] = True  # only the end of turn trained: one untrained message (the end comes after)
     assert _turn(ctx, ids, keep, 1) == [{"role": "assistant", "content": "It is 4.",
                                          "loss": False}]
+
+
+@pytest.mark.parametrize("before,end,final,ok", [
+    (True, True, True, True), (False, True, True, True), (False, False, True, True),
+    (True, False, True, False),  # _add_dynamic_eos would train the masked end
+    (False, False, False, True), (True, False, False, False), (False, True, False, False),
+    (True, True, False, False),  # a middle turn's chat_sep: trained with its newline, or not
+])
+def test_ms_swift_end_of_turn_table(smollm2_tokenizer, before, end, final, ok):
+    """An end of turn is written exactly where ms-swift can train it as the mask says, else the
+    row is refused; the final turn carries its end and the row's tail as messages."""
+    from profit_prep.exports.swift import _final_end, _middle_end, _n_eot, _turn
+
+    ctx = _ctx(smollm2_tokenizer)
+    content = ctx.encode("It is 4.")
+    ids = np.array(content + ctx.eot)
+    keep = np.array([True] * (len(content) - 1) + [before, end])
+    tail = np.array(ctx.encode("\n"))
+    try:
+        messages = _turn(ctx, ids, keep, 1)
+        if final:
+            messages += _final_end(ctx, ids, keep, tail, 1)
+        else:
+            _middle_end(ids, keep, _n_eot(ctx, ids), 1)
+    except RowError:
+        assert not ok
+        return
+    assert ok
+    pieces = [ctx.encode(m["content"]) for m in messages]
+    assert sum(pieces, []) == (ids.tolist() + tail.tolist() if final else content)
+    labels = [t if m["loss"] else -100 for p, m in zip(pieces, messages) for t in p]
+    want = np.where(keep, ids, -100).tolist()
+    assert labels == (want + [-100] * len(tail) if final else want[:-1])
 
 
 def test_check_finds_wrong_labels_the_record_does_not_hide(out, tmp_path, private_datasets_cache):

@@ -7,6 +7,12 @@ where every piece, tokenised on its own, gives the very ids it had in the scored
 that fails (a boundary inside a merge, a truncated row, a source row changed since scoring) is
 refused with the reason, never approximated. The conversation's other messages come from the
 scored input file (the manifest's ``input``), read the way scoring read it.
+
+The template's own end (its suffix, trained whole) is replaced by the final turn's end-of-turn
+tokens and the row's tail as pieces with their own ``loss`` and the row's ``"add_eos": false``,
+so ms-swift's labels are the mask on every token (tests/test_trainers.py encodes with its own
+loader and template). What it cannot express is refused: an end of turn masked right after a
+trained token, and a middle turn whose end (its ``chat_sep``) is kept or follows a kept token.
 """
 
 from __future__ import annotations
@@ -104,30 +110,69 @@ def _default_system(tokenizer: Any, template: str | None) -> str | None:
     return rest[:end] if end > 0 else None
 
 
-def _turn(ctx: _Context, ids: np.ndarray, keep: np.ndarray, turn: int) -> list[dict[str, Any]]:
-    """One assistant turn's run (content + end-of-turn tokens) as assistant messages."""
-    n_eot = 0
-    while n_eot < len(ids) and int(ids[len(ids) - 1 - n_eot]) in ctx.eot:
-        n_eot += 1
-    content, content_keep = ids[:len(ids) - n_eot], keep[:len(ids) - n_eot]
-    eot_keep = keep[len(ids) - n_eot:]
-    if n_eot and not eot_keep.all():
-        # ms-swift's template trains a turn's end (its suffix) whatever the messages say
-        raise RowError(f"assistant turn {turn}: its end-of-turn token is masked, which ms-swift "
-                       "cannot express (it always trains the turn's end); export with protect "
-                       "end_of_turn")
+def _pieces(ctx: _Context, ids: np.ndarray, keep: np.ndarray, turn: int
+            ) -> list[dict[str, Any]]:
+    """ids as assistant messages split where keep changes; each piece must re-tokenise to its
+    own ids (RowError otherwise: a mask boundary inside a merge)."""
     pieces = []
-    bounds = np.flatnonzero(np.diff(content_keep.astype(np.int8))) + 1
-    for s, e in zip([0, *bounds.tolist()], [*bounds.tolist(), len(content)]):
-        piece = content[s:e].tolist()
+    bounds = np.flatnonzero(np.diff(keep.astype(np.int8))) + 1
+    for s, e in zip([0, *bounds.tolist()], [*bounds.tolist(), len(ids)]):
+        piece = ids[s:e].tolist()
+        if not piece:
+            continue
         text = ctx.tokenizer.decode(piece)
         if ctx.encode(text) != piece:
             raise RowError(f"assistant turn {turn}: the piece {json.dumps(text)[:60]} re-tokenises "
                            "to other ids than it has in the row (a mask boundary inside a merge)")
-        pieces.append({"role": "assistant", "content": text, "loss": bool(content_keep[s])})
-    if not pieces:
-        pieces.append({"role": "assistant", "content": "", "loss": False})
+        pieces.append({"role": "assistant", "content": text, "loss": bool(keep[s])})
     return pieces
+
+
+def _n_eot(ctx: _Context, ids: np.ndarray) -> int:
+    """How many end-of-turn ids close the turn's run."""
+    n = 0
+    while n < len(ids) and int(ids[len(ids) - 1 - n]) in ctx.eot:
+        n += 1
+    return n
+
+
+def _turn(ctx: _Context, ids: np.ndarray, keep: np.ndarray, turn: int) -> list[dict[str, Any]]:
+    """One assistant turn's run (content + end-of-turn tokens): its content as assistant messages.
+
+    ms-swift 4.6.0's ``Template._add_dynamic_eos`` (swift/template/base.py) trains any untrained
+    run that starts with the template's suffix ids (chatml: ``<|im_end|>\n``) right after a
+    trained token, whatever the messages say: an end of turn masked right after a trained token
+    cannot be written, and is refused.
+    """
+    n_eot = _n_eot(ctx, ids)
+    n_content = len(ids) - n_eot
+    if n_eot and not keep[n_content:].all() and n_content and keep[n_content - 1]:
+        raise RowError(f"assistant turn {turn}: its end-of-turn token is masked right after a "
+                       "trained token, and ms-swift then trains the end of turn "
+                       "(Template._add_dynamic_eos); export with protect end_of_turn")
+    return (_pieces(ctx, ids[:n_content], keep[:n_content], turn)
+            or [{"role": "assistant", "content": "", "loss": False}])
+
+
+def _final_end(ctx: _Context, ids: np.ndarray, keep: np.ndarray, tail: np.ndarray, turn: int
+               ) -> list[dict[str, Any]]:
+    """The final turn's end-of-turn tokens and what follows them in the row (chatml: the
+    newline, outside the response) as messages of their own, with the row's ``"add_eos": false``
+    in place of the template's suffix, which ms-swift would train whole (a SUFFIX context)."""
+    n_eot = _n_eot(ctx, ids)
+    end = _pieces(ctx, ids[len(ids) - n_eot:], keep[len(ids) - n_eot:], turn)
+    return end + _pieces(ctx, tail, np.zeros(len(tail), bool), turn)
+
+
+def _middle_end(ids: np.ndarray, keep: np.ndarray, n_eot: int, turn: int) -> None:
+    """A middle turn's end is ms-swift's ``chat_sep`` (chatml ``<|im_end|>\n``): untrained, and
+    trained whole by ``_add_dynamic_eos`` when the token before it is; the newline after it is
+    never in a mask, so only an untrained end after an untrained token is exact."""
+    n_content = len(ids) - n_eot
+    if n_eot and (keep[n_content:].any() or (n_content and keep[n_content - 1])):
+        raise RowError(f"assistant turn {turn} is not the last: ms-swift writes its end itself "
+                       "and trains it, with the newline after it, exactly when the token before "
+                       "it is trained, which this mask is not")
 
 
 def row_messages(ctx: _Context, example_id: str, ids: np.ndarray, keep: np.ndarray,
@@ -139,6 +184,8 @@ def row_messages(ctx: _Context, example_id: str, ids: np.ndarray, keep: np.ndarr
     if len(turns) != len(runs):
         raise RowError(f"{len(turns)} assistant turns in the source row but {len(runs)} response "
                        "spans in the scored row")
+    if not turns or turns[-1] != len(messages) - 1:
+        raise RowError("the conversation does not end with an assistant turn")
     result: list[dict[str, Any]] = []
     by_turn = dict(zip(turns, runs))
     for i, message in enumerate(messages):
@@ -146,7 +193,12 @@ def row_messages(ctx: _Context, example_id: str, ids: np.ndarray, keep: np.ndarr
             result.append({"role": message["role"], "content": message["content"]})
             continue
         s, e = by_turn[i]
-        result += _turn(ctx, ids[s:e], keep[s:e], len([t for t in turns if t <= i]))
+        turn = len([t for t in turns if t <= i])
+        result += _turn(ctx, ids[s:e], keep[s:e], turn)
+        if i == turns[-1]:
+            result += _final_end(ctx, ids[s:e], keep[s:e], ids[e:], turn)
+        else:
+            _middle_end(ids[s:e], keep[s:e], _n_eot(ctx, ids[s:e]), turn)
     return result
 
 
@@ -158,7 +210,7 @@ def build(out: Path, manifest: dict[str, Any], example_ids: list[str], ids: list
     records, refused, exported = [], [], []
     for e, i, k, r in zip(example_ids, ids, keep, response):
         try:
-            records.append({"messages": row_messages(ctx, e, i, k, r)})
+            records.append({"messages": row_messages(ctx, e, i, k, r), "add_eos": False})
             exported.append(e)
         except RowError as exc:
             refused.append({"example_id": e, "reason": str(exc)})
@@ -202,21 +254,41 @@ def read_back(jsonl: Path, out: Path, manifest: dict[str, Any],
         if len(turns) != len(spans):
             result[name] = (np.empty(0, np.int64), np.empty(0, np.int64))
             continue
-        for (s, e), turn in zip(spans, turns):
+        for k, ((s, e), turn) in enumerate(zip(spans, turns)):
             got, lab = [], []
             for m in turn:
                 piece = ctx.encode(m["content"])
                 got += piece
                 lab += piece if m["loss"] else [-100] * len(piece)
-            n_eot = 0
-            while n_eot < e - s and int(scored[e - 1 - n_eot]) in ctx.eot:
-                n_eot += 1
-            eot = scored[e - n_eot:e].tolist()
-            got += eot
-            lab += eot  # ms-swift always trains the turn's end (rows masking it are refused)
-            if len(got) != e - s:
-                ids[s:e] = -1  # a different length: the ids check reports the row
+            if k < len(spans) - 1:
+                # a middle turn's end is ms-swift's chat_sep, untrained (other rows are refused)
+                n_eot = 0
+                while n_eot < e - s and int(scored[e - 1 - n_eot]) in ctx.eot:
+                    n_eot += 1
+                got += scored[e - n_eot:e].tolist()
+                lab += [-100] * n_eot
+            else:
+                e = len(scored)  # the final turn's pieces run to the row's end (add_eos false)
+            if len(got) != e - s or record.get("add_eos") is not False:
+                ids[s:e] = -1  # a different length or a template suffix: the ids check reports it
                 continue
             ids[s:e], labels[s:e] = got, lab
         result[name] = (ids, labels)
     return result
+
+
+# ms-swift's dataset loader keeps only its standard columns unless told otherwise
+# (swift/dataset/loader.py: RowPreprocessor.remove_useless_columns); each row's "add_eos": false
+# must reach the template, so the CLI line keeps the columns.
+SFT_FLAGS = ("--remove_unused_columns", "false")
+
+
+def script(model: str, dataset: str) -> str:
+    """ms-swift.sh: the ``swift sft`` line that trains on the exported rows exactly."""
+    return (
+        "# written by profit-prep export: assistant turns split at the mask's boundaries, each\n"
+        "# piece with \"loss\": true/false (exact: every piece re-tokenises to its own ids); the\n"
+        "# final turn carries its end of turn and \"add_eos\": false (kept by the flag below)\n"
+        f"swift sft --model {json.dumps(model)} --tuner_type full \\\n"
+        f"    --dataset {json.dumps(dataset)} {' '.join(SFT_FLAGS)} \\\n"
+        "    --model_type MODEL_TYPE --template TEMPLATE  # a local model needs both\n")
