@@ -174,6 +174,9 @@ def test_ms_swift_template_encodes_the_exported_rows_exactly(four_rows, smollm2_
     if not rows:
         return  # nothing to encode (ms-swift cannot load an empty file)
     data = next(dest.glob("data-*.jsonl"))
+    # the CLI line the export ships passes the flags this encoding uses, and nothing is extra
+    assert " ".join(export_swift.SFT_FLAGS) in (dest / "ms-swift.sh").read_text()
+    assert "template tokens" not in summary.line()
     encoded_file = tmp_path / "encoded.json"
     run_cli([str(venv / "bin" / "python"), str(REPO / "tests" / "trainer_scripts" /
                                                "swift_encode.py"),

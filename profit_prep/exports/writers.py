@@ -279,23 +279,10 @@ def _write_ms_swift(ds: Any, out: Path, manifest: dict[str, Any], work: Path, ta
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     name = f"data-{_content_hash(tmp)}.jsonl"
     tmp.rename(work / name)
-    (work / "ms-swift.sh").write_text(
-        "# written by profit-prep export: assistant turns split at the mask's boundaries, each\n"
-        "# piece with \"loss\": true/false (exact: every piece re-tokenises to its own ids)\n"
-        f"swift sft --model {json.dumps(model)} --train_type full \\\n"
-        f"    --dataset {json.dumps(str(target / name))} \\\n"
-        "    --model_type MODEL_TYPE --template TEMPLATE  # a local model needs both\n")
+    (work / "ms-swift.sh").write_text(export_swift.script(model, str(target / name)))
     exported = set(kept)
     index = [i for i, e in enumerate(rows.example_ids) if e in exported]
-    summary = _summary("ms-swift", rows, index, refused)
-    # Its template trains what it appends after the final end of turn (chatml: "<|im_end|>\n"),
-    # beyond any mask: count it so that it is said, not hidden.
-    extra = sum(len(rows.response[i]) - 1 - int(np.flatnonzero(rows.response[i])[-1])
-                for i in index)
-    if extra:
-        summary.note = (f"ms-swift also trains the {extra:,} template tokens after each row's "
-                        "final end of turn (its suffix)")
-    return summary
+    return _summary("ms-swift", rows, index, refused)
 
 
 WRITERS = {
