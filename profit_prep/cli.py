@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from profit_prep.output import verify
+    from profit_prep.output_check import verify
 
     problems = verify(args.out)
     for p in problems:
@@ -154,7 +154,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from profit_prep.output import read_manifest
+    from profit_prep.output_check import read_manifest
 
     manifest = read_manifest(args.out)
     manifest.get("chat_template", {}).pop("text", None)
@@ -194,7 +194,7 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     if given:
         raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
                          "(write the rule instead, e.g. higher:tau=0.3)")
-    from profit_prep.output import read_manifest
+    from profit_prep.output_check import read_manifest
 
     stored = read_manifest(args.out).get("mask")  # unset keys of a rule keep the stored values
     a, b = (parse_rule(text, stored) for text in args.compare)
@@ -240,7 +240,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from profit_prep.output import writes_through
+    from profit_prep.safe_files import writes_through
     from profit_prep.views.report import write_report
 
     if args.examples < 1 or args.per_page < 1:
@@ -401,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a full or read-only disk, a vanished file: the system's own words
         if not exc.strerror:
             raise
-        from profit_prep.output import os_reason
+        from profit_prep.safe_files import os_reason
 
         print(f"error: {os_reason(exc)}; fix that and rerun the same command (finished work is "
               "kept)", file=sys.stderr)

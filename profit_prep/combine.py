@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
 from profit_prep.format import flat_list
-from profit_prep.output import OutputDir, read_manifest, verify
+from profit_prep.output import OutputDir
+from profit_prep.output_check import read_manifest, verify
 
 # The columns :func:`combine` adds (documented in the combined manifest and docs/format.md).
 COMBINED_DOCS = {

@@ -55,8 +55,9 @@ from profit_prep.masks import (
     end_of_turn_tokens,
     resolve_rule,
 )
-from profit_prep.output import check_shards, read_manifest, temporary_file
+from profit_prep.output_check import check_shards, read_manifest
 from profit_prep.rules import Select
+from profit_prep.safe_files import temporary_file
 
 if TYPE_CHECKING:
     import datasets

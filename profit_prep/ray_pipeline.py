@@ -45,7 +45,7 @@ from profit_prep.backends import make_scorer
 from profit_prep.config import ScoreConfig
 from profit_prep.driver import TIMINGS, Progress, Scored, run_job
 from profit_prep.errors import InputError
-from profit_prep.output import OutputDir, os_reason
+from profit_prep.output import OutputDir
 from profit_prep.pipeline import Prepared, render_rows, score_sequences, write_scored_shard
 from profit_prep.placement import (
     alive_nodes,
@@ -55,6 +55,7 @@ from profit_prep.placement import (
 )
 from profit_prep.reading import FieldMap
 from profit_prep.rendering import Rendered, Renderer
+from profit_prep.safe_files import os_reason
 from profit_prep.scoring import bind_threads
 from profit_prep.sources import RawRow, Source
 from profit_prep.vllm_backend import worker_env

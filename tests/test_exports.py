@@ -230,7 +230,7 @@ def test_ms_swift_end_of_turn_table(smollm2_tokenizer, before, end, final, ok):
 def test_check_finds_wrong_labels_the_record_does_not_hide(out, tmp_path, private_datasets_cache):
     import pyarrow as pa
 
-    from profit_prep.output import sha256_file
+    from profit_prep.safe_files import sha256_file
 
     dest = tmp_path / "ax"
     export(out, dest, "axolotl", **RULE)
@@ -255,7 +255,7 @@ def test_check_finds_wrong_labels_the_record_does_not_hide(out, tmp_path, privat
 def test_check_reports_unprotected_end_of_turn(out, tmp_path, private_datasets_cache):
     import pyarrow as pa
 
-    from profit_prep.output import sha256_file
+    from profit_prep.safe_files import sha256_file
 
     dest = tmp_path / "ax"
     export(out, dest, "axolotl", **RULE)

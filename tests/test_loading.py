@@ -13,7 +13,7 @@ import pytest
 
 from profit_prep.errors import InputError
 from profit_prep.loading import load
-from profit_prep.output import read_manifest
+from profit_prep.output_check import read_manifest
 from tests.conftest import final_hidden_grads, score_demo
 
 pytestmark = pytest.mark.usefixtures("private_datasets_cache")

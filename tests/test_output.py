@@ -14,7 +14,8 @@ import pytest
 
 from profit_prep.errors import InputError
 from profit_prep.format import ScoredExample, to_table
-from profit_prep.output import OutputDir, read_manifest, verify
+from profit_prep.output import OutputDir
+from profit_prep.output_check import read_manifest, verify
 
 PARAMS = {"tau": 0.1, "data": "x.jsonl"}
 
@@ -286,7 +287,7 @@ def test_every_reader_refuses_a_damaged_shard_in_one_line(
 def test_a_copied_shard_passes_a_row_count_check_but_not_the_checksum(
     scored: Path, tmp_path: Path
 ) -> None:
-    from profit_prep.output import check_shards, shard_problems
+    from profit_prep.output_check import check_shards, shard_problems
 
     out = copy_of(scored, tmp_path)
     damage_shard(out, "copied-over")

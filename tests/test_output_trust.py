@@ -26,7 +26,9 @@ import pytest
 
 from profit_prep.errors import InputError
 from profit_prep.format import to_table
-from profit_prep.output import OutputDir, atomic_write_bytes, read_manifest, verify
+from profit_prep.output import OutputDir
+from profit_prep.output_check import read_manifest, verify
+from profit_prep.safe_files import atomic_write_bytes
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 from tests.test_output import PARAMS, example
 

@@ -30,7 +30,7 @@ import pytest
 
 from profit_prep import ScoreConfig, score
 from profit_prep.errors import InputError
-from profit_prep.output import verify
+from profit_prep.output_check import verify
 from profit_prep.placement import (
     Node,
     alive_nodes,

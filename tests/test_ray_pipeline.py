@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep import ScoreConfig, score
-from profit_prep.output import verify
+from profit_prep.output_check import verify
 from tests.conftest import DEMO_GSM8K, REPO
 
 pytest.importorskip("ray")

@@ -12,7 +12,7 @@ import pytest
 
 from profit_prep.errors import InputError
 from profit_prep.loading import load
-from profit_prep.output import read_manifest
+from profit_prep.output_check import read_manifest
 from profit_prep.rules import Select
 from tests.conftest import score_demo
 

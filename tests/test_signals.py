@@ -91,7 +91,7 @@ def test_tiny_model_signals_equal_full_softmax(tiny_model_dir: Path) -> None:
 
 def test_pipeline_stores_signal_columns(tmp_path: Path, tiny_model_dir: Path) -> None:
     from profit_prep import ScoreConfig, score
-    from profit_prep.output import read_manifest
+    from profit_prep.output_check import read_manifest
     from profit_prep.scoring import TransformersScorer
 
     out = tmp_path / "out"

@@ -15,7 +15,8 @@ from profit_prep.exports.writers import EXPORT_MANIFEST
 from profit_prep.format import flat_list
 from profit_prep.loading import load
 from profit_prep.masks import end_of_turn_ids_of, resolve_rule
-from profit_prep.output import check_shards, read_manifest, sha256_file
+from profit_prep.output_check import check_shards, read_manifest
+from profit_prep.safe_files import sha256_file
 
 
 def check_export(dest: str | Path) -> list[str]:

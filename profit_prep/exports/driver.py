@@ -15,7 +15,8 @@ from profit_prep.errors import InputError
 from profit_prep.exports.writers import EXPORT_MANIFEST, WRITERS, ExportSummary
 from profit_prep.loading import load
 from profit_prep.masks import resolve_rule
-from profit_prep.output import read_manifest, sha256_file
+from profit_prep.output_check import read_manifest
+from profit_prep.safe_files import sha256_file
 
 FORMATS = ("llamafactory", "axolotl", "ms-swift", "hf", "trl")
 EXPORT_VERSION = 1

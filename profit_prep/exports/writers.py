@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.format import flat_list
-from profit_prep.output import sha256_file
+from profit_prep.safe_files import sha256_file
 
 EXPORT_MANIFEST = "profit_prep_export.json"
 

@@ -24,7 +24,7 @@ from profit_prep.errors import InputError
 from profit_prep.format import flat_list
 from profit_prep.masks import MaskRule, apply_rule, end_of_turn_ids_of, end_of_turn_tokens
 from profit_prep.masks import resolve_rule as resolve_stored_rule
-from profit_prep.output import check_shards, read_manifest
+from profit_prep.output_check import check_shards, read_manifest
 from profit_prep.rules import Rule
 from profit_prep.views.text import visible
 
