@@ -447,3 +447,23 @@ class OutputDir:
         if data and not data.endswith(b"\n"):
             data += b"\n"
         return data
+
+
+
+# Names that moved out with the reader, the file primitives and the layout: importable from
+# here for one release, with a warning (those this module imports itself resolve as they are).
+_MOVED = {**dict.fromkeys(("read_manifest", "verify", "check_shards", "shard_problems",
+                           "visible_name"), "output_check"),
+          **dict.fromkeys(("atomic_write_bytes", "atomic_write_json", "temporary_file",
+                           "sha256_file"), "safe_files"), "foreign_entries": "output_names"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"profit_prep.output.{name} moved to profit_prep.{_MOVED[name]}; the old path "
+                  "goes in the next release", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(f"profit_prep.{_MOVED[name]}"), name)

@@ -382,3 +382,17 @@ def test_finalize_sums_footer_counts_and_they_equal_the_columns(tmp_path: Path,
     tokens = pq.read_table(tmp_path / "o" / "data")
     ids, resp = (np.concatenate(tokens[c].to_pylist()) for c in ("input_ids", "response_mask"))
     assert other["counts"]["end_of_turn_tokens"] == int((resp & (ids == eot[0])).sum())
+
+
+def test_names_that_moved_out_of_output_still_import_with_a_warning() -> None:
+    """One release of grace for code that imported the reader and file helpers from output."""
+    import importlib
+
+    import profit_prep.output as old
+
+    for name, module in old._MOVED.items():
+        with pytest.warns(DeprecationWarning, match=f"profit_prep.{module}"):
+            moved = getattr(old, name)
+        assert moved is getattr(importlib.import_module(f"profit_prep.{module}"), name)
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
