@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from profit_prep.errors import InputError
+from profit_prep.safe_files import atomic_write_json
 
 BUILTIN_SMOLLM2 = "builtin:smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -231,12 +232,9 @@ def file_sha256(path: Path, cache: Path | None = None) -> str:
     if entry is not None:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".hash-", dir=entry.parent)
-            with os.fdopen(fd, "w") as out:
-                json.dump({"file": ident, "sha256": digest}, out)
-            os.replace(tmp, entry)
-        except OSError:
-            pass  # a read-only cache only costs the next run another read
+            atomic_write_json(entry, {"file": ident, "sha256": digest})
+        except (OSError, InputError):
+            pass  # a read-only (or linked) cache only costs the next run another read
     return digest
 
 
