@@ -12,10 +12,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from profit_prep.errors import InputError
 from profit_prep.gpu import DTYPES
 from profit_prep.masks import MaskRule
+from profit_prep.options import check_choices, include_fields
 from profit_prep.reading import (
     FORMATS,
     FieldMap,
@@ -23,8 +25,13 @@ from profit_prep.reading import (
 
 
 @dataclass
+@include_fields(MaskRule, after="max_length")  # strategy, tau, ...: declared by MaskRule
 class ScoreConfig:
-    """Everything ``profit-prep score`` takes. Field docs double as the CLI's ``--help``."""
+    """Everything ``profit-prep score`` takes. Field docs double as the CLI's ``--help``.
+
+    Each field's ``metadata``: ``help`` (its ``--flag``'s help), ``choices`` (checked by argparse
+    and by ``__post_init__`` alike). The fields by section (``score --help`` groups them so):
+    """
 
     data: str = field(
         metadata={"help": "input: .jsonl, .json, .parquet, a saved dataset, or a hub name"}
@@ -40,7 +47,7 @@ class ScoreConfig:
     chat_template: str | None = field(
         default=None, metadata={"help": "Jinja chat template file (default: the tokenizer's)"}
     )
-    format: str = field(default="auto", metadata={"help": f"input format: {', '.join(FORMATS)}"})
+    format: str = field(default="auto", metadata={"help": "input row shape", "choices": FORMATS})
     prompt_field: str | None = field(default=None, metadata={"help": "column with the prompt"})
     response_field: str | None = field(default=None, metadata={"help": "column with the response"})
     system_field: str | None = field(default=None, metadata={"help": "column with a system prompt"})
@@ -50,27 +57,13 @@ class ScoreConfig:
     split: str = field(default="train", metadata={"help": "split of a saved or hub dataset"})
     limit: int | None = field(default=None, metadata={"help": "score only the first N rows"})
     max_length: int = field(default=4096, metadata={"help": "truncate rendered rows to N tokens"})
-    strategy: str = field(
-        default="higher", metadata={"help": "mask rule: higher, lower, middle, random"}
-    )
-    tau: float = field(default=0.1, metadata={"help": "probability threshold (higher/lower)"})
-    tau_low: float | None = field(default=None, metadata={"help": "band floor (middle)"})
-    tau_high: float | None = field(default=None, metadata={"help": "band ceiling (middle)"})
-    keep_fraction: float = field(default=0.5, metadata={"help": "fraction kept (random)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random strategy"})
-    protect: str = field(
-        default="end_of_turn",
-        metadata={"help": "end_of_turn: every assistant turn's end-of-turn token stays in the "
-                  "loss whatever its probability (an offline reference rarely expects the "
-                  "data's endings: 91%% of the demo's were masked); none: the paper's rule "
-                  "exactly"},
-    )
     backend: str = field(
         default="auto",
         metadata={"help": "scorer: auto (vLLM where installed and measured faster here: a GPU, or "
                   "a CPU with AVX-512; else transformers; one line says which and why; "
                   "$PROFIT_PREP_BACKEND overrides auto), transformers or vllm (null: every "
-                  "logprob 0, no model: benchmarks of the pipeline's own cost only)"},
+                  "logprob 0, no model: benchmarks of the pipeline's own cost only)",
+                  "choices": ("auto", "transformers", "vllm", "null")},
     )
     signals: str | None = field(
         default=None,
@@ -93,7 +86,9 @@ class ScoreConfig:
                   "slower",
                   "choices": DTYPES},
     )
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: auto)"})
+    device: str | None = field(
+        default=None, metadata={"help": "default: auto", "choices": ("cpu", "cuda")}
+    )
     compile: bool = field(
         default=False,
         metadata={"help": "transformers: torch.compile with frozen weights (0.94x on an AVX2 CPU "
@@ -158,15 +153,51 @@ class ScoreConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
     quiet: bool = field(default=False, metadata={"help": "no progress output"})
 
+    def __post_init__(self) -> None:
+        check_choices(self)  # the choices argparse checks for the CLI, checked for the API too
+
     def mask_rule(self) -> MaskRule:
-        return MaskRule(
-            self.strategy, self.tau, self.tau_low, self.tau_high, self.keep_fraction, self.seed,
-            self.protect,
-        )
+        """The ProFit rule of this run (its fields are :class:`MaskRule`'s)."""
+        return MaskRule(**{f.name: getattr(self, f.name) for f in fields(MaskRule)})
 
     def fields(self) -> FieldMap:
         return FieldMap(self.prompt_field, self.response_field, self.system_field, self.id_field)
 
+
+
+# The sections of ScoreConfig's fields: ``score --help`` groups the flags so, and the class
+# docstring lists them (every field is in exactly one; tests/test_config.py checks).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "input": ("data", "format", "prompt_field", "response_field", "system_field", "id_field",
+              "split", "limit"),
+    "model and rendering": ("model", "tokenizer", "chat_template", "max_length"),
+    "mask rule (profit_prep.MaskRule)": tuple(f.name for f in fields(MaskRule)),
+    "scoring": ("backend", "signals", "signals_top_k", "dtype", "device", "compile"),
+    "vllm engine": ("gpu_memory_utilization", "tensor_parallel_size", "max_num_batched_tokens",
+                    "enable_prefix_caching"),
+    "vllm server (--server)": ("server", "server_model", "api_key", "max_in_flight",
+                               "request_timeout"),
+    "ray (--num-workers)": ("num_workers", "render_workers", "cpus_per_worker", "ray_address"),
+    "output": ("out", "shard_size", "overwrite", "quiet"),
+}
+
+
+def _document_sections(cls: type) -> None:
+    """Append every field, by section, with its help and choices, to ``cls``'s docstring."""
+    by_name = {f.name: f for f in fields(cls)}
+    lines = [cls.__doc__ or ""]
+    for title, names in SECTIONS.items():
+        lines.append(f"\n    > {title}")
+        for name in names:
+            meta: Any = by_name[name].metadata
+            choices = f" Choices: {', '.join(map(str, meta['choices']))}." if "choices" in meta \
+                else ""
+            help_text = str(meta.get("help", "")).replace("%%", "%")
+            lines.append(f"    {name}: {help_text}.{choices}".replace("..", "."))
+    cls.__doc__ = "\n".join(lines) + "\n"
+
+
+_document_sections(ScoreConfig)
 
 # Options that must be at least this much: 0 or a negative number is refused with one line
 # (``--limit 0`` once meant "every row" and ``--limit -1`` an empty finished output).
@@ -179,11 +210,7 @@ _AT_LEAST = {
 def check_numbers(config: ScoreConfig) -> None:
     """Refuse numeric options outside their range, and values outside a field's declared
     ``choices`` (the same list argparse checks), naming the flag (before any work starts)."""
-    for f in fields(config):
-        choices = f.metadata.get("choices")
-        if choices and getattr(config, f.name) not in choices:
-            raise InputError(f"--{f.name.replace('_', '-')} {getattr(config, f.name)!r}: choose "
-                             f"{', '.join(choices)}")
+    check_choices(config)  # again: a field may have been set after construction
     for name, least in _AT_LEAST.items():
         value = getattr(config, name)
         if value is not None and value < least:

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.options import check_choices, optional_dataclass
 
 STRATEGIES = ("higher", "lower", "middle", "random")
 PROTECT = ("end_of_turn", "none")
@@ -44,23 +45,34 @@ PROTECT = ("end_of_turn", "none")
 
 @dataclass(frozen=True)
 class MaskRule:
-    """A token-selection rule and its parameters."""
+    """A token-selection rule and its parameters: the one declaration of the rule parameters.
 
-    strategy: str = "higher"
-    tau: float = 0.1
-    tau_low: float | None = None
-    tau_high: float | None = None
-    keep_fraction: float = 0.5
-    seed: int = 0
-    protect: str = "end_of_turn"
+    ``ScoreConfig`` takes these fields as its own (``profit_prep.options.include_fields``), the
+    view commands' ``--flags`` and ``load``'s keywords come from them (:data:`RuleParams`), and
+    each field's ``metadata`` is its ``--flag``'s help and choices.
+    """
+
+    strategy: str = field(
+        default="higher", metadata={"help": "mask rule", "choices": STRATEGIES}
+    )
+    tau: float = field(default=0.1, metadata={"help": "probability threshold (higher/lower)"})
+    tau_low: float | None = field(default=None, metadata={"help": "band floor (middle)"})
+    tau_high: float | None = field(default=None, metadata={"help": "band ceiling (middle)"})
+    keep_fraction: float = field(default=0.5, metadata={"help": "fraction kept (random)"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the random strategy", "aliases": ("--rule-seed",)}
+    )
+    protect: str = field(
+        default="end_of_turn",
+        metadata={"help": "end_of_turn: every assistant turn's end-of-turn token stays in the "
+                  "loss whatever its probability (an offline reference rarely expects the "
+                  "data's endings: 91%% of the demo's were masked); none: the paper's rule "
+                  "exactly",
+                  "choices": PROTECT},
+    )
 
     def __post_init__(self) -> None:
-        if self.protect not in PROTECT:
-            raise InputError(f"unknown protect {self.protect!r} (choose {' or '.join(PROTECT)})")
-        if self.strategy not in STRATEGIES:
-            raise InputError(
-                f"unknown strategy {self.strategy!r} (choose from {', '.join(STRATEGIES)})"
-            )
+        check_choices(self)
         if self.strategy in ("higher", "lower") and not 0.0 <= self.tau <= 1.0:
             raise InputError(f"tau must be a probability in [0, 1], got {self.tau}")
         if self.strategy == "middle":
@@ -101,22 +113,24 @@ class MaskRule:
             ) from None
 
 
-def resolve_rule(stored: dict[str, Any] | None, **overrides: Any) -> MaskRule:
-    """The one place a stored rule meets a caller's parameters (load, inspect, stats, report).
+def resolve_rule(
+    stored: dict[str, Any] | None, params: RuleParams | None = None, **given: Any
+) -> MaskRule:
+    """The stored rule with a caller's parameters (``params``, or the same as keywords).
 
-    Every parameter the caller gives (not None) replaces the stored one; every other parameter
-    keeps its stored value, also when the strategy changes: ``lower`` on an output scored with
+    Every parameter given (not None) replaces the stored one; every other parameter keeps its
+    stored value, also when the strategy changes: ``lower`` on an output scored with
     ``higher, tau=0.3`` masks at tau 0.3 (the complement of the stored mask), and the stored
-    ``protect`` stays unless given (docs/format.md).
+    ``protect`` stays unless given (docs/format.md). :mod:`profit_prep.keep` resolves for
+    every reader through this.
 
     >>> resolve_rule({"strategy": "higher", "tau": 0.3}, strategy="lower").tau
     0.3
     """
+    if params is not None and given:
+        raise TypeError(f"pass params or rule parameters {sorted(given)}, not both")
     rule = MaskRule.from_dict(stored)
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(changes) - set(MaskRule.__dataclass_fields__))
-    if unknown:
-        raise TypeError(f"resolve_rule got unknown parameters {unknown}")
+    changes = (params if params is not None else RuleParams(**given)).given()
     return replace(rule, **changes) if changes else rule
 
 
@@ -218,3 +232,18 @@ def loss_mask(
     row."""
     return apply_rule(rule, logprobs, response_mask, lengths=np.array([len(logprobs)]),
                       example_ids=[example_id], end_of_turn=protected)
+
+
+def _given(self: Any) -> dict[str, Any]:
+    """The parameters given (not None), by name."""
+    return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# What a caller (load, inspect, stats, report, export) gives: any of MaskRule's parameters, each
+# None when not given (then the stored rule's value holds). Declared by MaskRule alone.
+RuleParams = optional_dataclass(
+    MaskRule, "RuleParams",
+    "Rule parameters a caller gives to change an output's stored rule: MaskRule's fields, each "
+    "None when not given (the stored value holds); ``given()`` is the dict of those given.",
+    methods={"given": _given},
+)
