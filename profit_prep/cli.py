@@ -7,47 +7,27 @@ Python API cannot drift apart. User errors print one ``error:`` line and exit 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import types
-import typing
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
 from profit_prep.errors import InputError
+from profit_prep.masks import MaskRule, RuleParams
+from profit_prep.options import add_dataclass_arguments, values_of
 
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per dataclass field; required fields without defaults become required."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        has_default = f.default is not dataclasses.MISSING
-        help_text = f.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", help=help_text)
-            continue
-        if has_default and f.default is not None:
-            help_text += f" (default: {f.default})"
-        parser.add_argument(
-            flag,
-            type=kind,
-            required=not has_default,
-            default=f.default if has_default else None,
-            choices=f.metadata.get("choices"),
-            help=help_text,
-            metavar=f.name.upper(),
-        )
+__all__ = ["add_dataclass_arguments", "build_parser", "config_from_args", "main"]
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    return cls(**values_of(cls, args))
+
+
+def rule_params(args: argparse.Namespace) -> RuleParams:
+    """The rule parameters given to a view command (None: the stored rule's)."""
+    return RuleParams(**values_of(MaskRule, args))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -148,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError("export needs --to FORMAT and --dest DIR (or --check DIR)")
     summary = export(args.out, args.dest, args.to, overwrite=args.overwrite, model=args.model,
                      tokenizer=args.tokenizer, max_length=args.max_length,
-                     weights=args.weights, **_rule_args(args))
+                     weights=args.weights, **rule_params(args).given())
     print(summary.line())
     return 0
 
@@ -160,14 +140,6 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     manifest.get("chat_template", {}).pop("text", None)
     print(json.dumps(manifest, indent=2))
     return 0
-
-
-def _rule_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The rule parameters of a view command (``report`` calls the rule's seed ``rule_seed``)."""
-    return {"strategy": args.strategy, "tau": args.tau, "tau_low": args.tau_low,
-            "tau_high": args.tau_high, "keep_fraction": args.keep_fraction,
-            "seed": getattr(args, "rule_seed", getattr(args, "seed", None)),
-            "protect": args.protect}
 
 
 def _use_color(choice: str) -> bool:
@@ -184,13 +156,13 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     from profit_prep.rules import parse_rule, rule_columns
     from profit_prep.views.flat import PROB
 
-    rule_args = _rule_args(args)
+    rule = rule_params(args)
     if args.compare is None:
         return {"color_by": args.color_by, "compare": None, "columns": [args.color_by],
-                "rule_args": rule_args}
+                "rule": rule}
     if args.color_by != "prob":
         raise InputError("--color-by and --compare both decide token colours; choose one")
-    given = [f"--{k.replace('_', '-')}" for k, v in rule_args.items() if v is not None]
+    given = [f"--{k.replace('_', '-')}" for k in rule.given()]
     if given:
         raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
                          "(write the rule instead, e.g. higher:tau=0.3)")
@@ -199,7 +171,7 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     stored = read_manifest(args.out).get("mask")  # unset keys of a rule keep the stored values
     a, b = (parse_rule(text, stored) for text in args.compare)
     return {"color_by": PROB, "compare": (a, b), "columns": rule_columns(a) + rule_columns(b),
-            "rule_args": rule_args}
+            "rule": rule}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -209,7 +181,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
     view = _view_options(args)
-    flat = load_flat(args.out, **view["rule_args"], columns=view["columns"])
+    flat = load_flat(args.out, rule=view["rule"], columns=view["columns"])
     tokenizer = load_output_tokenizer(args.out, args.tokenizer)
     try:
         for block in render_examples(flat, tokenizer, row=args.row, grep=args.grep,
@@ -231,7 +203,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     # Shard by shard: memory stays that of one shard, however large the output.
     acc = StatsAccumulator()
-    for flat in iter_flat(args.out, **_rule_args(args)):
+    for flat in iter_flat(args.out, rule=rule_params(args)):
         acc.add(flat)
         del flat  # not held while the next shard is read
     stats = acc.finish(load_output_tokenizer(args.out, args.tokenizer))
@@ -246,36 +218,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.examples < 1 or args.per_page < 1:
         raise InputError("--examples and --per-page must be at least 1")
     view = _view_options(args)
-    rule_args = dict(view["rule_args"])
-    rule_args["rule_seed"] = rule_args.pop("seed")
     # A report streamed to /dev/stdout, a FIFO or a link: the status line must not join it.
     streamed = args.html is not None and writes_through(args.html)
-    path = write_report(args.out, args.html, examples=args.examples, seed=args.seed,
-                        per_page=args.per_page, tokenizer_path=args.tokenizer,
-                        color_by=view["color_by"], compare=view["compare"], **rule_args)
+    path = write_report(args.out, args.html, examples=args.examples,
+                        sample_seed=args.sample_seed, per_page=args.per_page,
+                        tokenizer_path=args.tokenizer, color_by=view["color_by"],
+                        compare=view["compare"], rule=view["rule"])
     print(f"report      {path}", file=sys.stderr if streamed else sys.stdout)
     return 0
 
 
-def _add_view_arguments(p: argparse.ArgumentParser, rule_seed: str = "--seed") -> None:
-    """Arguments shared by inspect, stats and report: the output, a tokenizer, a new mask rule
-    (the same parameters as ``score`` and ``load``)."""
-    from profit_prep.masks import PROTECT, STRATEGIES
-
+def _add_view_arguments(p: argparse.ArgumentParser, sample_seed: bool = False) -> None:
+    """Arguments shared by inspect, stats, report and export: the output, a tokenizer, a new mask
+    rule (MaskRule's fields, as ``score`` and ``load`` take them). ``report`` keeps ``--seed`` for
+    its example sample: the rule's seed is ``--rule-seed`` there (and on every command)."""
     p.add_argument("out", help="a finished profit-prep output directory")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer folder to decode tokens (default: the manifest's)")
     g = p.add_argument_group("re-threshold (default: the stored loss_mask)")
-    g.add_argument("--strategy", choices=STRATEGIES, help="mask rule to apply instead")
-    g.add_argument("--tau", type=float, help="threshold for higher/lower")
-    g.add_argument("--tau-low", type=float, help="lower threshold for middle")
-    g.add_argument("--tau-high", type=float, help="upper threshold for middle")
-    g.add_argument("--keep-fraction", type=float, help="fraction kept by random")
-    g.add_argument(rule_seed, type=int, dest="rule_seed" if rule_seed != "--seed" else "seed",
-                   help="seed of random")
-    g.add_argument("--protect", choices=PROTECT,
-                   help="end_of_turn: keep every answer's end-of-turn token; none: the paper's "
-                   "rule (default: the stored rule's)")
+    add_dataclass_arguments(g, MaskRule, optional=True, default_note="default: the stored rule's",
+                            drop_flags=("--seed",) if sample_seed else ())
 
 
 def _add_colour_arguments(p: argparse.ArgumentParser) -> None:
@@ -292,7 +254,7 @@ def _add_colour_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from profit_prep import __version__
-    from profit_prep.config import ScoreConfig
+    from profit_prep.config import SECTIONS, ScoreConfig
 
     parser = argparse.ArgumentParser(
         prog="profit-prep",
@@ -304,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {}
 
     p = sub.add_parser("score", help="score a dataset into a Parquet output directory")
-    add_dataclass_arguments(p, ScoreConfig)
+    add_dataclass_arguments(p, ScoreConfig, sections=SECTIONS)
     commands["score"] = cmd_score
 
     p = sub.add_parser("demo", help="score bundled GSM8K rows with the built-in SmolLM2")
@@ -363,11 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands["stats"] = cmd_stats
 
     p = sub.add_parser("report", help="write a self-contained HTML report with plots")
-    _add_view_arguments(p, rule_seed="--rule-seed")
+    _add_view_arguments(p, sample_seed=True)
     p.add_argument("--html", metavar="FILE", help="report file (default: OUT/report.html)")
     p.add_argument("--examples", type=int, default=200,
                    help="examples to include, a seeded random sample (default: 200)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0, dest="sample_seed",
+                   help="seed of the example sample (default: 0)")
     p.add_argument("--per-page", type=int, default=20, help="examples per page (default: 20)")
     _add_colour_arguments(p)
     commands["report"] = cmd_report

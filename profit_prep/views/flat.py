@@ -19,13 +19,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from profit_prep import rules
 from profit_prep.errors import InputError
 from profit_prep.format import flat_list
-from profit_prep.masks import MaskRule, apply_rule, end_of_turn_ids_of, end_of_turn_tokens
-from profit_prep.masks import resolve_rule as resolve_stored_rule
+from profit_prep.keep import (
+    Resolved,
+    Tokens,
+    global_threshold_of,
+    kept,
+    needs_threshold,
+    resolve,
+    resolve_parsed,
+    rule_params,
+)
+from profit_prep.masks import MaskRule, RuleParams, end_of_turn_tokens
 from profit_prep.output_check import check_shards, read_manifest
-from profit_prep.rules import Rule
+from profit_prep.rules import Rule, Select
 from profit_prep.views.text import visible
 
 CORE_COLUMNS = (
@@ -41,8 +49,6 @@ TOP1_COLUMN = "top1_id"  # optional signal column: the reference model's most li
 # List columns of numbers that are token ids, not quantities: never a colour scale.
 ID_COLUMNS = ("input_ids", TOP1_COLUMN)
 PROB = "prob"  # the default colouring: exp(logprobs), with masked tokens marked
-
-
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -188,35 +194,16 @@ def check_columns(out: str | Path, names: Sequence[str]) -> None:
             )
 
 
-# The rule parameters every view takes (``--strategy``, ``--tau``, ... ``--protect``).
-RULE_PARAMETERS = ("strategy", "tau", "tau_low", "tau_high", "keep_fraction", "seed", "protect")
-
-
-def resolve_rule(manifest: dict[str, Any], **overrides: Any) -> tuple[MaskRule, bool]:
-    """The stored rule with the given parameters (see :func:`profit_prep.masks.resolve_rule`),
-    and True when one was given.
-
-    >>> rule, changed = resolve_rule({"mask": {"strategy": "higher", "tau": 0.1}}, tau=0.3)
-    >>> rule.strategy, rule.tau, changed
-    ('higher', 0.3, True)
-    """
-    rule = resolve_stored_rule(manifest.get("mask"), **overrides)
-    return rule, any(v is not None for v in overrides.values())
-
-
 def _prepare(
-    out: str | Path, columns: Sequence[str], rule: dict[str, Any]
-) -> tuple[dict[str, Any], MaskRule, bool, list[str]]:
-    """The manifest, the rule in use (and whether it was given) and the extra columns to read,
-    all checked before any token is read."""
-    unknown = sorted(set(rule) - set(RULE_PARAMETERS))
-    if unknown:
-        raise TypeError(f"load_flat got unknown rule parameters {unknown}")
+    out: str | Path, columns: Sequence[str], params: RuleParams
+) -> tuple[dict[str, Any], Resolved, list[str]]:
+    """The manifest, the rule resolved against it and the extra columns to read, all checked
+    before any token is read."""
     manifest = read_manifest(out)
-    rule_used, changed = resolve_rule(manifest, **rule)
+    resolved = resolve(manifest, params)
     extra = [c for c in dict.fromkeys(columns) if c not in (PROB, "logprobs")]
     check_columns(out, extra)
-    return manifest, rule_used, changed, extra
+    return manifest, resolved, extra
 
 
 def load_flat(
@@ -224,23 +211,24 @@ def load_flat(
     *,
     columns: Sequence[str] = (),
     shards: Sequence[int] | None = None,
-    **rule: Any,
+    rule: RuleParams | None = None,
+    **params: Any,
 ) -> Flat:
-    """Read an output into a :class:`Flat`; any rule parameter given (``strategy``, ``tau``,
-    ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``, ``protect``) re-thresholds the mask.
+    """Read an output into a :class:`Flat`; a rule parameter given (``rule=RuleParams(...)``, or
+    MaskRule's fields as keywords: ``tau=0.3``) re-thresholds the mask.
 
     ``columns`` names extra per-token columns to read into ``Flat.signals`` (see
     :func:`numeric_columns`); ``prob`` and ``logprobs`` are always there. ``shards`` reads only
     those shards (indices into the manifest's list); :func:`iter_flat` reads one at a time.
     """
-    manifest, rule_used, changed, extra = _prepare(out, columns, rule)
+    manifest, resolved, extra = _prepare(out, columns, rule_params(rule, **params))
     table = read_table(out, [*CORE_COLUMNS, *extra], shards)
-    if changed:
-        end_of_turn_ids_of(manifest, rule_used)  # a clear error when it cannot protect
-    return _flat_of(table, manifest, rule_used, changed, extra)
+    return _flat_of(table, manifest, resolved, extra)
 
 
-def iter_flat(out: str | Path, *, columns: Sequence[str] = (), **rule: Any) -> Iterator[Flat]:
+def iter_flat(
+    out: str | Path, *, columns: Sequence[str] = (), rule: RuleParams | None = None, **params: Any
+) -> Iterator[Flat]:
     """The output as one :class:`Flat` per shard, in order: what :func:`load_flat` gives, in
     pieces, so a view that accumulates (``stats``) holds one shard in memory, not the output.
 
@@ -248,13 +236,11 @@ def iter_flat(out: str | Path, *, columns: Sequence[str] = (), **rule: Any) -> I
     before the first shard is read; a row's mask does not depend on its shard (``random`` draws
     per example id and position).
     """
-    manifest, rule_used, changed, extra = _prepare(out, columns, rule)
+    manifest, resolved, extra = _prepare(out, columns, rule_params(rule, **params))
     files = _shard_files(out, manifest)
     check_shards(out, manifest)
-    if changed:
-        end_of_turn_ids_of(manifest, rule_used)
     wanted = _wanted_columns(files[0], [*CORE_COLUMNS, *extra])
-    return _iter_shards(out, files, wanted, manifest, rule_used, changed, extra)
+    return _iter_shards(out, files, wanted, manifest, resolved, extra)
 
 
 def _iter_shards(
@@ -262,8 +248,7 @@ def _iter_shards(
     files: Sequence[Path],
     wanted: Sequence[str],
     manifest: dict[str, Any],
-    rule: MaskRule,
-    changed: bool,
+    resolved: Resolved,
     extra: Sequence[str],
 ) -> Iterator[Flat]:
     schema = None
@@ -275,18 +260,14 @@ def _iter_shards(
         elif not table.schema.equals(schema):
             raise InputError(f"{out}: damaged output: the shards' columns differ "
                              f"({file.relative_to(out)} and {files[0].relative_to(out)})")
-        flat = _flat_of(table, manifest, rule, changed, extra)
+        flat = _flat_of(table, manifest, resolved, extra)
         del table  # held here, the previous shard would live on while the next one is read
         yield flat
         del flat
 
 
 def _flat_of(
-    table: pa.Table,
-    manifest: dict[str, Any],
-    rule_used: MaskRule,
-    changed: bool,
-    extra: Sequence[str],
+    table: pa.Table, manifest: dict[str, Any], resolved: Resolved, extra: Sequence[str]
 ) -> Flat:
     lengths = pc.list_value_length(table.column("input_ids").combine_chunks())
     offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
@@ -297,17 +278,14 @@ def _flat_of(
     stored_keep = flat_list(table.column("loss_mask"))[0].astype(bool)
     input_ids = flat_list(table.column("input_ids"))[0].astype(np.int32)
     end_ids = (manifest.get("render") or {}).get("end_of_turn_ids") or []
-    end_of_turn = end_of_turn_tokens(input_ids, response, end_ids)
-    if changed:
-        keep = apply_rule(rule_used, logprobs, response, lengths=np.diff(offsets),
-                          example_ids=example_ids, end_of_turn=end_of_turn)
-    else:
-        keep = stored_keep
+    tokens = Tokens(input_ids, response, logprobs, np.diff(offsets), example_ids, stored_keep)
+    # The stored mask as it is; a recomputed one through the rule layer, like load's.
+    keep = kept(resolved, tokens) if resolved.rethresholded else stored_keep
     top1 = flat_list(table.column(TOP1_COLUMN))[0] if TOP1_COLUMN in table.column_names else None
     return Flat(
         manifest=manifest,
-        rule=rule_used,
-        rethresholded=changed,
+        rule=resolved.profit,
+        rethresholded=resolved.rethresholded,
         example_ids=example_ids,
         source_index=table.column("source_index").to_numpy(),
         truncated=table.column("truncated").to_numpy(zero_copy_only=False),
@@ -318,7 +296,7 @@ def _flat_of(
         keep=keep,
         top1=top1,
         stored_keep=stored_keep,
-        end_of_turn=end_of_turn,
+        end_of_turn=end_of_turn_tokens(input_ids, response, end_ids),
         signals={c: flat_list(table.column(c))[0] for c in extra},
     )
 
@@ -338,28 +316,20 @@ def load_output_tokenizer(out: str | Path, override: str | Path | None = None) -
 
 
 def rule_keep(flat: Flat, rule: Rule) -> np.ndarray:
-    """The response tokens a rule keeps, over every token of ``flat``.
-
-    ProFit rules recompute from ``logprobs`` like the loader; selection rules go through
-    :func:`profit_prep.rules.apply`, a global ``top`` with its exact threshold over the output.
-    """
-    if rule is None:
-        stored = flat.stored_keep if flat.stored_keep is not None else flat.keep
-        return flat.response & stored
-    if isinstance(rule, MaskRule):
-        end_of_turn_ids_of(flat.manifest, rule)  # a clear error when it cannot protect
-        return apply_rule(rule, flat.logprobs, flat.response, lengths=flat.lengths,
-                          example_ids=flat.example_ids, end_of_turn=flat.end_of_turn)
-    if rule.signal == "excess_loss":
+    """The response tokens a rule keeps, over every token of ``flat`` (the whole output): what
+    ``load`` keeps with that rule (:func:`profit_prep.keep.kept`), a global ``top`` with its
+    exact threshold over ``flat``."""
+    if isinstance(rule, Select) and rule.signal == "excess_loss":
         raise InputError("signal excess_loss needs a reference output; load(reference=...) has it")
-    stored = None if rule.signal in (PROB, "loss") else flat.column(rule.column() or rule.signal)
-    values = rules.signal_values(rule, flat.logprobs, stored)
-    threshold = None
-    if rule.kind == "top" and rule.scope == "global":
-        threshold = rules.global_threshold(
-            values[flat.response], rule.fraction or 0.0, rule.largest
-        )
-    return rules.apply(rule, values, flat.response, flat.lengths, threshold)
+    resolved = resolve_parsed(flat.manifest, rule)
+    signal = None
+    if isinstance(rule, Select) and rule.signal not in (PROB, "loss"):
+        signal = flat.column(rule.column() or rule.signal)
+    stored = flat.stored_keep if flat.stored_keep is not None else flat.keep
+    tokens = Tokens(flat.input_ids, flat.response, flat.logprobs, flat.lengths, flat.example_ids,
+                    stored, signal)
+    threshold = global_threshold_of(rule, [tokens]) if needs_threshold(rule) else None
+    return kept(resolved, tokens, threshold)
 
 
 # Per response token: which of two rules keep it. Non-response tokens are -1.

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.keep import rule_params
+from profit_prep.masks import RuleParams
 from profit_prep.rules import Rule, rule_columns
 from profit_prep.safe_files import atomic_write_bytes, write_user_file
 from profit_prep.views.colors import Scale, color_scale
@@ -292,7 +294,7 @@ def build_html(
     *,
     out: str | Path = "",
     examples: int = 200,
-    seed: int = 0,
+    sample_seed: int = 0,
     per_page: int = 20,
     color_by: str = PROB,
     compare: tuple[Rule, Rule] | None = None,
@@ -308,7 +310,7 @@ def build_html(
     comparison = compare_rules(flat, *compare) if compare is not None else None
     stats = compute_stats(flat, tokenizer)
     plots = make_plots(stats)
-    picked = sample_indices(flat.n_examples, examples, seed)
+    picked = sample_indices(flat.n_examples, examples, sample_seed)
     manifest = flat.manifest
     model = visible(str(manifest.get("model", {}).get("name", "?")))  # the manifest's text
     rule = f"{describe_rule(flat.rule)} ({stats['rule_source']})"
@@ -331,8 +333,8 @@ def build_html(
     sample_note = (
         f"all {flat.n_examples} examples"
         if len(picked) == flat.n_examples
-        else f"{len(picked)} of {flat.n_examples} examples, a seeded random sample (seed {seed}), "
-        "in source order"
+        else f"{len(picked)} of {flat.n_examples} examples, a seeded random sample "
+        f"(seed {sample_seed}), in source order"
     )
     legend, colours = _legend(scale, comparison)
     masked_note = (
@@ -419,33 +421,26 @@ def write_report(
     html_path: str | Path | None = None,
     *,
     examples: int = 200,
-    seed: int = 0,
+    sample_seed: int = 0,
     per_page: int = 20,
     tokenizer: Any | None = None,
     tokenizer_path: str | Path | None = None,
-    strategy: str | None = None,
-    tau: float | None = None,
-    tau_low: float | None = None,
-    tau_high: float | None = None,
-    keep_fraction: float | None = None,
-    rule_seed: int | None = None,
-    protect: str | None = None,
     color_by: str = PROB,
     compare: tuple[Rule, Rule] | None = None,
+    rule: RuleParams | None = None,
+    **params: Any,
 ) -> Path:
     """Write the HTML report of output ``out`` (default ``OUT/report.html``) and return its path.
 
     Every stored signal column is read, for the tooltips; ``color_by`` must be one of them,
-    ``logprobs`` or ``prob``. ``seed`` samples the examples shown; ``rule_seed`` is the random
-    strategy's seed (``--seed`` of the other commands).
+    ``logprobs`` or ``prob``. ``sample_seed`` samples the examples shown (``report --seed``);
+    ``rule`` (or MaskRule's fields as keywords, ``seed`` the random strategy's) re-thresholds the
+    mask as :func:`~profit_prep.views.flat.load_flat` does.
     """
     check_columns(out, [color_by])
     rule_cols = [c for r in compare or () for c in rule_columns(r)]
     columns = [*numeric_columns(out), *rule_cols]
-    flat = load_flat(
-        out, strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high,
-        keep_fraction=keep_fraction, seed=rule_seed, protect=protect, columns=columns,
-    )
+    flat = load_flat(out, rule=rule_params(rule, **params), columns=columns)
     if tokenizer is None:
         tokenizer = load_output_tokenizer(out, tokenizer_path)
     page = build_html(
@@ -453,7 +448,7 @@ def write_report(
         tokenizer,
         out=out,
         examples=examples,
-        seed=seed,
+        sample_seed=sample_seed,
         per_page=per_page,
         color_by=color_by,
         compare=compare,
