@@ -20,9 +20,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +38,8 @@ from profit_prep.masks import (
     resolve_rule,
 )
 from profit_prep.rules import Rule, Select, apply, global_threshold, signal_values
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -166,3 +170,19 @@ def kept(resolved: Resolved, tokens: Tokens, threshold: float | None = None) -> 
     if resolved.end_of_turn_ids is not None:
         keep = keep | end_of_turn_tokens(tokens.input_ids, response, resolved.end_of_turn_ids)
     return keep
+
+
+def with_rule_keywords(func: F) -> F:
+    """Show MaskRule's fields as ``func``'s keyword-only parameters (each None: "not given"),
+    first after the positional ones: ``func`` takes them through ``**rule``, and ``help()``,
+    ``inspect.signature`` and IDEs list them, declared by MaskRule alone."""
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    first = [p for p in own if p.kind is not p.KEYWORD_ONLY]
+    hints = typing.get_type_hints(MaskRule)
+    rule = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=hints[f.name] | None) for f in fields(MaskRule)]
+    func.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[*first, *rule, *(p for p in own if p.kind is p.KEYWORD_ONLY)]
+    )
+    return func

@@ -44,17 +44,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from profit_prep import rules
 from profit_prep.combine import Reference
 from profit_prep.errors import InputError
 from profit_prep.format import flat_list
-from profit_prep.masks import (
-    MaskRule,
-    apply_rule,
-    end_of_turn_ids_of,
-    end_of_turn_tokens,
-    resolve_rule,
+from profit_prep.keep import (
+    Resolved,
+    Tokens,
+    global_threshold_of,
+    kept,
+    needs_threshold,
+    resolve,
+    with_rule_keywords,
 )
+from profit_prep.masks import RuleParams
 from profit_prep.output_check import check_shards, read_manifest
 from profit_prep.rules import Select
 from profit_prep.safe_files import temporary_file
@@ -62,21 +64,15 @@ from profit_prep.safe_files import temporary_file
 if TYPE_CHECKING:
     import datasets
 
-LOADER_VERSION = 1  # bump when the loaded layout changes: it is part of the cache key
+LOADER_VERSION = 2  # bump when the loaded layout changes: it is part of the cache key
 WEIGHTS = ("prob",)
 _PER_TOKEN = ("input_ids", "response_mask", "logprobs", "loss_mask")
 
 
+@with_rule_keywords  # strategy, tau, ...: MaskRule's fields, each None by default
 def load(
     path: str | Path,
     *,
-    strategy: str | None = None,
-    tau: float | None = None,
-    tau_low: float | None = None,
-    tau_high: float | None = None,
-    keep_fraction: float | None = None,
-    seed: int | None = None,
-    protect: str | None = None,
     tokenizer: Any = None,
     allow_tokenizer_mismatch: bool = False,
     labels: bool = False,
@@ -85,13 +81,15 @@ def load(
     response_mask: bool = False,
     select: Select | None = None,
     reference: str | Path | None = None,
+    **rule: Any,
 ) -> datasets.Dataset:
     """Load a scored output as a ``datasets.Dataset`` (see the module docstring for the columns).
 
-    Any of ``strategy``/``tau``/``tau_low``/``tau_high``/``keep_fraction``/``seed`` recomputes the
-    mask from the stored log-probabilities: the run's own rule with those parameters replaced,
-    ANDed with the response mask. ``max_length`` keeps the first N tokens of every per-token
-    column together. ``tokenizer`` (object or folder) is checked against the one used for scoring.
+    Any of the rule parameters (:class:`~profit_prep.masks.MaskRule`'s fields: ``strategy``,
+    ``tau``, ``tau_low``, ``tau_high``, ``keep_fraction``, ``seed``) recomputes the mask from the
+    stored log-probabilities: the run's own rule with those parameters replaced, ANDed with the
+    response mask. ``max_length`` keeps the first N tokens of every per-token column together.
+    ``tokenizer`` (object or folder) is checked against the one used for scoring.
     ``weights`` are read only by :mod:`profit_prep.losses` (``weighted_profit_loss``,
     ``ProFitLossMixin``); TRL and the HF Trainer ignore the column (docs/trainers.md).
     ``protect`` (``"end_of_turn"`` or ``"none"``; default: the stored rule's) keeps each
@@ -99,40 +97,25 @@ def load(
     ``select`` it applies only when given, so other methods' rules stay as published.
     ``select`` applies a :class:`~profit_prep.rules.Select` rule instead of ProFit's;
     ``reference`` (another output of the same rows and tokens) adds ``excess_loss``
-    (:mod:`profit_prep.combine`).
+    (:mod:`profit_prep.combine`). :mod:`profit_prep.keep` decides the kept tokens, as for every
+    view.
 
     Example:
         >>> ds = load("out", strategy="middle", tau_low=0.2, tau_high=0.8)  # doctest: +SKIP
     """
     import datasets
 
+    params = RuleParams(**rule)  # a bad value (strategy="best") is refused before any reading
+    if weights is not None and weights not in WEIGHTS:
+        raise InputError(f"unknown weights {weights!r} (choose from {', '.join(WEIGHTS)})")
+    if max_length is not None and max_length < 1:
+        raise InputError("max_length must be at least 1")
     out = Path(path)
     manifest = read_manifest(out)  # InputError when unfinished, absent or damaged
     check_shards(out, manifest)  # presence, checksums, row counts, schema: one error line
     if tokenizer is not None:
         check_tokenizer(tokenizer, manifest, allow_mismatch=allow_tokenizer_mismatch)
-    if weights is not None and weights not in WEIGHTS:
-        raise InputError(f"unknown weights {weights!r} (choose from {', '.join(WEIGHTS)})")
-    if max_length is not None and max_length < 1:
-        raise InputError("max_length must be at least 1")
-    overrides = {
-        k: v
-        for k, v in dict(
-            strategy=strategy, tau=tau, tau_low=tau_low, tau_high=tau_high,
-            keep_fraction=keep_fraction, seed=seed,
-        ).items()
-        if v is not None
-    }
-    if select is not None and overrides:
-        raise InputError("pass either select= or ProFit rule parameters, not both")
-    # The stored mask serves as it is unless a parameter (protect included) changes the rule.
-    rule = resolve_rule(manifest.get("mask"), **overrides, protect=protect)
-    eot = end_of_turn_ids_of(manifest, rule)
-    if select is not None:
-        # Other methods' rules stay as published unless protection is asked for explicitly.
-        eot = end_of_turn_ids_of(manifest, MaskRule(protect=protect)) if protect else None
-    if (not overrides and protect is None) or select is not None:
-        rule = None
+    resolved = resolve(manifest, params, select)
     ref = Reference(out, reference) if reference is not None else None
     if select is not None:
         _check_select(out, manifest, select, ref)
@@ -141,15 +124,14 @@ def load(
 
     key = hashlib.sha256(
         json.dumps(
-            [LOADER_VERSION, [s["sha256"] for s in manifest["shards"]],
-             rule.to_dict() if rule else None, options, eot,
-             select.to_dict() if select else None, ref.describe() if ref else None],
+            [LOADER_VERSION, [s["sha256"] for s in manifest["shards"]], resolved.describe(),
+             options, ref.describe() if ref else None],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:24]
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "profit_prep" / f"{key}.arrow"
     if not cache.exists():
-        _write(out, manifest, rule, options, cache, select, ref, eot)
+        _write(out, manifest, resolved, options, cache, ref)
     return datasets.Dataset.from_file(str(cache))
 
 
@@ -183,52 +165,44 @@ def _shard_columns(select: Select | None, ref: Reference | None) -> list[str]:
     return columns
 
 
-def signal_values(table: pa.Table, select: Select, ref: Reference | None) -> np.ndarray:
-    """The rule's signal per flat token of ``table`` (float64, :func:`rules.signal_values`)."""
-    logprobs, _ = flat_list(table["logprobs"])
-    stored = None
-    if select.signal == "excess_loss":
+def tokens_of(table: pa.Table, select: Select | None, ref: Reference | None) -> Tokens:
+    """A shard's flat arrays, as the rule layer takes them (the selection's signal included)."""
+    ids, offsets = flat_list(table["input_ids"])
+    signal = None
+    if select is not None and select.signal == "excess_loss":
         # An output of `profit-prep combine` stores it; else the reference computes it.
-        stored = flat_list(table["excess_loss"])[0] if ref is None else ref.excess_loss(table)
-    elif select.signal not in ("prob", "loss"):
-        stored = flat_list(table[select.column()])[0]
-    return rules.signal_values(select, logprobs, stored)
+        signal = flat_list(table["excess_loss"])[0] if ref is None else ref.excess_loss(table)
+    elif select is not None and select.signal not in ("prob", "loss"):
+        signal = flat_list(table[select.column()])[0]
+    return Tokens(ids, flat_list(table["response_mask"])[0], flat_list(table["logprobs"])[0],
+                  np.diff(offsets), table["example_id"], flat_list(table["loss_mask"])[0], signal)
 
 
-def global_threshold_of(
-    out: Path, manifest: dict[str, Any], select: Select, ref: Reference | None
-) -> float:
-    """Exact threshold of a global top rule: one pass over the response tokens of every shard."""
-    parts = []
-    for shard in manifest["shards"]:
-        table = pq.read_table(out / shard["file"], columns=_shard_columns(select, ref))
-        resp, _ = flat_list(table["response_mask"])
-        parts.append(signal_values(table, select, ref)[resp])
-    values = np.concatenate(parts) if parts else np.empty(0)
-    return rules.global_threshold(values, select.fraction or 0.0, select.largest)
+def _read(out: Path, shard: dict[str, Any], select: Select | None, ref: Reference | None
+          ) -> pa.Table:
+    return pq.read_table(out / shard["file"], columns=_shard_columns(select, ref),
+                         memory_map=True)
 
 
 def _write(
-    out: Path, manifest: dict[str, Any], rule: MaskRule | None, options: dict[str, Any],
-    target: Path, select: Select | None = None, ref: Reference | None = None,
-    end_of_turn_ids: list[int] | None = None,
+    out: Path, manifest: dict[str, Any], resolved: Resolved, options: dict[str, Any],
+    target: Path, ref: Reference | None = None,
 ) -> None:
     """Transform the shards one at a time into one Arrow IPC file, atomically renamed into place."""
+    select = resolved.rule if isinstance(resolved.rule, Select) else None
     threshold = None
-    if select is not None and select.kind == "top" and select.scope == "global":
-        threshold = global_threshold_of(out, manifest, select, ref)
+    if needs_threshold(select):  # one pass over every shard first: the exact k-th value
+        threshold = global_threshold_of(
+            select, (tokens_of(_read(out, s, select, ref), select, ref) for s in manifest["shards"])
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temporary_file(target.parent, target.name)
     os.close(fd)
     try:
         writer = None
         for shard in manifest["shards"]:
-            table = pq.read_table(
-                out / shard["file"], columns=_shard_columns(select, ref), memory_map=True
-            )
-            batch = transform(table, rule, **options, select=select, threshold=threshold,
-                              end_of_turn_ids=end_of_turn_ids,
-                              reference=ref)
+            table = _read(out, shard, select, ref)
+            batch = transform(table, resolved, **options, threshold=threshold, reference=ref)
             if writer is None:
                 writer = pa.ipc.new_stream(tmp, batch.schema)
             writer.write_table(batch)
@@ -263,41 +237,29 @@ def _empty_schema(options: dict[str, Any], excess: bool = False) -> dict[str, pa
 
 def transform(
     table: pa.Table,
-    rule: MaskRule | None = None,
+    resolved: Resolved,
     *,
     labels: bool = False,
     weights: str | None = None,
     max_length: int | None = None,
     response_mask: bool = False,
-    select: Select | None = None,
     threshold: float | None = None,
     reference: Reference | None = None,
-    end_of_turn_ids: list[int] | None = None,
 ) -> pa.Table:
     """Scored rows -> loader columns, vectorised over all tokens (no Python loop over tokens).
 
-    ``end_of_turn_ids`` (the manifest's, when the rule protects them) stay in the loss.
+    The kept tokens are :func:`profit_prep.keep.kept`'s (``threshold``: a global top-k rule's,
+    over the whole output).
 
     Example:
         >>> shard = pq.read_table("out/data/part-00000.parquet")  # doctest: +SKIP
-        >>> transform(shard, MaskRule(tau=0.3), labels=True)  # doctest: +SKIP
+        >>> transform(shard, resolve(read_manifest("out"), RuleParams(tau=0.3)))  # doctest: +SKIP
     """
-    ids, offsets = flat_list(table["input_ids"])
-    resp, _ = flat_list(table["response_mask"])
-    lengths = np.diff(offsets)
-    if select is not None:
-        values = signal_values(table, select, reference)
-        keep = rules.apply(select, values, resp, lengths, threshold)
-    elif rule is None:
-        keep, _ = flat_list(table["loss_mask"])
-    else:
-        logprobs, _ = flat_list(table["logprobs"])
-        keep = apply_rule(
-            rule, logprobs, resp, lengths=lengths,
-            example_ids=table["example_id"].to_pylist() if rule.strategy == "random" else None,
-        )
-    if end_of_turn_ids is not None:
-        keep = keep | end_of_turn_tokens(ids, resp, end_of_turn_ids)
+    select = resolved.rule if isinstance(resolved.rule, Select) else None
+    tokens = tokens_of(table, select, reference)
+    ids, resp, lengths = tokens.input_ids, tokens.response, tokens.lengths
+    offsets = flat_list(table["input_ids"])[1]
+    keep = kept(resolved, tokens, threshold)
     columns: dict[str, np.ndarray] = {"input_ids": ids, "completion_mask": keep.astype(np.int8)}
     if labels:
         columns["labels"] = np.where(keep, ids, np.int32(-100)).astype(np.int32)
@@ -307,8 +269,9 @@ def transform(
         logprobs, _ = flat_list(table["logprobs"])
         # NaN at t = 0 is never a response token; np.where drops it before it can spread
         columns["weights"] = np.where(resp, np.exp(logprobs), np.float32(0)).astype(np.float32)
-    if reference is not None:
-        columns["excess_loss"] = reference.excess_loss(table)
+    if reference is not None:  # computed once when it is also the selection's signal
+        reuse = select is not None and select.signal == "excess_loss"
+        columns["excess_loss"] = tokens.signal if reuse else reference.excess_loss(table)
 
     if max_length is not None and int(lengths.max(initial=0)) > max_length:
         # keep_start truncation, applied to every per-token column with one index

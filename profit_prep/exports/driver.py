@@ -8,13 +8,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from profit_prep.errors import InputError
 from profit_prep.exports.writers import EXPORT_MANIFEST, WRITERS, ExportSummary
 from profit_prep.loading import load
-from profit_prep.masks import resolve_rule
+from profit_prep.masks import MaskRule, RuleParams, resolve_rule
 from profit_prep.output_check import read_manifest
 from profit_prep.safe_files import sha256_file
 
@@ -26,7 +27,6 @@ LOAD_OPTIONS = tuple(
     name for name in inspect.signature(load).parameters
     if name not in ("path", "labels", "response_mask")
 )
-_RULE_KEYS = ("strategy", "tau", "tau_low", "tau_high", "keep_fraction", "seed", "protect")
 # Only these formats have a column a trainer reads per-token weights from.
 _WEIGHTS_FORMATS = ("hf",)
 
@@ -42,9 +42,9 @@ def export(
 ) -> ExportSummary:
     """Write ``path``'s masks into ``dest`` in the container ``to`` reads (module docstring).
 
-    ``options`` are :func:`profit_prep.load`'s (``strategy``, ``tau``, ``tau_low``,
-    ``tau_high``, ``keep_fraction``, ``seed``, ``protect``, ``select``, ``tokenizer``,
-    ``allow_tokenizer_mismatch``, ``max_length``, ``weights`` for ``hf``). ``model`` goes into the
+    ``options`` are :func:`profit_prep.load`'s (the rule parameters: MaskRule's fields;
+    ``select``, ``tokenizer``, ``allow_tokenizer_mismatch``, ``max_length``, ``weights`` for
+    ``hf``). ``model`` goes into the
     config snippet (default: the scoring tokenizer's folder; a trainer's model must share it).
     ``overwrite`` replaces an earlier export in ``dest``; files profit-prep did not write are never
     replaced.
@@ -111,8 +111,8 @@ def _rule_of(manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any
     """The rule the export's masks follow (what check_export re-applies)."""
     if options.get("select") is not None:
         return {"select": options["select"].to_dict(), "protect": options.get("protect")}
-    overrides = {k: options.get(k) for k in _RULE_KEYS}
-    return resolve_rule(manifest.get("mask"), **overrides).to_dict()
+    given = {f.name: options.get(f.name) for f in fields(MaskRule)}
+    return resolve_rule(manifest.get("mask"), RuleParams(**given)).to_dict()
 
 
 # -- DEST: only ever replace our own export --------------------------------------------------
