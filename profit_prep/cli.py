@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="report file (default: OUT/report.html)")
     p.add_argument("--examples", type=int, default=200,
                    help="examples to include, a seeded random sample (default: 200)")
-    p.add_argument("--seed", type=int, default=0, dest="sample_seed",
+    p.add_argument("--seed", type=int, default=0, dest="sample_seed", metavar="SEED",
                    help="seed of the example sample (default: 0)")
     p.add_argument("--per-page", type=int, default=20, help="examples per page (default: 20)")
     _add_colour_arguments(p)

@@ -170,6 +170,7 @@ class ScoreConfig:
 SECTIONS: dict[str, tuple[str, ...]] = {
     "input": ("data", "format", "prompt_field", "response_field", "system_field", "id_field",
               "split", "limit"),
+    "output": ("out", "shard_size", "overwrite", "quiet"),
     "model and rendering": ("model", "tokenizer", "chat_template", "max_length"),
     "mask rule (profit_prep.MaskRule)": tuple(f.name for f in fields(MaskRule)),
     "scoring": ("backend", "signals", "signals_top_k", "dtype", "device", "compile"),
@@ -178,7 +179,6 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "vllm server (--server)": ("server", "server_model", "api_key", "max_in_flight",
                                "request_timeout"),
     "ray (--num-workers)": ("num_workers", "render_workers", "cpus_per_worker", "ray_address"),
-    "output": ("out", "shard_size", "overwrite", "quiet"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import subprocess
@@ -32,9 +33,7 @@ def test_score_help_documents_every_option() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--format", "yaml"], "unknown --format 'yaml'"),
         (["--prompt-field", "question", "--response-field", "nope"], "column 'nope' not found"),
-        (["--strategy", "best"], "unknown strategy 'best'"),
         (["--prompt-field", "question", "--response-field", "answer", "--model", "/no/such/model"],
          "no such folder"),
     ],
@@ -42,6 +41,80 @@ def test_score_help_documents_every_option() -> None:
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path, extra, message) -> None:
     result = run_cli("score", "--data", str(DEMO_GSM8K), "--out", str(tmp_path / "o"), *extra)
     assert_one_error_line(result, message)
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    from profit_prep.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_help_lists_every_option_choices() -> None:
+    """Each command's --help shows the values of every option that has choices, and a choice
+    declared on a dataclass field (ScoreConfig, MaskRule) is exactly argparse's list."""
+    from profit_prep.masks import MaskRule
+
+    declared = {f.name: tuple(f.metadata["choices"])
+                for cls in (ScoreConfig, MaskRule) for f in dataclasses.fields(cls)
+                if "choices" in f.metadata}
+    assert {"strategy", "protect", "format", "backend", "dtype", "device"} <= set(declared)
+    seen = 0
+    for name, sub in _subcommands().items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if not action.choices:
+                continue
+            seen += 1
+            assert "{" + ",".join(map(str, action.choices)) + "}" in text, (name, action.dest)
+            if action.dest in declared:
+                assert tuple(action.choices) == declared[action.dest], (name, action.dest)
+    assert seen >= 12
+
+
+BOGUS = [
+    ("score", ["--data", "d.jsonl", "--out", "{o}"], "--strategy"),
+    ("score", ["--data", "d.jsonl", "--out", "{o}"], "--format"),
+    ("score", ["--data", "d.jsonl", "--out", "{o}"], "--backend"),
+    ("score", ["--data", "d.jsonl", "--out", "{o}"], "--device"),
+    ("score", ["--data", "d.jsonl", "--out", "{o}"], "--protect"),
+    ("inspect", ["{o}"], "--strategy"),
+    ("stats", ["{o}"], "--protect"),
+    ("report", ["{o}", "--html", "{o}/r.html"], "--strategy"),
+    ("export", ["{o}", "--dest", "{o}/x"], "--to"),
+]
+
+
+@pytest.mark.parametrize(("command", "args", "flag"), BOGUS)
+def test_bogus_choice_is_refused_before_anything_starts(
+    tmp_path: Path, command: str, args: list[str], flag: str, capsys
+) -> None:
+    """exit 2, the valid choices named, nothing written (argparse checks, from the fields)."""
+    from profit_prep.cli import main
+
+    out = tmp_path / "o"
+    argv = [command, *(a.format(o=out) for a in args), flag, "bogus"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    action = next(a for a in _subcommands()[command]._actions if flag in a.option_strings)
+    assert f"argument {flag}" in err and "invalid choice: 'bogus'" in err
+    assert all(repr(str(c)) in err for c in action.choices), err
+    assert not out.exists()
+
+
+def test_the_rule_seed_has_one_name(tmp_path: Path) -> None:
+    """--rule-seed sets the rule's seed on every command; report's --seed samples examples."""
+    parsers = _subcommands()
+    for command in ("score", "inspect", "stats", "export", "report"):
+        extra = ["--data", "d", "--out", "o"] if command == "score" else ["o"]
+        args = parsers[command].parse_args([*extra, "--rule-seed", "7"])
+        assert args.seed == 7, command
+    assert parsers["inspect"].parse_args(["o", "--seed", "3"]).seed == 3
+    report = parsers["report"].parse_args(["o", "--seed", "3"])
+    assert (report.seed, report.sample_seed) == (None, 3)
 
 
 @pytest.mark.slow

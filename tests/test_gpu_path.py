@@ -130,7 +130,8 @@ def test_dtype_choices_are_checked_by_argparse_and_the_python_api(tmp_path: Path
     with pytest.raises(SystemExit) as exc:
         main([*args, "--dtype", "float64"])
     assert exc.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
-    with pytest.raises(InputError, match=r"^--dtype 'float64': choose " + ", ".join(DTYPES)):
+    with pytest.raises(InputError,
+                       match=r"^unknown dtype 'float64' \(choose from " + ", ".join(DTYPES)):
         score(ScoreConfig(data=str(DEMO_GSM8K), out=str(tmp_path / "o"), dtype="float64"))
     assert ScoreConfig(data="d", out="o").dtype == "auto"
 
