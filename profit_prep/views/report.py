@@ -37,6 +37,7 @@ from profit_prep.views.flat import (
     numeric_columns,
 )
 from profit_prep.views.plots import make_plots
+from profit_prep.views.report_assets import CSS, ERROR_HOOK, JS
 from profit_prep.views.stats import compute_stats
 from profit_prep.views.terminal import example_counts, example_stats, example_tokens, format_value
 from profit_prep.views.text import describe_any, describe_rule, token_strings, visible
@@ -45,101 +46,6 @@ PROB_BUCKETS = 10  # kept-token colour classes p0 .. p9
 # Token classes of a comparison, by category (BOTH, A_ONLY, B_ONLY, NEITHER).
 CATEGORY_CLASSES = ("cmp-both", "cmp-a", "cmp-b", "cmp-none")
 
-CSS = """
-:root { --fg:#1d2330; --muted:#6b7280; --line:#e5e7eb; --bad:#b91c1c; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg);
-       margin: 0 auto; max-width: 1200px; padding: 20px 28px 60px; background: #fafafa; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; }
-.meta { color: var(--muted); margin: 0 0 16px; } code { font-size: 12.5px; }
-.cards { display: flex; flex-wrap: wrap; gap: 10px; }
-.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; }
-.card b { display: block; font-size: 19px; } .card span { color: var(--muted); font-size: 12px; }
-.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(340px, 1fr)); gap: 12px; }
-figure.plot { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 8px;
-              padding: 6px; } figure.plot svg { width: 100%; height: auto; display: block; }
-figure.plot figcaption { color: var(--muted); font-size: 12px; padding: 2px 6px; }
-.tables { display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: 12px; }
-table { border-collapse: collapse; background: #fff; width: 100%; font-size: 13px; }
-th, td { border-bottom: 1px solid var(--line); padding: 3px 8px; text-align: left; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
-.controls { position: sticky; top: 0; background: #fafafa; padding: 8px 0; z-index: 2;
-            display: flex; gap: 10px; align-items: center; flex-wrap: wrap;
-            border-bottom: 1px solid var(--line); }
-.controls button { padding: 3px 10px; } .controls input[type=search] { width: 220px; }
-.example { background: #fff; border: 1px solid var(--line); border-radius: 8px; margin: 12px 0;
-           padding: 8px 12px; }
-.example h3 { font-size: 13px; margin: 0 0 6px; font-weight: 600; }
-.example h3 .st { color: var(--muted); font-weight: 400; }
-.text { white-space: pre-wrap; word-break: break-word; margin: 0;
-        font: 13px/1.6 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-.prompt { color: #9ca3af; } body.hide-prompt .prompt { display: none; }
-.tok { border-radius: 2px; box-shadow: inset -1px 0 0 rgba(0, 0, 0, .10); } /* token edges */
-.tok:hover { outline: 1px solid #111; }
-.p0 { background: #fecaca; } .p1 { background: #fed7aa; } .p2 { background: #fde68a; }
-.p3 { background: #fef08a; } .p4 { background: #fef9c3; } .p5 { background: #ecfccb; }
-.p6 { background: #d9f99d; } .p7 { background: #bbf7d0; } .p8 { background: #a7f3d0; }
-.p9 { background: #d1fae5; }
-.tok.masked { background: var(--bad); color: #fff; text-decoration: line-through;
-              text-decoration-thickness: 1px; }
-/* --color-by: quantile buckets low .. high; masked tokens keep the bucket, struck in red */
-.tok.q0 { background: #e0e7ff; } .tok.q1 { background: #bae6fd; } .tok.q2 { background: #a7f3d0; }
-.tok.q3 { background: #fde68a; } .tok.q4 { background: #fca5a5; }
-.tok.masked.qv { color: var(--bad); font-weight: 600; }
-.tok.masked.qv:not(.q0):not(.q1):not(.q2):not(.q3):not(.q4) { background: none; }
-/* --compare: which rule keeps the token */
-.cmp-both { background: #d1fae5; } .cmp-a { background: #bfdbfe; font-weight: 600; }
-.cmp-b { background: #fed7aa; font-weight: 600; }
-.cmp-none { background: var(--bad); color: #fff; text-decoration: line-through; }
-.legend span { padding: 0 5px; margin-right: 2px; }
-.note { color: var(--muted); font-size: 12.5px; }
-"""
-
-JS = """
-(function () {
-  var perPage = PER_PAGE, page = 0;
-  var all = Array.prototype.slice.call(document.querySelectorAll('.example'));
-  var shown = all;
-  var q = document.getElementById('filter'), info = document.getElementById('pageinfo');
-  function render() {
-    var pages = Math.max(1, Math.ceil(shown.length / perPage));
-    page = Math.min(Math.max(page, 0), pages - 1);
-    all.forEach(function (el) { el.hidden = true; });
-    shown.slice(page * perPage, (page + 1) * perPage).forEach(function (el) { el.hidden = false; });
-    info.textContent = 'page ' + (page + 1) + ' of ' + pages + ' (' + shown.length +
-      ' example' + (shown.length === 1 ? '' : 's') + ')';
-    document.body.dataset.page = String(page + 1);
-  }
-  document.getElementById('prev').onclick = function () { page--; render(); };
-  document.getElementById('next').onclick = function () { page++; render(); };
-  q.oninput = function () {
-    var needle = q.value.toLowerCase();
-    shown = all.filter(function (el) {
-      return !needle || el.textContent.toLowerCase().indexOf(needle) >= 0;
-    });
-    page = 0; render();
-  };
-  document.getElementById('onlymasked').onchange = function (e) {
-    document.body.classList.toggle('hide-prompt', e.target.checked);
-  };
-  render();
-  document.body.dataset.ready = '1';
-})();
-"""
-
-# Runs first: any later script error or console.error lands in a DOM attribute, so a headless
-# browser's --dump-dom (and a person with devtools closed) can see it.
-ERROR_HOOK = """
-window.__errors = [];
-function __record(msg) {
-  window.__errors.push(String(msg));
-  document.documentElement.setAttribute('data-js-errors', window.__errors.join(' | '));
-}
-window.onerror = function (msg, src, line) { __record(msg + ' @' + line); };
-var __consoleError = console.error;
-console.error = function () { __record(Array.prototype.join.call(arguments, ' '));
-                              __consoleError.apply(console, arguments); };
-"""
 
 
 def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
@@ -288,6 +194,87 @@ def _table(head: list[str], rows: list[list[Any]], numeric: set[int]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _numbers_html(stats: dict[str, Any]) -> str:
+    """The report's tables: the threshold sweep, per-example shares, top masked/kept tokens."""
+    per = stats["per_example_masked_fraction"]
+    quantiles = [[k, "n/a" if v is None else f"{v:.1%}"] for k, v in per["quantiles"].items()]
+
+    def top_rows(key: str) -> list[list[Any]]:
+        return [[repr(t["token"]), t["token_id"], t["count"]] for t in stats[key]]
+
+    return f"""<h2>Numbers</h2>
+<div class="tables">
+<div><h3>Threshold sweep (<code>higher</code>)</h3>{
+        _table(
+            ["tau", "masked tokens", "masked %"],
+            [
+                [f"{p['tau']:g}", p["masked_tokens"], f"{p['masked_fraction']:.1%}"]
+                for p in stats["threshold_sweep"]["points"]
+            ],
+            {1, 2},
+        )
+    }</div>
+<div><h3>Per-example masked share</h3>{_table(["quantile", "masked %"], quantiles, {1})}
+<p class="note">mean {"n/a" if per["mean"] is None else f"{per['mean']:.1%}"}</p></div>
+<div><h3>Most often masked</h3>{_table(["token", "id", "count"], top_rows("top_masked"), {1, 2})}
+</div>
+<div><h3>Most often kept</h3>{_table(["token", "id", "count"], top_rows("top_kept"), {1, 2})}</div>
+</div>"""
+
+
+def _cards_html(stats: dict[str, Any]) -> str:
+    cards = [
+        (stats["examples"], "examples"),
+        (stats["tokens"], "tokens"),
+        (stats["response_tokens"], "response tokens"),
+        (stats["kept_tokens"], "kept"),
+        (f"{stats['masked_fraction']:.1%}", "masked (of response)"),
+    ]
+    end = stats["end_of_turn"]
+    if end["tokens"]:
+        cards.append((f"{end['masked']} of {end['tokens']}", "end-of-turn tokens masked"))
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(k)}</span></div>'
+        for v, k in cards
+    ) + "</div>"
+
+
+def _plots_html(stats: dict[str, Any]) -> str:
+    plots = make_plots(stats)
+    per = stats["per_example_masked_fraction"]
+    return f"""<h2>Plots</h2>
+<div class="plots">
+<figure class="plot" id="plot-probability">{plots["probability_histogram"]}
+<figcaption>Probability of response tokens (20 bins); red bars fall below tau.</figcaption></figure>
+<figure class="plot" id="plot-sweep">{plots["sweep"]}
+<figcaption>Masked share of response tokens if the mask were <code>higher</code> at each tau.
+</figcaption></figure>
+<figure class="plot" id="plot-per-example">{plots["per_example"]}
+<figcaption>Per-example masked share ({per["examples_with_response"]} examples with a response).
+</figcaption></figure>
+</div>"""
+
+
+def _document(out: str | Path, body: str, stats: dict[str, Any], n_shown: int,
+              per_page: int) -> str:
+    """The whole page around ``body``: head, inline CSS and scripts, the summary as JSON."""
+    summary = {
+        k: stats[k]
+        for k in ("examples", "tokens", "response_tokens", "kept_tokens", "masked_fraction")
+    }
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>profit-prep report · {html.escape(visible(str(out)))}</title>"
+        f"<script>{ERROR_HOOK}</script><style>{CSS}</style></head>\n"
+        f'<body data-examples="{n_shown}" data-per-page="{per_page}">{body}'
+        f'<script type="application/json" id="stats">'
+        f"{json.dumps(summary).replace('<', chr(92) + 'u003c')}</script>"
+        f"<script>{JS.replace('PER_PAGE', str(int(per_page)))}</script></body></html>\n"
+    )
+
+
+
 def build_html(
     flat: Flat,
     tokenizer: Any,
@@ -309,27 +296,10 @@ def build_html(
     scale = color_scale(flat, color_by) if color_by != PROB else None
     comparison = compare_rules(flat, *compare) if compare is not None else None
     stats = compute_stats(flat, tokenizer)
-    plots = make_plots(stats)
     picked = sample_indices(flat.n_examples, examples, sample_seed)
     manifest = flat.manifest
     model = visible(str(manifest.get("model", {}).get("name", "?")))  # the manifest's text
     rule = f"{describe_rule(flat.rule)} ({stats['rule_source']})"
-    cards = [
-        (stats["examples"], "examples"),
-        (stats["tokens"], "tokens"),
-        (stats["response_tokens"], "response tokens"),
-        (stats["kept_tokens"], "kept"),
-        (f"{stats['masked_fraction']:.1%}", "masked (of response)"),
-    ]
-    end = stats["end_of_turn"]
-    if end["tokens"]:
-        cards.append((f"{end['masked']} of {end['tokens']}", "end-of-turn tokens masked"))
-    per = stats["per_example_masked_fraction"]
-    quantiles = [[k, "n/a" if v is None else f"{v:.1%}"] for k, v in per["quantiles"].items()]
-
-    def top_rows(key: str) -> list[list[Any]]:
-        return [[repr(t["token"]), t["token_id"], t["count"]] for t in stats[key]]
-
     sample_note = (
         f"all {flat.n_examples} examples"
         if len(picked) == flat.n_examples
@@ -347,41 +317,9 @@ def build_html(
 <p class="meta">output <code>{html.escape(visible(str(out)))}</code>
  · model <code>{html.escape(model)}</code> · mask <code>{html.escape(rule)}</code>
  · tokens coloured by <code id="colour-by">{html.escape(colours)}</code></p>
-<div class="cards">{
-        "".join(
-            f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(k)}</span></div>'
-            for v, k in cards
-        )
-    }</div>
-<h2>Plots</h2>
-<div class="plots">
-<figure class="plot" id="plot-probability">{plots["probability_histogram"]}
-<figcaption>Probability of response tokens (20 bins); red bars fall below tau.</figcaption></figure>
-<figure class="plot" id="plot-sweep">{plots["sweep"]}
-<figcaption>Masked share of response tokens if the mask were <code>higher</code> at each tau.
-</figcaption></figure>
-<figure class="plot" id="plot-per-example">{plots["per_example"]}
-<figcaption>Per-example masked share ({per["examples_with_response"]} examples with a response).
-</figcaption></figure>
-</div>
-<h2>Numbers</h2>
-<div class="tables">
-<div><h3>Threshold sweep (<code>higher</code>)</h3>{
-        _table(
-            ["tau", "masked tokens", "masked %"],
-            [
-                [f"{p['tau']:g}", p["masked_tokens"], f"{p['masked_fraction']:.1%}"]
-                for p in stats["threshold_sweep"]["points"]
-            ],
-            {1, 2},
-        )
-    }</div>
-<div><h3>Per-example masked share</h3>{_table(["quantile", "masked %"], quantiles, {1})}
-<p class="note">mean {"n/a" if per["mean"] is None else f"{per['mean']:.1%}"}</p></div>
-<div><h3>Most often masked</h3>{_table(["token", "id", "count"], top_rows("top_masked"), {1, 2})}
-</div>
-<div><h3>Most often kept</h3>{_table(["token", "id", "count"], top_rows("top_kept"), {1, 2})}</div>
-</div>
+{_cards_html(stats)}
+{_plots_html(stats)}
+{_numbers_html(stats)}
 <h2 id="examples">Examples</h2>
 <p class="note">Showing {html.escape(sample_note)}; {per_page} per page. Prompt tokens are grey,
 response tokens are coloured by {html.escape(colours)}{masked_note}; hover a token for its
@@ -400,20 +338,7 @@ probability and every stored signal.</p>
         )
     }</div>
 """
-    summary = {
-        k: stats[k]
-        for k in ("examples", "tokens", "response_tokens", "kept_tokens", "masked_fraction")
-    }
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>profit-prep report · {html.escape(visible(str(out)))}</title>"
-        f"<script>{ERROR_HOOK}</script><style>{CSS}</style></head>\n"
-        f'<body data-examples="{len(picked)}" data-per-page="{per_page}">{body}'
-        f'<script type="application/json" id="stats">'
-        f"{json.dumps(summary).replace('<', chr(92) + 'u003c')}</script>"
-        f"<script>{JS.replace('PER_PAGE', str(int(per_page)))}</script></body></html>\n"
-    )
+    return _document(out, body, stats, len(picked), per_page)
 
 
 def write_report(
