@@ -15,13 +15,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from profit_prep.errors import InputError
-from profit_prep.gpu import DTYPES
-from profit_prep.masks import MaskRule
-from profit_prep.options import check_choices, include_fields
-from profit_prep.reading import (
+from profit_prep.inputs.formats import (
     FORMATS,
     FieldMap,
 )
+from profit_prep.options import check_choices, include_fields
+from profit_prep.rules.profit import MaskRule
+from profit_prep.scorers.gpu import DTYPES
 
 
 @dataclass

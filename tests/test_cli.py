@@ -54,7 +54,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 def test_every_help_lists_every_option_choices() -> None:
     """Each command's --help shows the values of every option that has choices, and a choice
     declared on a dataclass field (ScoreConfig, MaskRule) is exactly argparse's list."""
-    from profit_prep.masks import MaskRule
+    from profit_prep.rules.profit import MaskRule
 
     declared = {f.name: tuple(f.metadata["choices"])
                 for cls in (ScoreConfig, MaskRule) for f in dataclasses.fields(cls)

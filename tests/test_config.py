@@ -56,7 +56,7 @@ def test_the_rule_fields_are_mask_rules_in_place_and_positional_order_is_kept() 
 
 def test_load_and_the_rule_params_refuse_a_bogus_choice_before_reading(tmp_path: Path) -> None:
     from profit_prep import load
-    from profit_prep.masks import RuleParams
+    from profit_prep.rules.profit import RuleParams
 
     missing = tmp_path / "no-such-output"  # never read: the value is refused first
     with pytest.raises(InputError, match=r"^unknown strategy 'bogus' \(choose from higher, "

@@ -70,9 +70,9 @@ def test_rule_parameters_are_declared_in_exactly_one_place(tmp_path: Path) -> No
 def two_shard_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic output (two shards, many tied probabilities, end-of-turn tokens) whose
     stored mask is the stored rule's."""
-    from profit_prep.format import ScoredExample, to_table
-    from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
-    from profit_prep.output import OutputDir
+    from profit_prep.rules.profit import MaskRule, end_of_turn_tokens, loss_mask
+    from profit_prep.store.schema import ScoredExample, to_table
+    from profit_prep.store.writer import OutputDir
 
     rng = np.random.default_rng(3)
     stored = MaskRule("higher", tau=0.2)
@@ -109,7 +109,7 @@ SELECT_RULES = ["top:signal=prob,fraction=0.3,scope=global", "top:signal=loss,fr
 
 
 def _loaded(out: Path, **kwargs: Any) -> np.ndarray:
-    from profit_prep.loading import load
+    from profit_prep.training.loader import load
 
     return np.concatenate([np.array(m, bool) for m in load(out, **kwargs)["completion_mask"]])
 
@@ -126,8 +126,8 @@ def test_a_rule_keeps_the_same_tokens_in_every_reader(
     two_shard_out: Path, smollm2_tokenizer, private_datasets_cache, text: str, flags: list[str]
 ) -> None:
     from profit_prep.cli import build_parser, rule_params
-    from profit_prep.output_check import read_manifest
-    from profit_prep.rules import parse_rule
+    from profit_prep.rules.selection import parse_rule
+    from profit_prep.store.reader import read_manifest
     from profit_prep.views.flat import A_ONLY, BOTH, compare_rules, iter_flat, load_flat
     from profit_prep.views.report import write_report
     from profit_prep.views.stats import compute_stats
@@ -158,7 +158,7 @@ def test_a_rule_keeps_the_same_tokens_in_every_reader(
 def test_a_selection_rule_keeps_the_same_tokens_in_load_and_compare(
     two_shard_out: Path, private_datasets_cache, text: str
 ) -> None:
-    from profit_prep.rules import parse_rule
+    from profit_prep.rules.selection import parse_rule
     from profit_prep.views.flat import A_ONLY, BOTH, compare_rules, load_flat
 
     rule = parse_rule(text)

@@ -20,8 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
-from profit_prep.format import flat_list
-from profit_prep.keep import (
+from profit_prep.rules.keep import (
     Resolved,
     Tokens,
     global_threshold_of,
@@ -31,9 +30,10 @@ from profit_prep.keep import (
     resolve_parsed,
     rule_params,
 )
-from profit_prep.masks import MaskRule, RuleParams, end_of_turn_tokens
-from profit_prep.output_check import check_shards, read_manifest
-from profit_prep.rules import Rule, Select
+from profit_prep.rules.profit import MaskRule, RuleParams, end_of_turn_tokens
+from profit_prep.rules.selection import Rule, Select
+from profit_prep.store.reader import check_shards, read_manifest
+from profit_prep.store.schema import flat_list
 from profit_prep.views.text import visible
 
 CORE_COLUMNS = (
@@ -303,7 +303,7 @@ def _flat_of(
 
 def load_output_tokenizer(out: str | Path, override: str | Path | None = None) -> Any:
     """The tokenizer recorded in the manifest (``tokenizer.path``), or ``override``."""
-    from profit_prep.rendering import load_tokenizer
+    from profit_prep.rendering.renderer import load_tokenizer
 
     path = override or read_manifest(out).get("tokenizer", {}).get("path")
     if not path:
@@ -317,7 +317,7 @@ def load_output_tokenizer(out: str | Path, override: str | Path | None = None) -
 
 def rule_keep(flat: Flat, rule: Rule) -> np.ndarray:
     """The response tokens a rule keeps, over every token of ``flat`` (the whole output): what
-    ``load`` keeps with that rule (:func:`profit_prep.keep.kept`), a global ``top`` with its
+    ``load`` keeps with that rule (:func:`profit_prep.rules.keep.kept`), a global ``top`` with its
     exact threshold over ``flat``."""
     if isinstance(rule, Select) and rule.signal == "excess_loss":
         raise InputError("signal excess_loss needs a reference output; load(reference=...) has it")
