@@ -252,6 +252,37 @@ def _add_colour_arguments(p: argparse.ArgumentParser) -> None:
                    "selection rule (top:signal=entropy,fraction=0.2; band:signal=rank,hi=3)")
 
 
+def _add_view_commands(
+    sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]]
+) -> None:
+    """inspect, stats and report: an output seen through a rule (the stored one by default)."""
+    p = sub.add_parser("inspect", help="print examples with masked tokens marked")
+    _add_view_arguments(p)
+    p.add_argument("--row", metavar="ID", help="show the example with this example_id")
+    p.add_argument("--limit", type=int, default=5, help="examples to show (default: 5)")
+    p.add_argument("--grep", metavar="TEXT", help="only examples whose text contains TEXT")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="ANSI colours (default: auto, when stdout is a terminal)")
+    _add_colour_arguments(p)
+    commands["inspect"] = cmd_inspect
+
+    p = sub.add_parser("stats", help="token counts, threshold sweep, histograms, top tokens")
+    _add_view_arguments(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    commands["stats"] = cmd_stats
+
+    p = sub.add_parser("report", help="write a self-contained HTML report with plots")
+    _add_view_arguments(p, sample_seed=True)
+    p.add_argument("--html", metavar="FILE", help="report file (default: OUT/report.html)")
+    p.add_argument("--examples", type=int, default=200,
+                   help="examples to include, a seeded random sample (default: 200)")
+    p.add_argument("--seed", type=int, default=0, dest="sample_seed", metavar="SEED",
+                   help="seed of the example sample (default: 0)")
+    p.add_argument("--per-page", type=int, default=20, help="examples per page (default: 20)")
+    _add_colour_arguments(p)
+    commands["report"] = cmd_report
+
+
 def build_parser() -> argparse.ArgumentParser:
     from profit_prep import __version__
     from profit_prep.config import SECTIONS, ScoreConfig
@@ -309,32 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     commands["manifest"] = cmd_manifest
 
-    p = sub.add_parser("inspect", help="print examples with masked tokens marked")
-    _add_view_arguments(p)
-    p.add_argument("--row", metavar="ID", help="show the example with this example_id")
-    p.add_argument("--limit", type=int, default=5, help="examples to show (default: 5)")
-    p.add_argument("--grep", metavar="TEXT", help="only examples whose text contains TEXT")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="ANSI colours (default: auto, when stdout is a terminal)")
-    _add_colour_arguments(p)
-    commands["inspect"] = cmd_inspect
-
-    p = sub.add_parser("stats", help="token counts, threshold sweep, histograms, top tokens")
-    _add_view_arguments(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    commands["stats"] = cmd_stats
-
-    p = sub.add_parser("report", help="write a self-contained HTML report with plots")
-    _add_view_arguments(p, sample_seed=True)
-    p.add_argument("--html", metavar="FILE", help="report file (default: OUT/report.html)")
-    p.add_argument("--examples", type=int, default=200,
-                   help="examples to include, a seeded random sample (default: 200)")
-    p.add_argument("--seed", type=int, default=0, dest="sample_seed", metavar="SEED",
-                   help="seed of the example sample (default: 0)")
-    p.add_argument("--per-page", type=int, default=20, help="examples per page (default: 20)")
-    _add_colour_arguments(p)
-    commands["report"] = cmd_report
-
+    _add_view_commands(sub, commands)
     parser.set_defaults(_commands=commands)
     return parser
 
