@@ -1,7 +1,9 @@
 """Rules: which response tokens stay in the loss, decided from the stored scores.
 
 ``profit`` is ProFit's probability rule (``MaskRule``: higher / lower / middle / random),
-``selection`` the load-time selection rules over other stored signals (``Select``).
+``selection`` the load-time selection rules over other stored signals (``Select``), ``keep``
+the one layer every reader goes through: a rule resolved against an output's manifest and the
+tokens it keeps.
 """
 
 from typing import Any

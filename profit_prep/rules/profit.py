@@ -121,7 +121,7 @@ def resolve_rule(
     Every parameter given (not None) replaces the stored one; every other parameter keeps its
     stored value, also when the strategy changes: ``lower`` on an output scored with
     ``higher, tau=0.3`` masks at tau 0.3 (the complement of the stored mask), and the stored
-    ``protect`` stays unless given (docs/format.md). :mod:`profit_prep.keep` resolves for
+    ``protect`` stays unless given (docs/format.md). :mod:`profit_prep.rules.keep` resolves for
     every reader through this.
 
     >>> resolve_rule({"strategy": "higher", "tau": 0.3}, strategy="lower").tau
