@@ -32,10 +32,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +55,7 @@ from profit_prep.masks import (
 )
 from profit_prep.output_check import check_shards, read_manifest
 from profit_prep.rules import Select
-from profit_prep.safe_files import temporary_file
+from profit_prep.safe_files import atomic_path_file
 
 if TYPE_CHECKING:
     import datasets
@@ -213,14 +211,12 @@ def _write(
     target: Path, select: Select | None = None, ref: Reference | None = None,
     end_of_turn_ids: list[int] | None = None,
 ) -> None:
-    """Transform the shards one at a time into one Arrow IPC file, atomically renamed into place."""
+    """Transform the shards one at a time into one Arrow IPC file, streamed into place
+    atomically (:func:`profit_prep.safe_files.atomic_path_file`)."""
     threshold = None
     if select is not None and select.kind == "top" and select.scope == "global":
         threshold = global_threshold_of(out, manifest, select, ref)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_file(target.parent, target.name)
-    os.close(fd)
-    try:
+    with atomic_path_file(target) as f:
         writer = None
         for shard in manifest["shards"]:
             table = pq.read_table(
@@ -230,18 +226,13 @@ def _write(
                               end_of_turn_ids=end_of_turn_ids,
                               reference=ref)
             if writer is None:
-                writer = pa.ipc.new_stream(tmp, batch.schema)
+                writer = pa.ipc.new_stream(f, batch.schema)
             writer.write_table(batch)
         if writer is None:  # an output with no shards: write an empty, well-typed file
             schema = _empty_schema(options, ref is not None)
             empty = pa.table({c: pa.array([], t.type) for c, t in schema.items()})
-            writer = pa.ipc.new_stream(tmp, empty.schema)
-        writer.close()
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            writer = pa.ipc.new_stream(f, empty.schema)
+        writer.close()  # the stream's end; the file stays open for atomic_path_file
 
 
 def _empty_schema(options: dict[str, Any], excess: bool = False) -> dict[str, pa.Field]:
