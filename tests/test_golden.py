@@ -258,7 +258,7 @@ def test_tiny_model_output_matches_golden(
     tmp_path: Path, smollm2_dir: Path, private_datasets_cache: None
 ) -> None:
     from profit_prep import ScoreConfig, score
-    from profit_prep.rules import Select
+    from profit_prep.rules.selection import Select
 
     model = deterministic_tiny_llama(tmp_path / "tiny", smollm2_dir)
     out = tmp_path / "out"
@@ -275,7 +275,7 @@ def test_tiny_model_output_matches_golden(
 def test_smollm2_output_matches_golden(
     tmp_path: Path, smollm2_dir: Path, private_datasets_cache: None
 ) -> None:
-    from profit_prep.rules import Select
+    from profit_prep.rules.selection import Select
 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.safe_files import atomic_path_file, atomic_write_bytes
+from profit_prep.store.safe_files import atomic_path_file, atomic_write_bytes
 
 
 def test_a_streamed_file_appears_whole_with_ordinary_permissions(tmp_path: Path) -> None:
