@@ -32,6 +32,19 @@ def _copy_tokenizer(tokenizer_dir: Path, folder: Path) -> None:
             shutil.copy(tokenizer_dir / name, folder / name)
 
 
+def tiny_random_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer randomly initialised Llama (``torch.manual_seed(seed)``) with the tokenizer and
+    vocabulary size of ``tokenizer_dir``: for tests and benchmark smoke runs (its
+    probabilities are ~1/vocab everywhere)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(_tiny_llama_config(tokenizer_dir)).save_pretrained(folder)
+    _copy_tokenizer(tokenizer_dir, folder)
+    return folder
+
+
 def splitmix_normalish(count: int, stream: int) -> np.ndarray:
     """``count`` values with mean 0 and variance 1 from SplitMix64 over ``0..count-1`` in
     ``stream``: integer arithmetic only, so identical on every machine and numpy/torch version
