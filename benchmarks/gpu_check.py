@@ -110,7 +110,8 @@ def parse_cost_us_per_token(tokens: int = 500, rounds: int = 20) -> float:
     the gold logprobs, as the scoring actor does after each ``generate``: best of ``rounds``."""
     from vllm.logprobs import FlatLogprobs, Logprob
 
-    from profit_prep.scorers.vllm_engine import actual_token_logprobs
+    from profit_prep.scorers.top_k import gold_logprobs
+    from profit_prep.scorers.vllm_engine import vllm_entries
 
     ids = np.random.default_rng(0).integers(0, 128256, tokens).tolist()
     flat = FlatLogprobs()
@@ -120,7 +121,7 @@ def parse_cost_us_per_token(tokens: int = 500, rounds: int = 20) -> float:
     best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
-        actual_token_logprobs(ids, flat)
+        gold_logprobs(vllm_entries(flat), ids)  # as TopKScorer.score does per answer
         best = min(best, time.perf_counter() - t0)
     return best / tokens * 1e6
 

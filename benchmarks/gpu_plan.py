@@ -1,11 +1,11 @@
-"""Print docs/scaling.md's GPU sizing table and worked plans from profit_prep.scorers.sizing.
+"""Size whole scoring runs on GPUs (:func:`plan_run`) and print docs/scaling.md's GPU sizing
+table and worked plans.
 
     python benchmarks/gpu_plan.py            # both tables, as markdown
 
 Nothing is measured here: the default ``max_num_batched_tokens`` is
 :func:`profit_prep.scorers.sizing.step_token_budget` for each of vLLM's model runners (V2, vLLM
-0.32's
-default on CUDA, and V1, under ``VLLM_USE_V2_MODEL_RUNNER=0`` or without Triton), the per-GPU
+0.32's default on CUDA, and V1, under ``VLLM_USE_V2_MODEL_RUNNER=0`` or without Triton), the per-GPU
 prefill rate is ``pipeline_ceiling.gpu_demand`` (MFU x an H100's dense bf16 peak / (2 x
 params); the H200 has the same compute), the render rate and Parquet bytes per token are the
 figures measured in docs/benchmarks.md. ``tests/test_sizing.py`` checks that the doc holds
@@ -14,7 +14,9 @@ exactly these lines.
 
 from __future__ import annotations
 
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,13 +25,112 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline_ceiling import MODELS, gpu_demand  # noqa: E402
 
-from profit_prep.scorers.sizing import (  # noqa: E402
-    GpuSpec,
-    MiB,
-    ModelSpec,
-    plan_run,
-    step_token_budget,
-)
+from profit_prep.scorers.sizing import MiB, step_token_budget  # noqa: E402
+
+# Measured on this project's CPUs (docs/benchmarks.md): what one render process feeds
+# (benchmarks/pipeline_ceiling.py, in process, --backend null) and the output's Parquet size.
+RENDER_TOKENS_PER_S = 314_731
+PARQUET_BYTES_PER_TOKEN = 4.42
+
+
+# --------------------------------------------------------------------------- run plans
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What sizing needs of a reference model (bf16 weights)."""
+
+    name: str
+    params: float
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def kv_bytes_per_token(self, tensor_parallel_size: int = 1) -> float:
+        """K and V of every layer for one token, bf16, on one rank (TP splits the KV heads)."""
+        heads = max(self.kv_heads / tensor_parallel_size, 1)  # a head is replicated, not split
+        return 2 * self.layers * heads * self.head_dim * 2
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_bytes: int  # total, as NVML (and so vLLM) reports it
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One scoring run on ``gpus`` GPUs: actors, memory per GPU, time, feed and output."""
+
+    model: str
+    gpu: str
+    runner: str
+    gpus: int
+    tensor_parallel_size: int
+    num_workers: int
+    max_num_batched_tokens: int
+    gpu_budget_bytes: float  # total x gpu_memory_utilization: what vLLM may take
+    weights_bytes: float  # per GPU
+    kv_step_bytes: float  # per GPU: KV of one step's tokens (vLLM fills the rest with cache)
+    logits_peak_bytes: float  # per GPU, outside the budget
+    headroom_bytes: float  # per GPU, outside the budget, after the margin
+    spare_bytes: float  # per GPU: budget - weights - one step's KV (activations, more KV)
+    fits: bool  # spare > 0 and the logits peak inside the headroom
+    tokens: float
+    tokens_per_s: float  # the cluster's
+    hours: float
+    render_actors: int
+    render_load: float  # of the render actors' capacity, at the cluster's rate
+    output_bytes: float
+
+
+def plan_run(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    *,
+    gpus: int,
+    tensor_parallel_size: int,
+    rows: int,
+    tokens_per_row: int,
+    gpu_tokens_per_s: float,
+    gpu_memory_utilization: float = 0.9,
+    render_tokens_per_s: float = RENDER_TOKENS_PER_S,
+    bytes_per_token: float = PARQUET_BYTES_PER_TOKEN,
+    runner: str = "v1",
+) -> Plan:
+    """Size a run: ``gpus / tensor_parallel_size`` engines, the default step budget, hours.
+
+    ``gpu_tokens_per_s`` is one GPU's prefill rate (``benchmarks/pipeline_ceiling.py``'s
+    ``gpu_demand``); a TP engine of t GPUs scores t times one GPU's rate (communication losses
+    are inside the assumed MFU).
+    """
+    if gpus % tensor_parallel_size:
+        raise ValueError(f"{gpus} GPUs do not split into engines of {tensor_parallel_size}")
+    budget = step_token_budget(gpu.memory_bytes, model.vocab, gpu_memory_utilization,
+                               runner=runner)
+    weights = model.params * 2 / tensor_parallel_size
+    kv_step = budget.tokens * model.kv_bytes_per_token(tensor_parallel_size)
+    gpu_budget = gpu.memory_bytes * gpu_memory_utilization
+    tokens = float(rows) * tokens_per_row
+    rate = gpus * gpu_tokens_per_s
+    actors = math.ceil(rate / render_tokens_per_s)
+    return Plan(
+        model=model.name, gpu=gpu.name, runner=runner, gpus=gpus,
+        tensor_parallel_size=tensor_parallel_size,
+        num_workers=gpus // tensor_parallel_size, max_num_batched_tokens=budget.tokens,
+        gpu_budget_bytes=gpu_budget, weights_bytes=weights, kv_step_bytes=kv_step,
+        logits_peak_bytes=budget.peak_bytes, headroom_bytes=budget.headroom_bytes,
+        spare_bytes=gpu_budget - weights - kv_step,
+        fits=weights + kv_step < gpu_budget and budget.peak_bytes <= budget.headroom_bytes,
+        tokens=tokens, tokens_per_s=rate, hours=tokens / rate / 3600,
+        render_actors=actors, render_load=rate / (actors * render_tokens_per_s),
+        output_bytes=tokens * bytes_per_token,
+    )
+
+
+# --------------------------------------------------------------------------- the doc's tables
+
 
 RUNNERS = ("v2", "v1")  # V2 first: what vLLM 0.32 uses on CUDA unless told otherwise
 

@@ -620,7 +620,9 @@ def run(mode: Mode, checkpoint: Path | None = None) -> dict[str, Any]:
     """Every figure, one measurement after another (see the functions above)."""
     import torch
 
-    from profit_prep.scorers.models import convert_smollm2, tiny_random_llama
+    sys.path.insert(0, str(REPO))  # the tiny model is the tests' (tests/tiny_models.py)
+    from profit_prep.scorers.models import convert_smollm2
+    from tests.tiny_models import tiny_random_llama
 
     t_run = time.perf_counter()
     res: dict[str, Any] = {"mode": mode.name, "machine": machine_info(), "complete": False}

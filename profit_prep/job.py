@@ -282,7 +282,8 @@ def prepare(config: ScoreConfig) -> Prepared:
         raise InputError(f"{config.data}: no rows")
     fmt = check_format(source, config)
     if fmt == "auto" and started.get("format") in FORMATS[1:]:
-        # An output started when auto meant "the first row's format" resumes as it began.
+        # An output started with a named --format resumes in it under the default auto
+        # (tests/test_pipeline.py; outputs of when auto recorded a row's format are refused).
         fmt = started["format"]
     # With --server the model is remote; the local folder only supplies the tokenizer.
     model_dir = resolve_model((config.tokenizer or config.model) if config.server else config.model)

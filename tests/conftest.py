@@ -59,7 +59,7 @@ def smollm2_tokenizer(smollm2_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
     """A 2-layer randomly initialised Llama sharing SmolLM2's tokenizer: fast, real computation."""
-    from profit_prep.scorers.models import tiny_random_llama
+    from tests.tiny_models import tiny_random_llama
 
     return tiny_random_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
 

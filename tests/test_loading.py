@@ -149,6 +149,36 @@ def test_dataset_is_memory_mapped_arrow(tiny_out: Path) -> None:
     assert load(tiny_out, tau=0.3).cache_files[0]["filename"] != ds.cache_files[0]["filename"]
 
 
+def test_cache_file_appears_whole_or_not_at_all(
+    tiny_out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache file is streamed through safe_files' one atomic write: a transform that fails
+    after the first shard leaves neither a partial cache file nor a temporary, and the next
+    load writes the whole file."""
+    import datasets
+
+    import profit_prep.training.loader as loading
+
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "profit_prep"
+    before = set(cache.iterdir()) if cache.exists() else set()
+    real, calls = loading.transform, []
+
+    def fail_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "transform", fail_on_second_shard)
+    with pytest.raises(OSError, match="simulated"):
+        load(tiny_out, tau=0.15)
+    assert set(cache.iterdir()) == before  # no partial cache file, no .NAME.XXXXXXXX left
+    monkeypatch.setattr(loading, "transform", real)
+    ds = load(tiny_out, tau=0.15)
+    assert len(ds) == 8 and set(cache.iterdir()) - before == {
+        Path(ds.cache_files[0]["filename"])}
+
+
 # -- (c) tokenizer check -------------------------------------------------------------------------
 
 

@@ -289,29 +289,32 @@ def test_auto_mixed_resume_matches_the_uninterrupted_output(tmp_path: Path, smol
     assert sum(resumed["render"]["formats"].values()) == len(MIXED)
 
 
-def test_an_output_started_when_auto_meant_the_first_rows_format_resumes(
+def test_an_output_started_with_a_named_format_resumes_under_the_default_auto(
     tmp_path: Path, smollm2_dir
 ) -> None:
-    """Before per-row detection, run.json recorded auto's choice (the first row's format): such
-    an unfinished output resumes in that format instead of being refused as changed."""
+    """An output started with ``--format messages`` and rerun with the default ``--format
+    auto`` resumes in the format it was started with (its finished shard is kept, the manifest
+    says ``messages``); the other way round, a named format cannot resume an ``auto`` output.
+    (Written for outputs of the versions where ``auto`` recorded the first row's format, which
+    are now refused for lacking ``identity``; this case keeps the code path live.)"""
     rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
                                          {"role": "assistant", "content": f"a{i}"}]}
             for i in range(6)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"
-    first = score(null_config(data, out, smollm2_dir))
-    run_json = out / "run.json"
-    params = json.loads(run_json.read_text())
-    assert params["format"] == "auto"
-    run_json.write_text(json.dumps({**params, "format": "messages"}))  # as the old version wrote
+    first = score(null_config(data, out, smollm2_dir, format="messages"))
     (out / "data" / "part-00001.parquet").unlink()
     (out / "manifest.json").unlink()
     again = score(null_config(data, out, smollm2_dir))
-    # Each shard's record names the run.json it was written under, so after the edit no shard
-    # is trusted: all are scored again, in the recorded format, and none is refused.
-    assert (first["resumed_shards"], again["resumed_shards"]) == (0, 0)
+    assert (first["resumed_shards"], again["resumed_shards"]) == (0, 1)
     assert again["scored_rows"] == len(rows)
     assert json.loads((out / "manifest.json").read_text())["render"]["format"] == "messages"
+
+    other = tmp_path / "other"
+    score(null_config(data, other, smollm2_dir))
+    (other / "manifest.json").unlink()
+    with pytest.raises(InputError, match=r"other parameters \(format differ\)"):
+        score(null_config(data, other, smollm2_dir, format="messages"))
 
 
 def test_auto_refuses_a_file_with_no_known_format_in_one_line(tmp_path: Path,

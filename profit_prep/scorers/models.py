@@ -267,30 +267,3 @@ def model_content_hash(
     for path, file_hash in zip(files, hashes, strict=True):
         digest.update(f"{path.name}:{path.stat().st_size}:{file_hash}\n".encode())
     return f"{HASH_SCHEME}:{digest.hexdigest()}"
-
-
-def tiny_random_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer randomly initialised Llama with the tokenizer (and vocabulary size) of
-    ``tokenizer_dir``: real computation in milliseconds, for tests and benchmark smoke runs.
-
-    Its probabilities are ~1/vocab everywhere, so masks from it say nothing about language; use
-    it where the code path, not the model, is under test.
-    """
-    import json
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    vocab = json.loads((tokenizer_dir / "config.json").read_text()).get("vocab_size", 49152)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, folder / name)
-    return folder

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.scorers.top_k import gold_logprobs
 
 # Largest log-probability accepted: fp32 log-softmax can round a near-certain token slightly
 # above 0 (~1e-6); anything further up is not a log-probability.
@@ -282,8 +281,3 @@ def check_completion(body: Any, ids: Sequence[int] | np.ndarray) -> Entries:
             "other servers may not)"
         )
     return check_prompt_logprobs(choices[0]["prompt_logprobs"], ids)
-
-
-def parse_prompt_logprobs(entries: list[Any], ids: np.ndarray) -> np.ndarray:
-    """The actual token's logprob at every position (NaN at 0) from a server's answer."""
-    return gold_logprobs(check_prompt_logprobs(entries, ids), ids)[0]

@@ -1,4 +1,4 @@
-"""GPU sizing for the vLLM backend: the default ``max_num_batched_tokens``, and run plans.
+"""GPU sizing for the vLLM backend: the default ``max_num_batched_tokens``.
 
 vLLM sizes its KV cache so that the engine fills ``gpu_memory_utilization`` of the GPU, but its
 memory profile does not count the prompt-logprob tensors (vllm-project/vllm#5907). What those
@@ -16,8 +16,8 @@ tensors cost depends on the model runner vLLM uses (:data:`RUNNERS`):
   building the log-softmax. The peak, 1,024 x vocab x logit bytes, does not grow with the step,
   so the step keeps vLLM's own default (16,384 on >= 70 GiB GPUs, else 8,192).
 
-:func:`step_token_budget` computes the bound for either runner; :func:`plan_run` sizes a whole
-scoring run (docs/scaling.md, "Worked plans"; ``benchmarks/gpu_plan.py`` prints them).
+:func:`step_token_budget` computes the bound for either runner; ``benchmarks/gpu_plan.py``
+sizes whole scoring runs with it (docs/scaling.md, "Worked plans").
 
 The bound is per GPU whatever the tensor-parallel size: vLLM's logits processor all-gathers the
 vocabulary shards (``Platform.use_all_gather()`` is true on CUDA), so every rank holds the full
@@ -28,7 +28,6 @@ still alive while the next is computed), which the bound covers with room for fr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 GiB = 1 << 30
@@ -54,12 +53,6 @@ V2_PROMPT_LOGPROB_CHUNK = 1024
 # vLLM's offline (LLM class) default max_num_batched_tokens: 16,384 on GPUs of >= 70 GiB, else
 # 8,192 (vllm/engine/arg_utils.py; it also gives A100s 8,192, which it knows by name).
 VLLM_DEFAULT_BIG_GPU_BYTES = 70 * (1 << 30)
-
-# Measured on this project's CPUs (docs/benchmarks.md): what one render process feeds
-# (benchmarks/pipeline_ceiling.py, in process, --backend null) and the output's Parquet size.
-RENDER_TOKENS_PER_S = 314_731
-PARQUET_BYTES_PER_TOKEN = 4.42
-
 
 def logit_entry_bytes(dtype: str, runner: str = "v1") -> int:
     """Bytes per (token, vocabulary entry) of the prompt-logprob tensors: logits, plus the fp32
@@ -167,99 +160,3 @@ def step_token_budget(
                           per_token, runner)
     tokens = min(max(fits // ROUND_TO * ROUND_TO, MIN_BATCHED_TOKENS), MAX_BATCHED_TOKENS)
     return StepBudget(tokens, fits, headroom, per_token, runner)
-
-
-# --------------------------------------------------------------------------- run plans
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What sizing needs of a reference model (bf16 weights)."""
-
-    name: str
-    params: float
-    layers: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    def kv_bytes_per_token(self, tensor_parallel_size: int = 1) -> float:
-        """K and V of every layer for one token, bf16, on one rank (TP splits the KV heads)."""
-        heads = max(self.kv_heads / tensor_parallel_size, 1)  # a head is replicated, not split
-        return 2 * self.layers * heads * self.head_dim * 2
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    name: str
-    memory_bytes: int  # total, as NVML (and so vLLM) reports it
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One scoring run on ``gpus`` GPUs: actors, memory per GPU, time, feed and output."""
-
-    model: str
-    gpu: str
-    runner: str
-    gpus: int
-    tensor_parallel_size: int
-    num_workers: int
-    max_num_batched_tokens: int
-    gpu_budget_bytes: float  # total x gpu_memory_utilization: what vLLM may take
-    weights_bytes: float  # per GPU
-    kv_step_bytes: float  # per GPU: KV of one step's tokens (vLLM fills the rest with cache)
-    logits_peak_bytes: float  # per GPU, outside the budget
-    headroom_bytes: float  # per GPU, outside the budget, after the margin
-    spare_bytes: float  # per GPU: budget - weights - one step's KV (activations, more KV)
-    fits: bool  # spare > 0 and the logits peak inside the headroom
-    tokens: float
-    tokens_per_s: float  # the cluster's
-    hours: float
-    render_actors: int
-    render_load: float  # of the render actors' capacity, at the cluster's rate
-    output_bytes: float
-
-
-def plan_run(
-    model: ModelSpec,
-    gpu: GpuSpec,
-    *,
-    gpus: int,
-    tensor_parallel_size: int,
-    rows: int,
-    tokens_per_row: int,
-    gpu_tokens_per_s: float,
-    gpu_memory_utilization: float = 0.9,
-    render_tokens_per_s: float = RENDER_TOKENS_PER_S,
-    bytes_per_token: float = PARQUET_BYTES_PER_TOKEN,
-    runner: str = "v1",
-) -> Plan:
-    """Size a run: ``gpus / tensor_parallel_size`` engines, the default step budget, hours.
-
-    ``gpu_tokens_per_s`` is one GPU's prefill rate (``benchmarks/pipeline_ceiling.py``'s
-    ``gpu_demand``); a TP engine of t GPUs scores t times one GPU's rate (communication losses
-    are inside the assumed MFU).
-    """
-    if gpus % tensor_parallel_size:
-        raise ValueError(f"{gpus} GPUs do not split into engines of {tensor_parallel_size}")
-    budget = step_token_budget(gpu.memory_bytes, model.vocab, gpu_memory_utilization,
-                               runner=runner)
-    weights = model.params * 2 / tensor_parallel_size
-    kv_step = budget.tokens * model.kv_bytes_per_token(tensor_parallel_size)
-    gpu_budget = gpu.memory_bytes * gpu_memory_utilization
-    tokens = float(rows) * tokens_per_row
-    rate = gpus * gpu_tokens_per_s
-    actors = math.ceil(rate / render_tokens_per_s)
-    return Plan(
-        model=model.name, gpu=gpu.name, runner=runner, gpus=gpus,
-        tensor_parallel_size=tensor_parallel_size,
-        num_workers=gpus // tensor_parallel_size, max_num_batched_tokens=budget.tokens,
-        gpu_budget_bytes=gpu_budget, weights_bytes=weights, kv_step_bytes=kv_step,
-        logits_peak_bytes=budget.peak_bytes, headroom_bytes=budget.headroom_bytes,
-        spare_bytes=gpu_budget - weights - kv_step,
-        fits=weights + kv_step < gpu_budget and budget.peak_bytes <= budget.headroom_bytes,
-        tokens=tokens, tokens_per_s=rate, hours=tokens / rate / 3600,
-        render_actors=actors, render_load=rate / (actors * render_tokens_per_s),
-        output_bytes=tokens * bytes_per_token,
-    )

@@ -41,7 +41,6 @@ from profit_prep.scorers.top_k import (
     Entry,
     TopKScorer,
     describe_top_k_signals,
-    gold_logprobs,
     parse_top_k_signals,
 )
 
@@ -158,17 +157,6 @@ def vllm_entries(prompt_logprobs: Sequence[Mapping[int, Any] | None] | None) -> 
         {int(tid): (lp.logprob, lp.rank) for tid, lp in entry.items()} if entry else None
         for entry in (prompt_logprobs if prompt_logprobs is not None else [])
     ]
-
-
-def actual_token_logprobs(
-    token_ids: Sequence[int], prompt_logprobs: Sequence[Mapping[int, Any] | None]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The actual token's log-probability and rank at every position of a vLLM answer
-    (NaN and -1 at position 0; :func:`profit_prep.scorers.top_k.gold_logprobs`)."""
-    try:
-        return gold_logprobs(vllm_entries(prompt_logprobs), token_ids)
-    except RuntimeError as exc:
-        raise RuntimeError(f"vLLM: {exc}") from None
 
 
 def _text_config_value(model_dir: Path, key: str) -> int | None:

@@ -38,7 +38,9 @@ def temporary_file(folder: Path, name: str) -> tuple[int, str]:
     """A temporary file beside ``folder/name`` with ordinary permissions (``mkstemp``'s are 0600).
 
     Output files follow the umask like any other file a user creates, so a teammate or a
-    training job under another user can read a shared output.
+    training job under another user can read a shared output. Nothing in profit-prep calls it
+    any more (every write goes through :func:`atomic_file`); kept for the old import path
+    ``profit_prep.output.temporary_file`` (deprecated, goes in the next release).
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     os.fchmod(fd, 0o666 & ~_UMASK)
@@ -161,14 +163,24 @@ def _open_folder_of(path: Path) -> int:
     return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either nothing or all of it (never through a link at
+@contextlib.contextmanager
+def atomic_path_file(path: Path) -> Iterator[BinaryIO]:
+    """:func:`atomic_file` at a path (its folder made if missing): a stream to write a file of
+    any size into, which readers see either nothing or all of (never through a link at
     ``path`` itself: a link, folder or device there is refused)."""
-    dir_fd = _open_folder_of(Path(path))
+    path = Path(path)
+    dir_fd = _open_folder_of(path)
     try:
-        place(dir_fd, Path(path).name, data, Path(path))
+        with atomic_file(dir_fd, path.name, path) as f:
+            yield f
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` as ``path`` at once (:func:`atomic_path_file`)."""
+    with atomic_path_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

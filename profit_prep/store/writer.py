@@ -2,8 +2,8 @@
 
 A shard is written to a temporary name and renamed into place, its rejected rows first, so a
 visible ``data/part-*.parquet`` always means the whole input range is done. Resume = skip those.
-The folder's names are :mod:`profit_prep.store.names`; its reader is
-:mod:`profit_prep.store.reader`.
+The folder's names are :mod:`profit_prep.store.names`; what a resume checks before it trusts a
+shard, :mod:`profit_prep.store.shard_records`; its reader is :mod:`profit_prep.store.reader`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import stat
-import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,7 +41,6 @@ from profit_prep.store.safe_files import (
     os_reason,
     place,
     read_json_object,
-    sha256_bytes,
     sha256_stream,
 )
 from profit_prep.store.schema import FORMAT_VERSION, SCHEMA
@@ -54,18 +52,7 @@ from profit_prep.store.shard_counts import (
     shard_counts,
     stored_counts,
 )
-
-# What a shard record (shards/part-N.json) holds.
-_RECORD_KEYS = ("sha256", "bytes", "rows", "rejected_sha256", "run")
-
-
-# Why a finished-looking shard is not trusted (``_shard_problem``); NO_RECORD: an older
-# profit-prep wrote it, or something other than a run put it there.
-NO_RECORD = "it has no record in shards/ (written by an older profit-prep, or not by this run)"
-
-
-def _identity(st: os.stat_result | None) -> tuple[int, ...] | None:
-    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+from profit_prep.store.shard_records import NO_RECORD, ShardRecords
 
 
 class OutputDir:
@@ -77,10 +64,7 @@ class OutputDir:
         self.rejected = self.path / "rejected"
         self.records = self.path / "shards"
         self._lock_fd: int | None = None
-        # Shard index -> (file identities, problem or None, record): a verdict is reused while
-        # the files are unchanged (all_done and pending ask about every shard).
-        self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
-        self._run_digest: tuple[Any, str] | None = None
+        self._trust = ShardRecords(self.path, self._folders)
 
     # -- folders ------------------------------------------------------------------------------
 
@@ -190,7 +174,7 @@ class OutputDir:
                              "use --overwrite to start it again, or another --out")
         with self._folders(create=True) as fds:
             place(fds[""], "run.json", (json.dumps(params, indent=2) + "\n").encode(), run_file)
-        self._verdicts.clear()
+        self._trust.forget()
 
     def _remove(self, own: Any) -> None:
         """Delete the regular files ``own(folder, name)`` accepts, in OUT and its folders, by
@@ -206,87 +190,12 @@ class OutputDir:
     # -- shards -----------------------------------------------------------------------------
 
     def shard_done(self, index: int) -> bool:
-        """True when shard ``index`` is finished and trusted (:meth:`_shard_problem`)."""
-        return self._verdict(index)[0] is None
-
-    def _verdict(self, index: int) -> tuple[str | None, dict[str, Any] | None]:
-        """(None, record) for a trusted shard; ("", None) for one not written; else (why it is
-        not trusted, record). An untrusted shard is said once, in one line, and scored again."""
-        name = shard_name(index)
-        try:
-            with self._folders() as fds:
-                if "data" not in fds or lstat_at(f"{name}.parquet", fds["data"]) is None:
-                    return "", None
-                key = tuple(_identity(lstat_at(f, fds[d])) if d in fds else None
-                            for d, f in (("data", f"{name}.parquet"), ("rejected", f"{name}.jsonl"),
-                                         ("shards", f"{name}.json"), ("", "run.json")))
-                cached = self._verdicts.get(index)
-                if cached is not None and cached[0] == key:
-                    return cached[1], cached[2]
-                problem, record = self._shard_problem(name, fds)
-        except FileNotFoundError:  # no output yet, or a file went away while it was read
-            return "", None
-        except InputError as exc:  # a link or special file where a shard's file should be
-            problem, record, key = str(exc), None, None
-        if problem:
-            print(f"note: {self.data / name}.parquet is not trusted ({problem}); scoring that "
-                  "shard again", file=sys.stderr)
-        if key is not None:
-            self._verdicts[index] = (key, problem, record)
-        return problem, record
-
-    def _shard_problem(
-        self, name: str, fds: dict[str, int]
-    ) -> tuple[str | None, dict[str, Any] | None]:
-        """Why the finished-looking shard ``name`` is not the one this run wrote, or None.
-
-        Its record (written just before the data file appeared) must name this run's
-        ``run.json`` and the exact bytes of its data and rejected files (sha256): a shard
-        copied from another output, replaced, truncated or with its rejected rows gone fails.
-        """
-        if "shards" not in fds:
-            return NO_RECORD, None
-        try:
-            fd = open_regular(f"{name}.json", fds["shards"], self.records / f"{name}.json")
-        except FileNotFoundError:
-            return NO_RECORD, None
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(1 << 16)
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
-            return f"its record shards/{name}.json is damaged", None
-        if record["run"] != self._run_json_digest(fds[""]):
-            return "its record names another run's run.json", record
-        fd = open_regular(f"{name}.parquet", fds["data"], self.data / f"{name}.parquet")
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != record["bytes"]:
-                return f"{size} bytes, its record says {record['bytes']}", record
-            if sha256_stream(f) != record["sha256"]:
-                return "its checksum differs from its record (changed or replaced)", record
-        try:
-            fd = open_regular(f"{name}.jsonl", fds["rejected"], self.rejected / f"{name}.jsonl")
-        except (FileNotFoundError, KeyError):
-            return f"rejected/{name}.jsonl is missing", record
-        with os.fdopen(fd, "rb") as f:
-            if sha256_stream(f) != record["rejected_sha256"]:
-                return f"rejected/{name}.jsonl differs from its record", record
-        return None, record
-
-    def _run_json_digest(self, out_fd: int) -> str:
-        fd = open_regular("run.json", out_fd, self.path / "run.json")
-        with os.fdopen(fd, "rb") as f:
-            key = _identity(os.fstat(f.fileno()))
-            if self._run_digest is None or self._run_digest[0] != key:
-                self._run_digest = (key, sha256_stream(f))
-        return self._run_digest[1]
+        """True when shard ``index`` is finished and trusted (:class:`ShardRecords`)."""
+        return self._trust.verdict(index)[0] is None
 
     def input_digest(self, index: int) -> str | None:
         """The input digest stored with a finished shard (None for outputs that predate it)."""
-        problem, record = self._verdict(index)
+        problem, record = self._trust.verdict(index)
         if problem is None and record is not None and "input_digest" in record:
             return record["input_digest"]
         path = self.data / f"{shard_name(index)}.parquet"
@@ -335,14 +244,13 @@ class OutputDir:
         data = sink.getvalue()
         name = shard_name(index)
         with self._folders(create=True) as fds:
-            record = {"sha256": sha256_bytes(data), "bytes": data.size, "rows": table.num_rows,
-                      "rejected_sha256": sha256_bytes(lines), "rejected_rows": len(rejected),
-                      "input_digest": input_digest, "run": self._run_json_digest(fds[""])}
+            record = self._trust.record(data, table.num_rows, lines, len(rejected),
+                                        input_digest, fds[""])
             place(fds["rejected"], f"{name}.jsonl", lines, self.rejected / f"{name}.jsonl")
             place(fds["shards"], f"{name}.json", (json.dumps(record) + "\n").encode(),
                   self.records / f"{name}.json")
             place(fds["data"], f"{name}.parquet", data, self.data / f"{name}.parquet")
-        self._verdicts.pop(index, None)
+        self._trust.forget(index)
 
     # -- finish -----------------------------------------------------------------------------
 
@@ -406,7 +314,7 @@ class OutputDir:
         """A shard's rows, footer counts, sha256 and (with ``end_of_turn_ids``) end-of-turn
         tokens and how many were masked; refused when it changed since it was written."""
         name = shard_name(index)
-        problem, record = self._verdict(index)
+        problem, record = self._trust.verdict(index)
         if problem not in (None, NO_RECORD):  # NO_RECORD: shards of older versions
             raise InputError(
                 f"{self.data / name}.parquet: {problem or 'missing'}; rerun the same "

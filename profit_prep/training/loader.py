@@ -33,10 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +57,7 @@ from profit_prep.rules.profit import RuleParams
 from profit_prep.rules.selection import Select
 from profit_prep.store.combine import Reference
 from profit_prep.store.reader import check_shards, read_manifest
-from profit_prep.store.safe_files import temporary_file
+from profit_prep.store.safe_files import atomic_path_file
 from profit_prep.store.schema import flat_list
 
 if TYPE_CHECKING:
@@ -189,34 +187,27 @@ def _write(
     out: Path, manifest: dict[str, Any], resolved: Resolved, options: dict[str, Any],
     target: Path, ref: Reference | None = None,
 ) -> None:
-    """Transform the shards one at a time into one Arrow IPC file, atomically renamed into place."""
+    """Transform the shards one at a time into one Arrow IPC file, streamed into place
+    atomically (:func:`profit_prep.store.safe_files.atomic_path_file`)."""
     select = resolved.rule if isinstance(resolved.rule, Select) else None
     threshold = None
     if needs_threshold(select):  # one pass over every shard first: the exact k-th value
         threshold = global_threshold_of(
             select, (tokens_of(_read(out, s, select, ref), select, ref) for s in manifest["shards"])
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_file(target.parent, target.name)
-    os.close(fd)
-    try:
+    with atomic_path_file(target) as f:
         writer = None
         for shard in manifest["shards"]:
             table = _read(out, shard, select, ref)
             batch = transform(table, resolved, **options, threshold=threshold, reference=ref)
             if writer is None:
-                writer = pa.ipc.new_stream(tmp, batch.schema)
+                writer = pa.ipc.new_stream(f, batch.schema)
             writer.write_table(batch)
         if writer is None:  # an output with no shards: write an empty, well-typed file
             schema = _empty_schema(options, ref is not None)
             empty = pa.table({c: pa.array([], t.type) for c, t in schema.items()})
-            writer = pa.ipc.new_stream(tmp, empty.schema)
-        writer.close()
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            writer = pa.ipc.new_stream(f, empty.schema)
+        writer.close()  # the stream's end; the file stays open for atomic_path_file
 
 
 def _empty_schema(options: dict[str, Any], excess: bool = False) -> dict[str, pa.Field]:
