@@ -31,6 +31,7 @@ from profit_prep.pipeline import (
     write_scored_shard,
 )
 from profit_prep.scoring import Scorer
+from profit_prep.store.outputs import open_output
 
 
 class Progress:
@@ -119,7 +120,7 @@ def run_job(config: ScoreConfig, executor: Executor) -> dict[str, Any]:
     manifest; return the summary. A rerun with the same config resumes."""
     t_start = time.perf_counter()
     prepared = prepare(config)
-    out = OutputDir(config.out)
+    out = open_output(config.out)  # a local folder, or an object-store prefix
     out.check_writable(config.overwrite)
     if not config.quiet:
         print(prepared.backend_line(), file=sys.stderr)

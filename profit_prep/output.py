@@ -213,6 +213,11 @@ class OutputDir:
         self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
         self._run_digest: tuple[Any, str] | None = None
 
+    @property
+    def location(self) -> str:
+        """Where another process (Ray's writer actor) reopens this output."""
+        return str(self.path.resolve())
+
     # -- folders ------------------------------------------------------------------------------
 
     def _open_out(self) -> int:

@@ -52,6 +52,7 @@ from profit_prep.rendering import Rendered, Renderer, end_of_turn_ids
 from profit_prep.scoring import Scorer, signal_columns
 from profit_prep.server_probe import PROBE_TOLERANCE, server_probe
 from profit_prep.sources import RawRow, Source, open_source
+from profit_prep.store.outputs import read_run_params
 from profit_prep.tokenizer_identity import load_tokenizer, resolve_template
 from profit_prep.tokenizer_identity import tokenizer_fingerprint as fingerprint_of
 
@@ -394,11 +395,8 @@ def _started_params(config: ScoreConfig) -> dict[str, Any]:
     a resume keeps choices that ``auto`` would make differently now (backend, format)."""
     if config.overwrite:
         return {}
-    try:
-        params = json.loads((Path(config.out) / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}  # no output yet, or a damaged one: OutputDir says so with one line
-    return params if isinstance(params, dict) else {}
+    # No output yet, or a damaged one: {} (the writer says so with one line).
+    return read_run_params(config.out)
 
 
 def _check_vocab(model_dir: Path, tokenizer: Any) -> None:
