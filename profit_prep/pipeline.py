@@ -393,10 +393,10 @@ def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None
 def _started_params(config: ScoreConfig) -> dict[str, Any]:
     """The parameters an unfinished or finished output in ``--out`` was started with, if any:
     a resume keeps choices that ``auto`` would make differently now (backend, format)."""
-    if config.overwrite:
-        return {}
+    # Read first: a --out URL the writer would refuse is refused here, before a model loads.
     # No output yet, or a damaged one: {} (the writer says so with one line).
-    return read_run_params(config.out)
+    params = read_run_params(config.out)
+    return {} if config.overwrite else params
 
 
 def _check_vocab(model_dir: Path, tokenizer: Any) -> None:

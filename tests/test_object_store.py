@@ -112,7 +112,7 @@ def test_a_rerun_on_s3_resumes_and_refuses_a_changed_input(
 def test_kill_9_mid_run_then_rerun_is_byte_identical_to_an_uninterrupted_local_run(
     tmp_path: Path, tiny_model_dir: Path, s3_bucket: str, s3_env: S3Server, lease_2s
 ) -> None:
-    limit, shard_size = 120, 2  # 60 shards: the kill lands well before the end
+    limit, shard_size = 60, 2  # 30 shards: the kill lands well before the end
     local = tmp_path / "local"
     score(config(str(local), tiny_model_dir, limit=limit, shard_size=shard_size))
     out = f"{s3_bucket}/run"

@@ -358,12 +358,12 @@ class ObjectOutput:
 
 
 def read_run_params(url: str) -> dict[str, Any]:
-    """The parameters an output under ``url`` was started with ({} when none or damaged)."""
+    """The parameters an output under ``url`` was started with ({} when none or damaged);
+    a URL the writer refuses (credentials in it, a store without conditional writes) is
+    refused here already."""
+    out = ObjectOutput(url)
     try:
-        fs, root = filesystem(url, "--out")
-        params = json.loads(fs.cat_file(f"{root}/run.json"))
-    except (InputError, ValueError, FileNotFoundError):
-        return {}
-    except Exception:  # unreachable store: the writer reports it in one line
+        params = json.loads(out.fs.cat_file(out._key("run.json")))
+    except Exception:  # none yet, damaged, or an unreachable store: the writer says which
         return {}
     return params if isinstance(params, dict) else {}
