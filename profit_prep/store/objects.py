@@ -30,7 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
-from profit_prep.output import (
+from profit_prep.store.lease import Lease
+from profit_prep.store.names import MANIFEST, OWN_IN, REJECTED, own_file, shard_name
+from profit_prep.store.safe_files import sha256_bytes
+from profit_prep.store.shard_counts import INPUT_DIGEST_KEY
+from profit_prep.store.urls import describe, filesystem, redact, scheme
+from profit_prep.store.writer import (
     NO_RECORD,
     ManifestTotals,
     encode_shard,
@@ -39,11 +44,6 @@ from profit_prep.output import (
     rejected_with_newline,
     shard_record,
 )
-from profit_prep.output_names import MANIFEST, OWN_IN, REJECTED, own_file, shard_name
-from profit_prep.safe_files import sha256_bytes
-from profit_prep.shard_counts import INPUT_DIGEST_KEY
-from profit_prep.store.lease import Lease
-from profit_prep.store.urls import describe, filesystem, redact, scheme
 
 # Stores with conditional writes: the lock needs them.
 WRITABLE = ("s3", "s3a", "gs", "gcs")

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from profit_prep.output import OutputDir
 from profit_prep.store.urls import is_url
+from profit_prep.store.writer import OutputDir
 
 
 def open_output(out: str | Path) -> Any:
