@@ -281,3 +281,31 @@ def test_credentials_in_the_out_url_are_refused_without_echo(
 def test_the_hub_is_refused_as_an_output(tiny_model_dir: Path) -> None:
     with pytest.raises(InputError, match="hf upload"):
         score(config("hf://datasets/someone/masks", tiny_model_dir, limit=3))
+
+
+@pytest.mark.slow
+def test_a_ray_run_to_s3_writes_the_same_bytes_from_the_drivers_node(
+    tmp_path: Path, tiny_model_dir: Path, s3_bucket: str, s3_env: S3Server
+) -> None:
+    ray = pytest.importorskip("ray")
+    from profit_prep.executors.ray import score_with_ray
+
+    local = tmp_path / "local"
+    score(config(str(local), tiny_model_dir, limit=8))
+    assert not ray.is_initialized()
+    # A local cluster started here: its workers inherit this environment (the test server's
+    # endpoint and fake keys), as a cluster node's workers get the node's credential chain.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        score_with_ray(config(f"{s3_bucket}/run", tiny_model_dir, limit=8, num_workers=1))
+    finally:
+        ray.shutdown()
+    remote = under(s3_env.objects(bucket_of(s3_bucket)), "run")
+    mine = local_files(local)
+    assert sorted(remote) == sorted(mine)
+    # Shard data and rejected rows byte for byte (run.json records the Ray run's own choices,
+    # so the records naming it differ).
+    shards = [n for n in mine if n.startswith(("data/", "rejected"))]
+    assert len(shards) == 7
+    for name in shards:
+        assert remote[name] == mine[name], name
