@@ -278,6 +278,13 @@ def test_credentials_in_the_out_url_are_refused_without_echo(
     assert_no_secret(result.stdout, result.stderr)
 
 
+def test_a_missing_bucket_is_one_error_line(tiny_model_dir: Path, s3_env: S3Server) -> None:
+    result = subprocess.run(cli_score("s3://no-such-bucket-pp/run", tiny_model_dir, 3, 3),
+                            env=environ_with(s3_env), capture_output=True, text=True, timeout=600)
+    assert_one_error_line(result, "s3://no-such-bucket-pp/run")
+    assert_no_secret(result.stdout, result.stderr)
+
+
 def test_the_hub_is_refused_as_an_output(tiny_model_dir: Path) -> None:
     with pytest.raises(InputError, match="hf upload"):
         score(config("hf://datasets/someone/masks", tiny_model_dir, limit=3))
