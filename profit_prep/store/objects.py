@@ -23,6 +23,7 @@ import functools
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -49,6 +50,9 @@ from profit_prep.store.writer import (
 WRITABLE = ("s3", "s3a", "gs", "gcs")
 
 T = TypeVar("T")
+
+# How long one listing of OUT/ answers "which objects are there" (see ObjectOutput._info).
+_LISTING_S = 5.0
 
 
 def _one_line_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -82,6 +86,7 @@ class ObjectOutput:
         self._lease: Lease | None = None
         self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
         self._run_digest: tuple[str, str] | None = None
+        self._listing: tuple[float, dict[str, dict[str, Any]]] | None = None
 
     # -- names --------------------------------------------------------------------------------
 
@@ -106,10 +111,13 @@ class ObjectOutput:
         return len(parts) == 2 and parts[0] in OWN_IN and own_file(parts[0], parts[1])
 
     def _info(self, *parts: str) -> dict[str, Any] | None:
-        try:
-            return self.fs.info(self._key(*parts))
-        except FileNotFoundError:
-            return None
+        """An object's listing entry (size, version): from one listing of ``OUT/`` reused for a
+        few seconds, so checking N shards costs a few LIST calls, not 4N HEADs. What it
+        vouches for is then read fresh (record, checksums); our own writes drop it."""
+        now = time.monotonic()
+        if self._listing is None or now - self._listing[0] > _LISTING_S:
+            self._listing = (now, self._objects())
+        return self._listing[1].get("/".join(parts))
 
     @staticmethod
     def _version(info: dict[str, Any] | None) -> tuple[Any, ...] | None:
@@ -121,6 +129,7 @@ class ObjectOutput:
     def _put(self, data: bytes | memoryview | pa.Buffer, *parts: str) -> None:
         if self._lease is not None:
             self._lease.check()
+        self._listing = None
         # One PUT below 100 MB, else one multipart upload: visible only once complete.
         self.fs.pipe_file(self._key(*parts), bytes(memoryview(data)))
 
@@ -171,6 +180,7 @@ class ObjectOutput:
             own = sorted(self._key(rel) for rel in objects if self._own(rel) and rel != ".lock")
             if own:
                 self.fs.rm(own)
+            self._listing = None
         elif "run.json" in objects:
             self._abort_uploads()
             previous = self._read_json("run.json", "the run's parameters",
@@ -320,6 +330,7 @@ class ObjectOutput:
         """Check every shard against its record, gather the rejected rows (spooled through a
         local temporary file, so memory does not grow with them) and write the manifest last."""
         totals = ManifestTotals(end_of_turn_ids)
+        self._listing = None  # shards were written meanwhile (by Ray's writer actor, too)
         with tempfile.TemporaryDirectory(prefix="profit-prep-") as spool:
             gathered_path = f"{spool}/{REJECTED}"
             with open(gathered_path, "wb") as gathered:
