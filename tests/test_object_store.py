@@ -108,6 +108,25 @@ def test_a_rerun_on_s3_resumes_and_refuses_a_changed_input(
         score(config(out, tiny_model_dir, data=str(data), limit=None))
 
 
+def test_a_replaced_shard_on_s3_is_not_trusted_and_scored_again(
+    tiny_model_dir: Path, s3_bucket: str, s3_env: S3Server, capfd
+) -> None:
+    out = f"{s3_bucket}/run"
+    score(config(out, tiny_model_dir, limit=6))
+    client, bucket = s3_env.client(), bucket_of(s3_bucket)
+    before = under(s3_env.objects(bucket), "run")
+    swapped = before["data/part-00001.parquet"]  # a whole, valid shard: but not this one
+    client.put_object(Bucket=bucket, Key="run/data/part-00000.parquet", Body=swapped)
+    client.delete_object(Bucket=bucket, Key="run/manifest.json")
+    capfd.readouterr()
+    summary = score(config(out, tiny_model_dir, limit=6))
+    notes = [line for line in capfd.readouterr().err.splitlines() if "is not trusted" in line]
+    assert len(notes) == 1 and "part-00000" in notes[0] and "its record" in notes[0]
+    assert summary["resumed_shards"] == 1
+    after = under(s3_env.objects(bucket), "run")
+    assert after["data/part-00000.parquet"] == before["data/part-00000.parquet"]
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_is_byte_identical_to_an_uninterrupted_local_run(
     tmp_path: Path, tiny_model_dir: Path, s3_bucket: str, s3_env: S3Server, lease_2s
