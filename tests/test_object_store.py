@@ -141,9 +141,11 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical_to_an_uninterrupted_local_r
                             stderr=subprocess.PIPE)
     client, bucket = s3_env.client(), bucket_of(s3_bucket)
     deadline = time.time() + 300
+    # Kill as soon as a second shard's record appears: one shard is done, and the second is
+    # caught between its record and its data object (or just after).
     while time.time() < deadline and proc.poll() is None:
         listed = client.list_objects_v2(Bucket=bucket, Prefix="run/shards/")
-        if listed.get("KeyCount", 0) >= 1:
+        if listed.get("KeyCount", 0) >= 2:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -152,7 +154,7 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical_to_an_uninterrupted_local_r
     killed = under(s3_env.objects(bucket), "run")
     assert "manifest.json" not in killed and ".lock" in killed  # the killed run's lock stays
     n_done = sum(k.startswith("data/") for k in killed)
-    assert n_done < limit // shard_size
+    assert 1 <= n_done < limit // shard_size
     rerun = subprocess.run(cli_score(out, tiny_model_dir, limit, shard_size), env=env,
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
@@ -195,6 +197,21 @@ def test_overwrite_deletes_only_its_own_objects(
     with pytest.raises(InputError, match=r"did not write \(notes.txt\)"):
         score(config(out, tiny_model_dir, limit=3, overwrite=True))
     assert s3_env.objects(bucket) == before
+
+
+def test_unfinished_uploads_a_killed_run_left_are_aborted_others_kept(
+    tiny_model_dir: Path, s3_bucket: str, s3_env: S3Server
+) -> None:
+    client, bucket = s3_env.client(), bucket_of(s3_bucket)
+    out = f"{s3_bucket}/run"
+    score(config(out, tiny_model_dir, limit=3))
+    ours = client.create_multipart_upload(Bucket=bucket, Key="run/data/part-00007.parquet")
+    theirs = client.create_multipart_upload(Bucket=bucket, Key="run/big-upload.bin")
+    beside = client.create_multipart_upload(Bucket=bucket, Key="run2/data/part-00000.parquet")
+    score(config(out, tiny_model_dir, limit=3))  # a resume (nothing to score) takes the lock
+    left = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+    assert ours["UploadId"] not in left
+    assert {theirs["UploadId"], beside["UploadId"]} <= left
 
 
 def test_a_prefix_holding_foreign_objects_is_refused(
