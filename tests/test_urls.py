@@ -47,6 +47,8 @@ def test_redact_masks_userinfo_secret_params_key_ids_and_secret_env(monkeypatch)
     out = urls.redact(text)
     assert FAKE_SECRET not in out and "abc" not in out and "AKIAABCDEFGHIJKLMNOP" not in out
     assert "s3://***@b/k" in out and "&x=1" in out
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")  # a local placeholder: words stay
+    assert urls.redact("--data test.jsonl") == "--data test.jsonl"
 
 
 def test_a_missing_client_names_the_extra(monkeypatch) -> None:
