@@ -2,8 +2,8 @@
 
 A shard is written to a temporary name and renamed into place, its rejected rows first, so a
 visible ``data/part-*.parquet`` always means the whole input range is done. Resume = skip those.
-The folder's names are :mod:`profit_prep.store.names`; what a resume checks before it trusts a
-shard, :mod:`profit_prep.store.shard_records`; its reader is :mod:`profit_prep.store.reader`.
+The folder's names are :mod:`profit_prep.store.names`; its reader is
+:mod:`profit_prep.store.reader`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import stat
-from collections import Counter
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,16 +43,23 @@ from profit_prep.store.safe_files import (
     read_json_object,
     sha256_stream,
 )
-from profit_prep.store.schema import FORMAT_VERSION, SCHEMA
 from profit_prep.store.shard_counts import (
     INPUT_DIGEST_KEY,
-    SHARD_COUNTS_KEY,
-    SUMMED,
-    end_of_turn_counts,
-    shard_counts,
-    stored_counts,
 )
-from profit_prep.store.shard_records import NO_RECORD, ShardRecords
+from profit_prep.store.shard_files import (
+    NO_RECORD,
+    ManifestTotals,
+    encode_shard,
+    footer_figures,
+    record_problem,
+    rejected_with_newline,
+    shard_record,
+)
+
+
+def _identity(st: os.stat_result | None) -> tuple[int, ...] | None:
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 
 class OutputDir:
@@ -64,7 +71,15 @@ class OutputDir:
         self.rejected = self.path / "rejected"
         self.records = self.path / "shards"
         self._lock_fd: int | None = None
-        self._trust = ShardRecords(self.path, self._folders)
+        # Shard index -> (file identities, problem or None, record): a verdict is reused while
+        # the files are unchanged (all_done and pending ask about every shard).
+        self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
+        self._run_digest: tuple[Any, str] | None = None
+
+    @property
+    def location(self) -> str:
+        """Where another process (Ray's writer actor) reopens this output."""
+        return str(self.path.resolve())
 
     # -- folders ------------------------------------------------------------------------------
 
@@ -174,7 +189,7 @@ class OutputDir:
                              "use --overwrite to start it again, or another --out")
         with self._folders(create=True) as fds:
             place(fds[""], "run.json", (json.dumps(params, indent=2) + "\n").encode(), run_file)
-        self._trust.forget()
+        self._verdicts.clear()
 
     def _remove(self, own: Any) -> None:
         """Delete the regular files ``own(folder, name)`` accepts, in OUT and its folders, by
@@ -190,12 +205,82 @@ class OutputDir:
     # -- shards -----------------------------------------------------------------------------
 
     def shard_done(self, index: int) -> bool:
-        """True when shard ``index`` is finished and trusted (:class:`ShardRecords`)."""
-        return self._trust.verdict(index)[0] is None
+        """True when shard ``index`` is finished and trusted (:meth:`_shard_problem`)."""
+        return self._verdict(index)[0] is None
+
+    def _verdict(self, index: int) -> tuple[str | None, dict[str, Any] | None]:
+        """(None, record) for a trusted shard; ("", None) for one not written; else (why it is
+        not trusted, record). An untrusted shard is said once, in one line, and scored again."""
+        name = shard_name(index)
+        try:
+            with self._folders() as fds:
+                if "data" not in fds or lstat_at(f"{name}.parquet", fds["data"]) is None:
+                    return "", None
+                key = tuple(_identity(lstat_at(f, fds[d])) if d in fds else None
+                            for d, f in (("data", f"{name}.parquet"), ("rejected", f"{name}.jsonl"),
+                                         ("shards", f"{name}.json"), ("", "run.json")))
+                cached = self._verdicts.get(index)
+                if cached is not None and cached[0] == key:
+                    return cached[1], cached[2]
+                problem, record = self._shard_problem(name, fds)
+        except FileNotFoundError:  # no output yet, or a file went away while it was read
+            return "", None
+        except InputError as exc:  # a link or special file where a shard's file should be
+            problem, record, key = str(exc), None, None
+        if problem:
+            print(f"note: {self.data / name}.parquet is not trusted ({problem}); scoring that "
+                  "shard again", file=sys.stderr)
+        if key is not None:
+            self._verdicts[index] = (key, problem, record)
+        return problem, record
+
+    def _shard_problem(
+        self, name: str, fds: dict[str, int]
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """Why the finished-looking shard ``name`` is not the one this run wrote, or None.
+
+        Its record (written just before the data file appeared) must name this run's
+        ``run.json`` and the exact bytes of its data and rejected files (sha256): a shard
+        copied from another output, replaced, truncated or with its rejected rows gone fails.
+        """
+        if "shards" not in fds:
+            return NO_RECORD, None
+        try:
+            fd = open_regular(f"{name}.json", fds["shards"], self.records / f"{name}.json")
+        except FileNotFoundError:
+            return NO_RECORD, None
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(1 << 16)
+        problem, record = record_problem(name, raw, self._run_json_digest(fds[""]))
+        if problem or record is None:
+            return problem, record
+        fd = open_regular(f"{name}.parquet", fds["data"], self.data / f"{name}.parquet")
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != record["bytes"]:
+                return f"{size} bytes, its record says {record['bytes']}", record
+            if sha256_stream(f) != record["sha256"]:
+                return "its checksum differs from its record (changed or replaced)", record
+        try:
+            fd = open_regular(f"{name}.jsonl", fds["rejected"], self.rejected / f"{name}.jsonl")
+        except (FileNotFoundError, KeyError):
+            return f"rejected/{name}.jsonl is missing", record
+        with os.fdopen(fd, "rb") as f:
+            if sha256_stream(f) != record["rejected_sha256"]:
+                return f"rejected/{name}.jsonl differs from its record", record
+        return None, record
+
+    def _run_json_digest(self, out_fd: int) -> str:
+        fd = open_regular("run.json", out_fd, self.path / "run.json")
+        with os.fdopen(fd, "rb") as f:
+            key = _identity(os.fstat(f.fileno()))
+            if self._run_digest is None or self._run_digest[0] != key:
+                self._run_digest = (key, sha256_stream(f))
+        return self._run_digest[1]
 
     def input_digest(self, index: int) -> str | None:
         """The input digest stored with a finished shard (None for outputs that predate it)."""
-        problem, record = self._trust.verdict(index)
+        problem, record = self._verdict(index)
         if problem is None and record is not None and "input_digest" in record:
             return record["input_digest"]
         path = self.data / f"{shard_name(index)}.parquet"
@@ -225,32 +310,16 @@ class OutputDir:
         (``shards/part-N.json``: checksums of both files, rows, this run's ``run.json``) is
         what a resume checks before it trusts the shard.
         """
-        metadata = dict(table.schema.metadata or {})
-        if input_digest is not None:
-            metadata[INPUT_DIGEST_KEY] = input_digest.encode()
-        counts = shard_counts(table, end_of_turn_ids, formats)
-        metadata[SHARD_COUNTS_KEY] = json.dumps(counts, separators=(",", ":")).encode()
-        table = table.replace_schema_metadata(metadata)
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected).encode()
-        # Float columns (logprobs and any later signal) compress ~1.6x better split by byte
-        # plane; dictionary encoding would take precedence over that, so it is kept for the id
-        # column alone. Measured on GSM8K: 6.3 -> 4.7 bytes per token. Written to memory first
-        # (a few MB per shard) so its checksum is known before the file appears.
-        floats = [f.name for f in table.schema
-                  if pa.types.is_floating(getattr(f.type, "value_type", f.type))]
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", use_dictionary=["example_id"],
-                       use_byte_stream_split=floats)
-        data = sink.getvalue()
+        data, lines = encode_shard(table, rejected, input_digest, end_of_turn_ids, formats)
         name = shard_name(index)
         with self._folders(create=True) as fds:
-            record = self._trust.record(data, table.num_rows, lines, len(rejected),
-                                        input_digest, fds[""])
+            record = shard_record(data, lines, table.num_rows, len(rejected), input_digest,
+                                  self._run_json_digest(fds[""]))
             place(fds["rejected"], f"{name}.jsonl", lines, self.rejected / f"{name}.jsonl")
             place(fds["shards"], f"{name}.json", (json.dumps(record) + "\n").encode(),
                   self.records / f"{name}.json")
             place(fds["data"], f"{name}.parquet", data, self.data / f"{name}.parquet")
-        self._trust.forget(index)
+        self._verdicts.pop(index, None)
 
     # -- finish -----------------------------------------------------------------------------
 
@@ -267,42 +336,16 @@ class OutputDir:
         lists one entry (~150 bytes) per shard. Every shard is checked against its record
         first: one changed since it was written is refused, and a rerun scores it again.
         """
-        shards: list[dict[str, Any]] = []
-        counts = dict.fromkeys(["scored_rows", *SUMMED.values()], 0)
-        if end_of_turn_ids is not None:
-            counts.update(end_of_turn_tokens=0, end_of_turn_masked=0)
-        formats: Counter[str] | None = Counter()
-        n_rejected = 0
+        totals = ManifestTotals(end_of_turn_ids)
         with self._folders(create=True) as fds, \
                 atomic_file(fds[""], REJECTED, self.path / REJECTED) as gathered:
             for index in range(n_shards):
                 name = shard_name(index)
-                rows, stored, digest, eot = self._finished_shard(index, fds, end_of_turn_ids)
-                counts["scored_rows"] += rows
-                for key in SUMMED.values():
-                    counts[key] += stored[key]
-                if eot is not None:
-                    counts["end_of_turn_tokens"] += eot[0]
-                    counts["end_of_turn_masked"] += eot[1]
-                if formats is not None and isinstance(stored.get("formats"), dict):
-                    formats.update(stored["formats"])
-                else:
-                    formats = None  # unknown for some shard: not claimed for any
-                shards.append({"file": f"data/{name}.parquet", "rows": rows, "sha256": digest})
+                figures = self._finished_shard(index, fds, end_of_turn_ids)
                 data = self._rejected_lines(name, fds)
+                totals.add(name, figures, data)
                 gathered.write(data)
-                # Count "\n" alone: a reason may hold U+2028, which splitlines would split.
-                n_rejected += data.count(b"\n")
-        counts["rejected_rows"] = n_rejected
-        if formats and isinstance(manifest.get("render"), dict):
-            manifest = {**manifest, "render": {**manifest["render"], "formats": dict(formats)}}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            **manifest,
-            "counts": counts,
-            "shards": shards,
-            "schema": [f.name for f in SCHEMA],
-        }
+        manifest = totals.manifest(manifest)
         with self._folders() as fds:
             place(fds[""], MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(),
                   self.path / MANIFEST)
@@ -314,32 +357,14 @@ class OutputDir:
         """A shard's rows, footer counts, sha256 and (with ``end_of_turn_ids``) end-of-turn
         tokens and how many were masked; refused when it changed since it was written."""
         name = shard_name(index)
-        problem, record = self._trust.verdict(index)
+        problem, record = self._verdict(index)
         if problem not in (None, NO_RECORD):  # NO_RECORD: shards of older versions
             raise InputError(
                 f"{self.data / name}.parquet: {problem or 'missing'}; rerun the same "
                 "command: it scores that shard again (finished shards are kept)")
         where = self.data / f"{name}.parquet"
-        eot = None
         with os.fdopen(open_regular(f"{name}.parquet", fds["data"], where), "rb") as f:
-            meta = pq.read_metadata(f)
-            stored = stored_counts(meta)
-            if stored is None:  # a shard from before counts were kept in footers
-                f.seek(0)
-                stored = shard_counts(pq.read_table(f, columns=list(SUMMED)))
-            if end_of_turn_ids is not None:
-                kept = stored.get("end_of_turn") or {}
-                if kept.get("ids") == list(end_of_turn_ids):
-                    eot = int(kept["tokens"]), int(kept["masked"])
-                else:
-                    f.seek(0)
-                    eot = end_of_turn_counts(f, end_of_turn_ids)
-            if record is None:
-                f.seek(0)
-                digest = sha256_stream(f)
-            else:
-                digest = record["sha256"]
-        return meta.num_rows, stored, digest, eot
+            return footer_figures(f, end_of_turn_ids, record)
 
     def _rejected_lines(self, name: str, fds: dict[str, int]) -> bytes:
         """A shard's rejected rows, ending in a newline when there are any."""
@@ -351,10 +376,7 @@ class OutputDir:
                 f"{self.rejected / name}.jsonl is missing; rerun the same command: it "
                 "scores that shard again (finished shards are kept)") from None
         with os.fdopen(rejected_fd, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            data += b"\n"
-        return data
+            return rejected_with_newline(f.read())
 
 
 
