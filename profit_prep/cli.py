@@ -124,6 +124,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from profit_prep.card import rewrite_card
+
+    print(f"card        {rewrite_card(args.out, license=args.license)}")
+    return 0
+
+
 def cmd_combine(args: argparse.Namespace) -> int:
     from profit_prep.combine import combine
 
@@ -316,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an output's shards against its manifest")
     p.add_argument("out")
     commands["verify"] = cmd_verify
+
+    p = sub.add_parser("card", help="write OUT/README.md again: the dataset card "
+                       "(configs for datasets and the Hub, provenance)")
+    p.add_argument("out")
+    p.add_argument("--license", metavar="ID", help="the input's licence as a Hub identifier "
+                   "(mit, apache-2.0, cc-by-4.0, other), when profit-prep does not know it")
+    commands["card"] = cmd_card
 
     p = sub.add_parser("combine", help="join a second model's scores of the same tokens "
                        "(reference_logprobs, excess_loss) into a new output")
