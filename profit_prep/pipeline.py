@@ -36,6 +36,7 @@ from profit_prep.duplicate_ids import find_duplicates
 from profit_prep.errors import InputError, RowError
 from profit_prep.format import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
 from profit_prep.input_checks import escape_text
+from profit_prep.inputs import remote
 from profit_prep.masks import MaskRule, end_of_turn_tokens, loss_mask
 from profit_prep.models import check_weights, model_content_hash, resolve_model
 from profit_prep.output import OutputDir
@@ -52,6 +53,7 @@ from profit_prep.rendering import Rendered, Renderer, end_of_turn_ids
 from profit_prep.scoring import Scorer, signal_columns
 from profit_prep.server_probe import PROBE_TOLERANCE, server_probe
 from profit_prep.sources import RawRow, Source, open_source
+from profit_prep.store.urls import is_url
 from profit_prep.tokenizer_identity import load_tokenizer, resolve_template
 from profit_prep.tokenizer_identity import tokenizer_fingerprint as fingerprint_of
 
@@ -244,7 +246,10 @@ class Prepared:
 def input_stamp(data: str, out: str | None = None) -> list[list[Any]]:
     """What any write to a local input changes: per file (a folder's files, recursively, but
     none inside ``out``, which this run writes), its path, device, inode, size, and mtime and
-    ctime in ns. Empty for a hub dataset."""
+    ctime in ns. Empty for a hub dataset. On an object store, each object's size, ETag and
+    version instead (:func:`profit_prep.inputs.remote.stamp`)."""
+    if is_url(data):
+        return remote.stamp(data, out)
     path = Path(data)
     if not path.exists():
         return []
@@ -277,7 +282,9 @@ def prepare(config: ScoreConfig) -> Prepared:
     rule = config.mask_rule()
     signals = check_signals(config)
     stamp = input_stamp(config.data, config.out)  # before the first read: later writes show
-    source = open_source(config.data, id_field=config.id_field, split=config.split)
+    # An object-store input is read from a verified local copy (profit_prep.inputs.remote).
+    local = remote.local_copy(config.data, config.out, stamp) if is_url(config.data) else None
+    source = open_source(local or config.data, id_field=config.id_field, split=config.split)
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
     fmt = check_format(source, config)
