@@ -162,8 +162,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_manifest(args: argparse.Namespace) -> int:
     from profit_prep.output_check import read_manifest
+    from profit_prep.store.cache import local_output
 
-    manifest = read_manifest(args.out)
+    manifest = read_manifest(local_output(args.out))
     manifest.get("chat_template", {}).pop("text", None)
     print(json.dumps(manifest, indent=2))
     return 0
@@ -202,8 +203,10 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
                          "(write the rule instead, e.g. higher:tau=0.3)")
     from profit_prep.output_check import read_manifest
+    from profit_prep.store.cache import local_output
 
-    stored = read_manifest(args.out).get("mask")  # unset keys of a rule keep the stored values
+    # Unset keys of a rule keep the stored values.
+    stored = read_manifest(local_output(args.out)).get("mask")
     a, b = (parse_rule(text, stored) for text in args.compare)
     return {"color_by": PROB, "compare": (a, b), "columns": rule_columns(a) + rule_columns(b),
             "rule_args": rule_args}

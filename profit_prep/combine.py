@@ -32,6 +32,8 @@ from profit_prep.errors import InputError
 from profit_prep.format import flat_list
 from profit_prep.output import OutputDir
 from profit_prep.output_check import read_manifest, verify
+from profit_prep.store.cache import local_output
+from profit_prep.store.urls import is_url
 
 # The columns :func:`combine` adds (documented in the combined manifest and docs/format.md).
 COMBINED_DOCS = {
@@ -47,8 +49,8 @@ class Reference:
     about 8 bytes per token)."""
 
     def __init__(self, out: str | Path, reference: str | Path) -> None:
-        self.path = Path(reference)
-        manifest = read_manifest(out)
+        self.path = local_output(reference)
+        manifest = read_manifest(local_output(out))
         ref_manifest = read_manifest(self.path)
         problems = verify(self.path)
         if problems:
@@ -116,8 +118,9 @@ def combine(
     Shards keep ``out``'s numbering, so a rerun after an interruption finishes the missing ones;
     a finished ``into`` is left alone unless ``overwrite``. Returns the new manifest.
     """
-    out, into = Path(out), Path(into)
-    if into.resolve() in (out.resolve(), Path(reference).resolve()):
+    out, into = local_output(out), Path(into)
+    if not is_url(str(reference)) and into.resolve() in (out.resolve(),
+                                                         Path(reference).resolve()):
         raise InputError(f"--into {into} must be a new directory, not one of the inputs")
     manifest = read_manifest(out)
     problems = verify(out)

@@ -58,6 +58,7 @@ from profit_prep.masks import (
 from profit_prep.output_check import check_shards, read_manifest
 from profit_prep.rules import Select
 from profit_prep.safe_files import temporary_file
+from profit_prep.store.cache import local_output
 
 if TYPE_CHECKING:
     import datasets
@@ -106,7 +107,7 @@ def load(
     """
     import datasets
 
-    out = Path(path)
+    out = local_output(path)  # a URL: its local copy, verified against the manifest
     manifest = read_manifest(out)  # InputError when unfinished, absent or damaged
     check_shards(out, manifest)  # presence, checksums, row counts, schema: one error line
     if tokenizer is not None:

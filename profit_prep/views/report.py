@@ -433,12 +433,16 @@ def write_report(
     color_by: str = PROB,
     compare: tuple[Rule, Rule] | None = None,
 ) -> Path:
-    """Write the HTML report of output ``out`` (default ``OUT/report.html``) and return its path.
+    """Write the HTML report of output ``out`` (default ``OUT/report.html``; for an output on an
+    object store, in its local copy) and return its path.
 
     Every stored signal column is read, for the tooltips; ``color_by`` must be one of them,
     ``logprobs`` or ``prob``. ``seed`` samples the examples shown; ``rule_seed`` is the random
     strategy's seed (``--seed`` of the other commands).
     """
+    from profit_prep.store.cache import local_output
+
+    out = local_output(out)
     check_columns(out, [color_by])
     rule_cols = [c for r in compare or () for c in rule_columns(r)]
     columns = [*numeric_columns(out), *rule_cols]
