@@ -78,7 +78,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> ScoreConfig:
 
 def run(argv: Sequence[str], *, force_ray: bool = False) -> int:
     """Shared main of the pipeline scripts: load, score, print the summary."""
-    from profit_prep.driver import format_summary, score
+    from profit_prep.executors.local import format_summary, score
 
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python {sys.argv[0]} CONFIG.yaml|CONFIG.toml [key=value ...]")
@@ -88,7 +88,7 @@ def run(argv: Sequence[str], *, force_ray: bool = False) -> int:
         if force_ray and config.num_workers < 1:
             config = dataclasses.replace(config, num_workers=1)
         if config.num_workers > 0 or config.ray_address:
-            from profit_prep.ray_pipeline import score_with_ray
+            from profit_prep.executors.ray import score_with_ray
 
             summary = score_with_ray(config)
         else:

@@ -52,13 +52,13 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from profit_prep.config import ScoreConfig
-    from profit_prep.driver import end_of_turn_warning, format_summary, score
+    from profit_prep.executors.local import end_of_turn_warning, format_summary, score
 
     config = config_from_args(ScoreConfig, args)
     if config.quiet:
         quiet_libraries()
     if config.num_workers > 0 or config.ray_address:
-        from profit_prep.ray_pipeline import score_with_ray
+        from profit_prep.executors.ray import score_with_ray
 
         summary = score_with_ray(config)
     else:
@@ -89,7 +89,7 @@ def demo_data_path() -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from profit_prep.config import ScoreConfig
-    from profit_prep.driver import format_summary, score
+    from profit_prep.executors.local import format_summary, score
 
     print(
         f"demo: SmolLM2-135M-Instruct scores {args.rows} GSM8K rows (MIT licence, "
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from profit_prep.output_check import verify
+    from profit_prep.store.reader import verify
 
     problems = verify(args.out)
     for p in problems:
@@ -125,14 +125,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from profit_prep.card import rewrite_card
+    from profit_prep.store.card import rewrite_card
 
     print(f"card        {rewrite_card(args.out, license=args.license)}")
     return 0
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    from profit_prep.combine import combine
+    from profit_prep.store.combine import combine
 
     manifest = combine(args.out, args.reference, args.into, overwrite=args.overwrite)
     counts = manifest["counts"]
@@ -143,7 +143,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from profit_prep.exports import check_export, export
+    from profit_prep.training.exports import check_export, export
 
     if args.check:
         problems = check_export(args.out)
@@ -161,8 +161,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from profit_prep.output_check import read_manifest
     from profit_prep.store.cache import local_output
+    from profit_prep.store.reader import read_manifest
 
     manifest = read_manifest(local_output(args.out))
     manifest.get("chat_template", {}).pop("text", None)
@@ -189,7 +189,7 @@ def _use_color(choice: str) -> bool:
 
 def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--color-by`` and ``--compare``, checked: rule arguments for ``load_flat`` included."""
-    from profit_prep.rules import parse_rule, rule_columns
+    from profit_prep.rules.selection import parse_rule, rule_columns
     from profit_prep.views.flat import PROB
 
     rule_args = _rule_args(args)
@@ -202,8 +202,8 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     if given:
         raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
                          "(write the rule instead, e.g. higher:tau=0.3)")
-    from profit_prep.output_check import read_manifest
     from profit_prep.store.cache import local_output
+    from profit_prep.store.reader import read_manifest
 
     # Unset keys of a rule keep the stored values.
     stored = read_manifest(local_output(args.out)).get("mask")
@@ -250,7 +250,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from profit_prep.safe_files import writes_through
+    from profit_prep.store.safe_files import writes_through
     from profit_prep.views.report import write_report
 
     if args.examples < 1 or args.per_page < 1:
@@ -270,7 +270,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _add_view_arguments(p: argparse.ArgumentParser, rule_seed: str = "--seed") -> None:
     """Arguments shared by inspect, stats and report: the output, a tokenizer, a new mask rule
     (the same parameters as ``score`` and ``load``)."""
-    from profit_prep.masks import PROTECT, STRATEGIES
+    from profit_prep.rules.profit import PROTECT, STRATEGIES
 
     p.add_argument("out", help="a finished profit-prep output directory")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --into")
     commands["combine"] = cmd_combine
 
-    from profit_prep.exports import FORMATS
+    from profit_prep.training.exports import FORMATS
 
     p = sub.add_parser("export", help="write the masks in the container a trainer reads "
                        "(LLaMA-Factory, axolotl, ms-swift, HF labels, TRL) with its config")
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line(text: str) -> str:
     """An error message as one line with no control characters and no URL password: it may
     quote data, and URLs given on the command line."""
-    from profit_prep.server_answers import redact_url
+    from profit_prep.scorers.server_answers import redact_url
     from profit_prep.views.text import visible
 
     return visible(" ".join(redact_url(text).split()))
@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a full or read-only disk, a vanished file: the system's own words
         if not exc.strerror:
             raise
-        from profit_prep.safe_files import os_reason
+        from profit_prep.store.safe_files import os_reason
 
         print(f"error: {os_reason(exc)}; fix that and rerun the same command (finished work is "
               "kept)", file=sys.stderr)

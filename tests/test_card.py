@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from profit_prep import ScoreConfig, score
-from profit_prep.card import card_text, input_name, md
 from profit_prep.cli import main
 from profit_prep.errors import InputError
-from profit_prep.output_check import read_manifest, verify
+from profit_prep.store.card import card_text, input_name, md
+from profit_prep.store.reader import read_manifest, verify
 from tests.conftest import DEMO_GSM8K, score_demo, write_jsonl
 
 MARKER = "ZEBRA-QUOKKA-7"  # text of the rows: must never reach the card

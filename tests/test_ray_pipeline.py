@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep import ScoreConfig, score
-from profit_prep.output_check import verify
+from profit_prep.store.reader import verify
 from tests.conftest import DEMO_GSM8K, REPO
 
 pytest.importorskip("ray")
@@ -78,7 +78,7 @@ def assert_same_output(a: Path, b: Path) -> None:
 
 
 def test_ray_equals_single_process(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):
-    from profit_prep.ray_pipeline import score_with_ray
+    from profit_prep.executors.ray import score_with_ray
 
     local = score(config(data_with_a_bad_row, tmp_path / "local", tiny_model_dir))
     ray1 = score_with_ray(config(data_with_a_bad_row, tmp_path / "ray1", tiny_model_dir,
@@ -103,7 +103,7 @@ def test_ray_with_signals_equals_single_process(
 ):
     import pyarrow as pa
 
-    from profit_prep.ray_pipeline import score_with_ray
+    from profit_prep.executors.ray import score_with_ray
 
     signals = dict(signals="rank,top1,entropy", limit=9)
     score(config(data_with_a_bad_row, tmp_path / "local", tiny_model_dir, **signals))
@@ -120,7 +120,7 @@ def test_ray_with_signals_equals_single_process(
 
 def test_ray_refuses_other_parameters(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):
     from profit_prep.errors import InputError
-    from profit_prep.ray_pipeline import score_with_ray
+    from profit_prep.executors.ray import score_with_ray
 
     score(config(data_with_a_bad_row, tmp_path / "o", tiny_model_dir, limit=4))
     with pytest.raises(InputError, match="other parameters"):
@@ -130,7 +130,7 @@ def test_ray_refuses_other_parameters(ray_session, tiny_model_dir, data_with_a_b
 
 SLOW_SCORER = """
 import os, time
-import profit_prep.scoring as scoring
+import profit_prep.scorers.base as scoring
 _score = scoring.TransformersScorer.score
 def _slow_score(self, sequences):  # a test hook: makes each shard take a visible moment
     time.sleep(float(os.environ["PROFIT_PREP_TEST_SCORE_DELAY"]))
@@ -192,7 +192,7 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tiny_model_dir: Path, tm
 def test_ray_with_vllm_matches_transformers(smollm2_dir: Path, tmp_path: Path):
     import numpy as np
 
-    from profit_prep.ray_pipeline import score_with_ray
+    from profit_prep.executors.ray import score_with_ray
 
     try:
         import vllm  # noqa: F401
@@ -223,8 +223,8 @@ def test_workers_get_the_users_vllm_settings_not_the_drivers_defaults(
     Ray actors must still claim their own cores: passing that binding on would pin every
     scoring actor to the same cores. Settings the user made do travel.
     """
-    import profit_prep.vllm_backend as backend
-    from profit_prep.vllm_backend import worker_env
+    import profit_prep.scorers.vllm_engine as backend
+    from profit_prep.scorers.vllm_engine import worker_env
 
     for key in backend.cpu_env_defaults():
         monkeypatch.setenv(key, "")  # so that monkeypatch removes what the test leaves behind
@@ -254,8 +254,8 @@ def test_gpu_actors_get_the_callers_vllm_settings_and_no_cpu_default(
     """A GPU actor's engine must run in its own process (no VLLM_ENABLE_V1_MULTIPROCESSING=0)
     and gets no CPU KV space or binding; a CPU actor gets every CPU default but the binding.
     What the caller set (even a CPU variable) travels to both, unchanged."""
-    import profit_prep.vllm_backend as backend
-    from profit_prep.vllm_backend import worker_env
+    import profit_prep.scorers.vllm_engine as backend
+    from profit_prep.scorers.vllm_engine import worker_env
 
     for key in [k for k in os.environ if k.startswith("VLLM_")]:
         monkeypatch.delenv(key)
@@ -279,7 +279,7 @@ RAY_DEVICES = """
 import json, sys
 import ray
 from profit_prep import ScoreConfig
-from profit_prep.ray_pipeline import score_with_ray
+from profit_prep.executors.ray import score_with_ray
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 seen = {}
 for device in (None, "cpu"):

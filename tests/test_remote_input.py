@@ -15,7 +15,7 @@ from profit_prep import ScoreConfig, score
 from profit_prep.cli import main
 from profit_prep.errors import InputError
 from profit_prep.inputs import remote
-from profit_prep.pipeline import prepare
+from profit_prep.job import prepare
 from tests.conftest import DEMO_GSM8K
 from tests.s3_server import FAKE_KEY_ID, FAKE_SECRET
 

@@ -12,8 +12,8 @@ import pytest
 from profit_prep import load
 from profit_prep.cli import main
 from profit_prep.errors import InputError
-from profit_prep.output_check import verify
 from profit_prep.store import cache
+from profit_prep.store.reader import verify
 from tests.conftest import score_demo
 from tests.s3_server import FAKE_KEY_ID, FAKE_SECRET
 

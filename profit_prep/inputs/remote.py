@@ -1,14 +1,15 @@
 """``--data s3://...``: an input on an object store, read through a verified local copy.
 
-The sources (:mod:`profit_prep.sources`) read by index range with seeks (JSONL line offsets, JSON
-array spans, Parquet row groups) and check encodings and kinds on a local file; over an object
-store each seek would be a ranged GET, and successive GETs of an object overwritten meanwhile
-would mix two versions. So the input is copied once, pinned to what the store said it was
-(size, ETag, version), into ``~/.cache/profit-prep/inputs/`` and read there with every local
-check; the copy is reused while the store's object is unchanged and rehashed (sha256 recorded at
-download) before each reuse. What identifies the input, and is checked again before the
-manifest (:func:`stamp`), is the store's own record of each object: a write to it changes the
-ETag (and the version, where versioning is on), as a local write changes inode times.
+The sources (:mod:`profit_prep.inputs.sources`) read by index range with seeks (JSONL line
+offsets, JSON array spans, Parquet row groups) and check encodings and kinds on a local file;
+over an object store each seek would be a ranged GET, and successive GETs of an object
+overwritten meanwhile would mix two versions. So the input is copied once, pinned to what the
+store said it was (size, ETag, version), into ``~/.cache/profit-prep/inputs/`` and read there
+with every local check; the copy is reused while the store's object is unchanged and rehashed
+(sha256 recorded at download) before each reuse. What identifies the input, and is checked again
+before the manifest (:func:`stamp`), is the store's own record of each object: a write to it
+changes the ETag (and the version, where versioning is on), as a local write changes inode
+times.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _BLOCK = 8 << 20  # download and hashing block: 8 MiB
 
 
 def _cache_root() -> Path:
-    from profit_prep.models import cache_dir
+    from profit_prep.scorers.models import cache_dir
 
     return cache_dir() / "inputs"
 

@@ -1,7 +1,7 @@
 """Reading an output on an object store: a local copy verified against its manifest.
 
 ``load``, ``verify``, ``stats``, ``inspect``, ``report`` and ``combine`` read outputs by path,
-memory-map shards and check them with the local reader (:mod:`profit_prep.output_check`); for a
+memory-map shards and check them with the local reader (:mod:`profit_prep.store.reader`); for a
 URL, :func:`local_output` first brings the output into ``~/.cache/profit-prep/outputs/``, in a
 folder keyed by the URL's hash (no credential can reach a key or a path: a URL carrying one is
 refused by :mod:`profit_prep.store.urls`) and the manifest's sha256, and the readers then run on
@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from profit_prep.errors import InputError
-from profit_prep.output_check import _manifest_problem
-from profit_prep.output_names import MANIFEST, REJECTED
+from profit_prep.store.names import MANIFEST, REJECTED
+from profit_prep.store.reader import _manifest_problem
 from profit_prep.store.urls import describe, filesystem, is_url, redact
 
 _BLOCK = 8 << 20
@@ -32,7 +32,7 @@ _VERIFIED = ".profit-prep-verified.json"  # file -> [size, mtime_ns, inode, sha2
 
 
 def _cache_root() -> Path:
-    from profit_prep.models import cache_dir
+    from profit_prep.scorers.models import cache_dir
 
     return cache_dir() / "outputs"
 
