@@ -261,15 +261,36 @@ Publish with the Hub's own client (profit-prep handles no token):
     return f"---\n{_yaml(meta)}---\n\n{body}"
 
 
+def card_files(manifest: dict[str, Any], rejected: bytes | None = None,
+               license: str | None = None) -> list[tuple[str, bytes]]:
+    """What a finished output gets after its manifest, in writing order, for any writer (a
+    folder, an object store): ``rejected.parquet`` when rows were rejected (``rejected``: the
+    bytes of ``rejected.jsonl``; ``datasets`` reads all of a card's configs with one builder,
+    so the rejected rows' config cannot be the JSONL), then ``README.md``."""
+    files = []
+    if any(c["config_name"] == "rejected" for c in configs(manifest)):
+        if rejected is None:
+            raise ValueError("rows were rejected: pass the bytes of rejected.jsonl")
+        files.append((REJECTED_PARQUET, rejected_parquet(rejected)))
+    files.append((CARD, card_text(manifest, license).encode("utf-8")))
+    return files
+
+
+def needs_rejected(manifest: dict[str, Any]) -> bool:
+    """Whether :func:`card_files` needs the bytes of ``rejected.jsonl``."""
+    return any(c["config_name"] == "rejected" for c in configs(manifest))
+
+
 def write_card(out_fd: int, manifest: dict[str, Any], where: Path,
                license: str | None = None) -> Path:
-    """Write ``README.md`` (and, when rows were rejected, ``rejected.parquet``: datasets reads
-    all of a card's configs with one builder, so the rejected rows' config cannot be the JSONL)
-    into the output folder open as ``out_fd``: atomically, never through a link
-    (:func:`profit_prep.store.safe_files.place`)."""
-    if any(c["config_name"] == "rejected" for c in configs(manifest)):
-        place(out_fd, REJECTED_PARQUET, rejected_parquet(out_fd, where), where / REJECTED_PARQUET)
-    place(out_fd, CARD, card_text(manifest, license).encode("utf-8"), where / CARD)
+    """Write :func:`card_files` into the output folder open as ``out_fd``: atomically, never
+    through a link (:func:`profit_prep.store.safe_files.place`)."""
+    rejected = None
+    if needs_rejected(manifest):
+        with os.fdopen(open_regular(REJECTED, out_fd, where / REJECTED), "rb") as f:
+            rejected = f.read()
+    for name, data in card_files(manifest, rejected, license):
+        place(out_fd, name, data, where / name)
     return where / CARD
 
 
@@ -278,15 +299,15 @@ REJECTED_SCHEMA = pa.schema([("example_id", pa.string()), ("source_index", pa.in
                              ("reason", pa.string())])
 
 
-def rejected_parquet(out_fd: int, where: Path) -> pa.Buffer:
-    """``rejected.jsonl`` as Parquet bytes (the same rows, in order)."""
-    with os.fdopen(open_regular(REJECTED, out_fd, where / REJECTED), "rb") as f:
-        table = pa_json.read_json(
-            f, parse_options=pa_json.ParseOptions(explicit_schema=REJECTED_SCHEMA,
-                                                  unexpected_field_behavior="ignore"))
+def rejected_parquet(rejected: bytes) -> bytes:
+    """``rejected.jsonl``'s bytes as Parquet (the same rows, in order)."""
+    table = pa_json.read_json(
+        pa.BufferReader(rejected),
+        parse_options=pa_json.ParseOptions(explicit_schema=REJECTED_SCHEMA,
+                                           unexpected_field_behavior="ignore"))
     sink = pa.BufferOutputStream()
     pq.write_table(table.select(REJECTED_SCHEMA.names), sink, compression="zstd")
-    return sink.getvalue()
+    return sink.getvalue().to_pybytes()
 
 
 def rewrite_card(path: str | Path, license: str | None = None) -> Path:
