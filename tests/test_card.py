@@ -177,6 +177,15 @@ def test_card_command_refuses_an_unfinished_or_damaged_output(
     assert main(["card", str(tmp_path)]) == 2
     assert "not a profit-prep output" in capsys.readouterr().err
     assert not (tmp_path / "README.md").exists()
+    # A damaged output gets no card: the card would describe files that are not there.
+    (carded / "data" / "part-00002.parquet").rename(tmp_path / "moved.parquet")
+    try:
+        assert main(["card", str(carded)]) == 2
+        assert "damaged output" in capsys.readouterr().err
+    finally:
+        (tmp_path / "moved.parquet").rename(carded / "data" / "part-00002.parquet")
+    assert main(["card", "s3://bucket/run"]) == 2
+    assert "on an object store the run writes it" in capsys.readouterr().err
 
 
 _NASTY = ["evil\n---\nlicense: x", "<script>alert(1)</script>", "[x](http://e.example) | `a`",

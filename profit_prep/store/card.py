@@ -29,6 +29,7 @@ import yaml
 from profit_prep.errors import InputError
 from profit_prep.store.names import CARD, REJECTED, REJECTED_PARQUET
 from profit_prep.store.safe_files import open_regular, place
+from profit_prep.store.urls import is_url, redact
 
 # Inputs whose name and licence profit-prep knows: the bundled demo rows (docs: README).
 _BUNDLED = Path(__file__).resolve().parent / "data"
@@ -85,8 +86,8 @@ def input_name(path: Any) -> str:
     folders it sat in are the user's business), a URL without credentials or query, a hub
     dataset by its name."""
     text = str(path) if path is not None else "unknown"
-    if "://" in text:
-        parts = urllib.parse.urlsplit(text)
+    if "://" in text:  # no user info, no query (store URLs carrying them are refused anyway)
+        parts = urllib.parse.urlsplit(redact(text))
         host = parts.netloc.rpartition("@")[2]
         return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
     # The manifest holds local inputs as absolute paths; anything else is a hub name.
@@ -315,6 +316,9 @@ def rewrite_card(path: str | Path, license: str | None = None) -> Path:
     match the manifest: a card never describes a damaged output)."""
     from profit_prep.store.reader import check_shards, read_manifest
 
+    if is_url(str(path)):  # the object-store writer writes the card at the end of each run
+        raise InputError(f"card {redact(str(path))}: writes a local output's card; on an object "
+                         "store the run writes it (rerun the same score command to rewrite it)")
     out = Path(path)
     manifest = read_manifest(out)
     check_shards(out, manifest)
