@@ -397,9 +397,10 @@ def _one_line(text: str) -> str:
     """An error message as one line with no control characters and no URL password: it may
     quote data, and URLs given on the command line."""
     from profit_prep.scorers.server_answers import redact_url
+    from profit_prep.store.urls import redact
     from profit_prep.views.text import visible
 
-    return visible(" ".join(redact_url(text).split()))
+    return visible(" ".join(redact(redact_url(text)).split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,8 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from profit_prep.store.safe_files import os_reason
 
-        print(f"error: {os_reason(exc)}; fix that and rerun the same command (finished work is "
-              "kept)", file=sys.stderr)
+        print(f"error: {_one_line(os_reason(exc))}; fix that and rerun the same command "
+              "(finished work is kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

@@ -53,6 +53,7 @@ from profit_prep.scorers.choose import (
 )
 from profit_prep.scorers.models import check_weights, model_content_hash, resolve_model
 from profit_prep.scorers.server_probe import PROBE_TOLERANCE, server_probe
+from profit_prep.store.outputs import read_run_params
 from profit_prep.store.schema import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
 from profit_prep.store.urls import is_url
 from profit_prep.store.writer import OutputDir
@@ -399,13 +400,10 @@ def _check_identity_scheme(config: ScoreConfig, started: dict[str, Any]) -> None
 def _started_params(config: ScoreConfig) -> dict[str, Any]:
     """The parameters an unfinished or finished output in ``--out`` was started with, if any:
     a resume keeps choices that ``auto`` would make differently now (backend, format)."""
-    if config.overwrite:
-        return {}
-    try:
-        params = json.loads((Path(config.out) / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}  # no output yet, or a damaged one: OutputDir says so with one line
-    return params if isinstance(params, dict) else {}
+    # Read first: a --out URL the writer would refuse is refused here, before a model loads.
+    # No output yet, or a damaged one: {} (the writer says so with one line).
+    params = read_run_params(config.out)
+    return {} if config.overwrite else params
 
 
 def _check_vocab(model_dir: Path, tokenizer: Any) -> None:

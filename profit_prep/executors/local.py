@@ -30,6 +30,7 @@ from profit_prep.job import (
 )
 from profit_prep.scorers.base import Scorer
 from profit_prep.scorers.choose import make_scorer
+from profit_prep.store.outputs import open_output
 from profit_prep.store.writer import OutputDir
 
 
@@ -119,7 +120,7 @@ def run_job(config: ScoreConfig, executor: Executor) -> dict[str, Any]:
     manifest; return the summary. A rerun with the same config resumes."""
     t_start = time.perf_counter()
     prepared = prepare(config)
-    out = OutputDir(config.out)
+    out = open_output(config.out)  # a local folder, or an object-store prefix
     out.check_writable(config.overwrite)
     if not config.quiet:
         print(prepared.backend_line(), file=sys.stderr)

@@ -57,6 +57,7 @@ from profit_prep.rendering.renderer import Rendered, Renderer
 from profit_prep.scorers.base import bind_threads
 from profit_prep.scorers.choose import make_scorer
 from profit_prep.scorers.vllm_engine import worker_env
+from profit_prep.store.outputs import open_output
 from profit_prep.store.safe_files import os_reason
 from profit_prep.store.writer import OutputDir
 
@@ -172,7 +173,7 @@ class WriteShards:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.out = OutputDir(job.out)
+        self.out = open_output(job.out)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         work: ShardWork = pickle.loads(item["payload"])
@@ -403,7 +404,7 @@ def _job(config: ScoreConfig, prepared: Any, out: OutputDir, workers: int) -> Jo
         cpus = 1.0 if use_gpu else default_cpus_per_worker(nodes, workers)
     check_fit(nodes, workers, gpus, cpus)
     return Job(config, prepared.source, prepared.fmt, config.fields(), prepared.renderer,
-               prepared.model_dir, str(out.path.resolve()), cpus, use_gpu, gpus,
+               prepared.model_dir, out.location, cpus, use_gpu, gpus,
                prepared.duplicates, prepared.end_of_turn_ids)
 
 

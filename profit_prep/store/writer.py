@@ -69,6 +69,137 @@ def _identity(st: os.stat_result | None) -> tuple[int, ...] | None:
     return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def encode_shard(
+    table: pa.Table,
+    rejected: list[dict[str, Any]],
+    input_digest: str | None = None,
+    end_of_turn_ids: Sequence[int] | None = None,
+    formats: Sequence[str | None] | None = None,
+) -> tuple[pa.Buffer, bytes]:
+    """A shard's Parquet bytes and its rejected rows' JSONL: the same bytes on every store.
+
+    ``input_digest`` (a hash of the shard's input rows) goes into the Parquet footer, so a
+    resumed run can tell whether the input changed since (docs/format.md). So do the shard's
+    counts (:func:`shard_counts`; ``formats``: each scored row's input format), so that
+    ``finalize`` reads footers only, however large the output.
+    """
+    metadata = dict(table.schema.metadata or {})
+    if input_digest is not None:
+        metadata[INPUT_DIGEST_KEY] = input_digest.encode()
+    counts = shard_counts(table, end_of_turn_ids, formats)
+    metadata[SHARD_COUNTS_KEY] = json.dumps(counts, separators=(",", ":")).encode()
+    table = table.replace_schema_metadata(metadata)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected).encode()
+    # Float columns (logprobs and any later signal) compress ~1.6x better split by byte
+    # plane; dictionary encoding would take precedence over that, so it is kept for the id
+    # column alone. Measured on GSM8K: 6.3 -> 4.7 bytes per token. Written to memory first
+    # (a few MB per shard) so its checksum is known before the file appears.
+    floats = [f.name for f in table.schema
+              if pa.types.is_floating(getattr(f.type, "value_type", f.type))]
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", use_dictionary=["example_id"],
+                   use_byte_stream_split=floats)
+    return sink.getvalue(), lines
+
+
+def shard_record(data: pa.Buffer, lines: bytes, rows: int, rejected_rows: int,
+                 input_digest: str | None, run_digest: str) -> dict[str, Any]:
+    """A shard's record (``shards/part-N.json``): checksums of both files, its rows, and the
+    digest of the ``run.json`` it was written under; what a resume checks before trusting it."""
+    return {"sha256": sha256_bytes(data), "bytes": data.size, "rows": rows,
+            "rejected_sha256": sha256_bytes(lines), "rejected_rows": rejected_rows,
+            "input_digest": input_digest, "run": run_digest}
+
+
+def record_problem(
+    name: str, raw: bytes, run_digest: str
+) -> tuple[str | None, dict[str, Any] | None]:
+    """Why a shard record's bytes cannot vouch for a shard of the run whose ``run.json`` has
+    ``run_digest`` (None when they can), and the record."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
+        return f"its record shards/{name}.json is damaged", None
+    if record["run"] != run_digest:
+        return "its record names another run's run.json", record
+    return None, record
+
+
+def footer_figures(
+    f: Any, end_of_turn_ids: Sequence[int] | None, record: dict[str, Any] | None
+) -> tuple[int, dict[str, Any], str, tuple[int, int] | None]:
+    """A finished shard's rows, footer counts, sha256 and (with ``end_of_turn_ids``) end-of-turn
+    tokens and how many were masked, from its open (seekable) Parquet file."""
+    eot = None
+    meta = pq.read_metadata(f)
+    stored = stored_counts(meta)
+    if stored is None:  # a shard from before counts were kept in footers
+        f.seek(0)
+        stored = shard_counts(pq.read_table(f, columns=list(SUMMED)))
+    if end_of_turn_ids is not None:
+        kept = stored.get("end_of_turn") or {}
+        if kept.get("ids") == list(end_of_turn_ids):
+            eot = int(kept["tokens"]), int(kept["masked"])
+        else:
+            f.seek(0)
+            eot = end_of_turn_counts(f, end_of_turn_ids)
+    if record is None:
+        f.seek(0)
+        digest = sha256_stream(f)
+    else:
+        digest = record["sha256"]
+    return meta.num_rows, stored, digest, eot
+
+
+class ManifestTotals:
+    """What ``finalize`` sums over the shards, and the manifest it writes last."""
+
+    def __init__(self, end_of_turn_ids: Sequence[int] | None) -> None:
+        self.shards: list[dict[str, Any]] = []
+        self.counts = dict.fromkeys(["scored_rows", *SUMMED.values()], 0)
+        if end_of_turn_ids is not None:
+            self.counts.update(end_of_turn_tokens=0, end_of_turn_masked=0)
+        self.formats: Counter[str] | None = Counter()
+        self.n_rejected = 0
+
+    def add(self, name: str, figures: tuple[int, dict[str, Any], str, tuple[int, int] | None],
+            rejected: bytes) -> None:
+        rows, stored, digest, eot = figures
+        self.counts["scored_rows"] += rows
+        for key in SUMMED.values():
+            self.counts[key] += stored[key]
+        if eot is not None:
+            self.counts["end_of_turn_tokens"] += eot[0]
+            self.counts["end_of_turn_masked"] += eot[1]
+        if self.formats is not None and isinstance(stored.get("formats"), dict):
+            self.formats.update(stored["formats"])
+        else:
+            self.formats = None  # unknown for some shard: not claimed for any
+        self.shards.append({"file": f"data/{name}.parquet", "rows": rows, "sha256": digest})
+        # Count "\n" alone: a reason may hold U+2028, which splitlines would split.
+        self.n_rejected += rejected.count(b"\n")
+
+    def manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        counts = {**self.counts, "rejected_rows": self.n_rejected}
+        if self.formats and isinstance(manifest.get("render"), dict):
+            manifest = {**manifest,
+                        "render": {**manifest["render"], "formats": dict(self.formats)}}
+        return {
+            "format_version": FORMAT_VERSION,
+            **manifest,
+            "counts": counts,
+            "shards": self.shards,
+            "schema": [f.name for f in SCHEMA],
+        }
+
+
+def rejected_with_newline(data: bytes) -> bytes:
+    """A shard's rejected rows, ending in a newline when there are any."""
+    return data + b"\n" if data and not data.endswith(b"\n") else data
+
+
 class OutputDir:
     """An output directory being written by one run."""
 
@@ -82,6 +213,11 @@ class OutputDir:
         # the files are unchanged (all_done and pending ask about every shard).
         self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
         self._run_digest: tuple[Any, str] | None = None
+
+    @property
+    def location(self) -> str:
+        """Where another process (Ray's writer actor) reopens this output."""
+        return str(self.path.resolve())
 
     # -- folders ------------------------------------------------------------------------------
 
@@ -253,14 +389,9 @@ class OutputDir:
             return NO_RECORD, None
         with os.fdopen(fd, "rb") as f:
             raw = f.read(1 << 16)
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
-            return f"its record shards/{name}.json is damaged", None
-        if record["run"] != self._run_json_digest(fds[""]):
-            return "its record names another run's run.json", record
+        problem, record = record_problem(name, raw, self._run_json_digest(fds[""]))
+        if problem or record is None:
+            return problem, record
         fd = open_regular(f"{name}.parquet", fds["data"], self.data / f"{name}.parquet")
         with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -317,28 +448,11 @@ class OutputDir:
         (``shards/part-N.json``: checksums of both files, rows, this run's ``run.json``) is
         what a resume checks before it trusts the shard.
         """
-        metadata = dict(table.schema.metadata or {})
-        if input_digest is not None:
-            metadata[INPUT_DIGEST_KEY] = input_digest.encode()
-        counts = shard_counts(table, end_of_turn_ids, formats)
-        metadata[SHARD_COUNTS_KEY] = json.dumps(counts, separators=(",", ":")).encode()
-        table = table.replace_schema_metadata(metadata)
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected).encode()
-        # Float columns (logprobs and any later signal) compress ~1.6x better split by byte
-        # plane; dictionary encoding would take precedence over that, so it is kept for the id
-        # column alone. Measured on GSM8K: 6.3 -> 4.7 bytes per token. Written to memory first
-        # (a few MB per shard) so its checksum is known before the file appears.
-        floats = [f.name for f in table.schema
-                  if pa.types.is_floating(getattr(f.type, "value_type", f.type))]
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", use_dictionary=["example_id"],
-                       use_byte_stream_split=floats)
-        data = sink.getvalue()
+        data, lines = encode_shard(table, rejected, input_digest, end_of_turn_ids, formats)
         name = shard_name(index)
         with self._folders(create=True) as fds:
-            record = {"sha256": sha256_bytes(data), "bytes": data.size, "rows": table.num_rows,
-                      "rejected_sha256": sha256_bytes(lines), "rejected_rows": len(rejected),
-                      "input_digest": input_digest, "run": self._run_json_digest(fds[""])}
+            record = shard_record(data, lines, table.num_rows, len(rejected), input_digest,
+                                  self._run_json_digest(fds[""]))
             place(fds["rejected"], f"{name}.jsonl", lines, self.rejected / f"{name}.jsonl")
             place(fds["shards"], f"{name}.json", (json.dumps(record) + "\n").encode(),
                   self.records / f"{name}.json")
@@ -361,42 +475,16 @@ class OutputDir:
         lists one entry (~150 bytes) per shard. Every shard is checked against its record
         first: one changed since it was written is refused, and a rerun scores it again.
         """
-        shards: list[dict[str, Any]] = []
-        counts = dict.fromkeys(["scored_rows", *SUMMED.values()], 0)
-        if end_of_turn_ids is not None:
-            counts.update(end_of_turn_tokens=0, end_of_turn_masked=0)
-        formats: Counter[str] | None = Counter()
-        n_rejected = 0
+        totals = ManifestTotals(end_of_turn_ids)
         with self._folders(create=True) as fds, \
                 atomic_file(fds[""], REJECTED, self.path / REJECTED) as gathered:
             for index in range(n_shards):
                 name = shard_name(index)
-                rows, stored, digest, eot = self._finished_shard(index, fds, end_of_turn_ids)
-                counts["scored_rows"] += rows
-                for key in SUMMED.values():
-                    counts[key] += stored[key]
-                if eot is not None:
-                    counts["end_of_turn_tokens"] += eot[0]
-                    counts["end_of_turn_masked"] += eot[1]
-                if formats is not None and isinstance(stored.get("formats"), dict):
-                    formats.update(stored["formats"])
-                else:
-                    formats = None  # unknown for some shard: not claimed for any
-                shards.append({"file": f"data/{name}.parquet", "rows": rows, "sha256": digest})
+                figures = self._finished_shard(index, fds, end_of_turn_ids)
                 data = self._rejected_lines(name, fds)
+                totals.add(name, figures, data)
                 gathered.write(data)
-                # Count "\n" alone: a reason may hold U+2028, which splitlines would split.
-                n_rejected += data.count(b"\n")
-        counts["rejected_rows"] = n_rejected
-        if formats and isinstance(manifest.get("render"), dict):
-            manifest = {**manifest, "render": {**manifest["render"], "formats": dict(formats)}}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            **manifest,
-            "counts": counts,
-            "shards": shards,
-            "schema": [f.name for f in SCHEMA],
-        }
+        manifest = totals.manifest(manifest)
         with self._folders() as fds:
             place(fds[""], MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(),
                   self.path / MANIFEST)
@@ -416,26 +504,8 @@ class OutputDir:
                 f"{self.data / name}.parquet: {problem or 'missing'}; rerun the same "
                 "command: it scores that shard again (finished shards are kept)")
         where = self.data / f"{name}.parquet"
-        eot = None
         with os.fdopen(open_regular(f"{name}.parquet", fds["data"], where), "rb") as f:
-            meta = pq.read_metadata(f)
-            stored = stored_counts(meta)
-            if stored is None:  # a shard from before counts were kept in footers
-                f.seek(0)
-                stored = shard_counts(pq.read_table(f, columns=list(SUMMED)))
-            if end_of_turn_ids is not None:
-                kept = stored.get("end_of_turn") or {}
-                if kept.get("ids") == list(end_of_turn_ids):
-                    eot = int(kept["tokens"]), int(kept["masked"])
-                else:
-                    f.seek(0)
-                    eot = end_of_turn_counts(f, end_of_turn_ids)
-            if record is None:
-                f.seek(0)
-                digest = sha256_stream(f)
-            else:
-                digest = record["sha256"]
-        return meta.num_rows, stored, digest, eot
+            return footer_figures(f, end_of_turn_ids, record)
 
     def _rejected_lines(self, name: str, fds: dict[str, int]) -> bytes:
         """A shard's rejected rows, ending in a newline when there are any."""
@@ -447,10 +517,7 @@ class OutputDir:
                 f"{self.rejected / name}.jsonl is missing; rerun the same command: it "
                 "scores that shard again (finished shards are kept)") from None
         with os.fdopen(rejected_fd, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            data += b"\n"
-        return data
+            return rejected_with_newline(f.read())
 
 
 

@@ -1,0 +1,369 @@
+"""The output writer for object stores (``--out s3://bucket/run``, ``gs://...``).
+
+The same folder layout, records, checks and public interface as the local ``OutputDir``,
+built on what object stores guarantee instead of rename and ``flock``:
+
+- every object is written by one PUT (or one completed multipart upload, for objects over
+  100 MB): it appears whole or not at all, and nothing temporary is ever visible;
+- a shard's rejected rows and record are written before its data object, which marks it done,
+  and the manifest is written last;
+- the lock is ``OUT/.lock``, created by a conditional write and held by a lease
+  (:mod:`profit_prep.store.lease`);
+- ``--overwrite`` deletes only objects at profit-prep's own names directly under ``OUT/``
+  (never one outside it: ``run`` is not a prefix of ``run2/``).
+
+Shards are scored and encoded exactly as for a local folder (``encode_shard``), so their bytes
+are the same. Store errors become one line with credentials masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from profit_prep.errors import InputError
+from profit_prep.store.lease import Lease
+from profit_prep.store.names import MANIFEST, OWN_IN, REJECTED, own_file, shard_name
+from profit_prep.store.safe_files import sha256_bytes
+from profit_prep.store.shard_counts import INPUT_DIGEST_KEY
+from profit_prep.store.urls import describe, filesystem, redact, scheme
+from profit_prep.store.writer import (
+    NO_RECORD,
+    ManifestTotals,
+    encode_shard,
+    footer_figures,
+    record_problem,
+    rejected_with_newline,
+    shard_record,
+)
+
+# Stores with conditional writes: the lock needs them.
+WRITABLE = ("s3", "s3a", "gs", "gcs")
+
+T = TypeVar("T")
+
+
+def _one_line_errors(method: Callable[..., T]) -> Callable[..., T]:
+    """A store client's exception (network, permissions, a missing bucket) as one InputError
+    line naming the output, with credentials masked."""
+
+    @functools.wraps(method)
+    def wrapper(self: ObjectOutput, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"--out {self.path}: {describe(exc)}") from None
+    return wrapper
+
+
+class ObjectOutput:
+    """An output under an object-store prefix being written by one run."""
+
+    def __init__(self, url: str) -> None:
+        kind = scheme(url)
+        if kind not in WRITABLE:
+            raise InputError(
+                f"--out {redact(url)}: {kind}:// cannot hold a run's output (it has no "
+                "conditional writes for the lock); write to a local folder, s3:// or gs://, "
+                "and publish it with the store's own tool (for the Hub: hf upload)")
+        self.fs, self.root = filesystem(url, "--out")
+        self.path = f"{kind}://{self.root}"  # what summaries and errors print
+        self.location = self.path  # what other processes (Ray's writer) reopen
+        self._lease: Lease | None = None
+        self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
+        self._run_digest: tuple[str, str] | None = None
+
+    # -- names --------------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _url(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def _objects(self) -> dict[str, dict[str, Any]]:
+        """Every object under ``OUT/`` (relative name -> info); ``OUT`` may be a bucket."""
+        prefix = self.root + "/"
+        found = self.fs.find(self.root, detail=True, withdirs=False)
+        return {k[len(prefix):]: v for k, v in found.items()
+                if k.startswith(prefix) and not k.endswith("/")}
+
+    @staticmethod
+    def _own(rel: str) -> bool:
+        parts = rel.split("/")
+        if len(parts) == 1:
+            return own_file(None, parts[0])
+        return len(parts) == 2 and parts[0] in OWN_IN and own_file(parts[0], parts[1])
+
+    def _info(self, *parts: str) -> dict[str, Any] | None:
+        try:
+            return self.fs.info(self._key(*parts))
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _version(info: dict[str, Any] | None) -> tuple[Any, ...] | None:
+        if info is None:
+            return None
+        return (info.get("size"), info.get("ETag") or info.get("generation") or info.get("md5Hash"),
+                str(info.get("LastModified") or info.get("updated") or ""))
+
+    def _put(self, data: bytes | memoryview | pa.Buffer, *parts: str) -> None:
+        if self._lease is not None:
+            self._lease.check()
+        # One PUT below 100 MB, else one multipart upload: visible only once complete.
+        self.fs.pipe_file(self._key(*parts), bytes(memoryview(data)))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @_one_line_errors
+    def check_writable(self, overwrite: bool) -> None:
+        """Fail now, before a model loads, if ``open`` would refuse this prefix."""
+        objects = self._objects()
+        marked = "run.json" in objects or MANIFEST in objects
+        if not marked and any(rel != ".lock" for rel in objects):
+            raise InputError(
+                f"{self.path} is not empty and holds no profit-prep output (no run.json); "
+                "profit-prep writes only under a new or empty prefix: choose another --out")
+        foreign = sorted(rel for rel in objects if not self._own(rel))
+        if foreign and overwrite:
+            shown = ", ".join(foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise InputError(
+                f"{self.path} holds objects profit-prep did not write ({redact(shown)}{more}); "
+                "--overwrite removes only its own: move those, or choose another --out")
+
+    @contextlib.contextmanager
+    def open(self, params: dict[str, Any], *, overwrite: bool = False) -> Iterator[ObjectOutput]:
+        """Take the lock and check (or record) the run's parameters; release it at the end."""
+        self.check_writable(overwrite)
+        lease = Lease(self.fs, self._key(".lock"), self.path)
+        self._guarded(lease.acquire)
+        self._lease = lease
+        try:
+            self.check_writable(overwrite)  # again under the lock
+            self._prepare(params, overwrite)
+            yield self
+        finally:
+            self._lease = None
+            with contextlib.suppress(Exception):
+                lease.release()
+
+    @_one_line_errors
+    def _guarded(self, call: Callable[[], T]) -> T:
+        return call()
+
+    @_one_line_errors
+    def _prepare(self, params: dict[str, Any], overwrite: bool) -> None:
+        objects = self._objects()
+        if overwrite:
+            self._abort_uploads()
+            own = sorted(self._key(rel) for rel in objects if self._own(rel) and rel != ".lock")
+            if own:
+                self.fs.rm(own)
+        elif "run.json" in objects:
+            self._abort_uploads()
+            previous = self._read_json("run.json", "the run's parameters",
+                                       "use --overwrite to start this output again")
+            if previous != params:
+                changed = sorted(
+                    k for k in set(previous) | set(params) if previous.get(k) != params.get(k))
+                raise InputError(
+                    f"{self.path} holds a run with other parameters ({', '.join(changed)} "
+                    "differ); use another --out, or --overwrite to replace it")
+            return
+        elif any(rel != ".lock" for rel in objects):
+            raise InputError(f"{self.path} holds an output without run.json (a damaged run); "
+                             "use --overwrite to start it again, or another --out")
+        self._put((json.dumps(params, indent=2) + "\n").encode(), "run.json")
+        self._verdicts.clear()
+
+    def _abort_uploads(self) -> None:
+        """Abort multipart uploads to profit-prep's names left by a killed run (invisible, but
+        billed): under the lock no other run of ours is uploading here."""
+        if scheme(self.path) not in ("s3", "s3a"):
+            return
+        bucket, _, key = self.root.partition("/")
+        prefix = f"{key}/" if key else ""
+        listed = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        for upload in listed.get("Uploads", []):
+            if self._own(upload["Key"][len(prefix):]):
+                with contextlib.suppress(Exception):
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                                    UploadId=upload["UploadId"])
+
+    def _read_json(self, name: str, what: str, remedy: str) -> dict[str, Any]:
+        try:
+            value = json.loads(self.fs.cat_file(self._key(name)))
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise InputError(f"{self._url(name)} ({what}) is damaged; {remedy}")
+        return value
+
+    @_one_line_errors
+    def all_done(self, n_shards: int) -> bool:
+        return all(self.shard_done(i) for i in range(n_shards))
+
+    # -- shards -------------------------------------------------------------------------------
+
+    @_one_line_errors
+    def shard_done(self, index: int) -> bool:
+        """True when shard ``index`` is finished and its record vouches for its bytes."""
+        return self._verdict(index)[0] is None
+
+    def _verdict(self, index: int) -> tuple[str | None, dict[str, Any] | None]:
+        name = shard_name(index)
+        data = self._info("data", f"{name}.parquet")
+        if data is None:
+            return "", None
+        key = (self._version(data), self._version(self._info("rejected", f"{name}.jsonl")),
+               self._version(self._info("shards", f"{name}.json")),
+               self._version(self._info("run.json")))
+        cached = self._verdicts.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        try:
+            problem, record = self._shard_problem(name, data)
+        except FileNotFoundError:  # an object went away while it was read
+            return "", None
+        if problem:
+            print(f"note: {self._url('data', name)}.parquet is not trusted ({problem}); scoring "
+                  "that shard again", file=sys.stderr)
+        self._verdicts[index] = (key, problem, record)
+        return problem, record
+
+    def _shard_problem(
+        self, name: str, data: dict[str, Any]
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """Why the finished-looking shard ``name`` is not the one this run wrote, or None (the
+        same checks as a local folder's: record, run.json, sizes and checksums)."""
+        try:
+            raw = self.fs.cat_file(self._key("shards", f"{name}.json"))
+        except FileNotFoundError:
+            return NO_RECORD, None
+        problem, record = record_problem(name, raw[: 1 << 16], self._run_json_digest())
+        if problem or record is None:
+            return problem, record
+        if data["size"] != record["bytes"]:
+            return f"{data['size']} bytes, its record says {record['bytes']}", record
+        if sha256_bytes(self.fs.cat_file(self._key("data", f"{name}.parquet"))) != record["sha256"]:
+            return "its checksum differs from its record (changed or replaced)", record
+        try:
+            rejected = self.fs.cat_file(self._key("rejected", f"{name}.jsonl"))
+        except FileNotFoundError:
+            return f"rejected/{name}.jsonl is missing", record
+        if sha256_bytes(rejected) != record["rejected_sha256"]:
+            return f"rejected/{name}.jsonl differs from its record", record
+        return None, record
+
+    def _run_json_digest(self) -> str:
+        info = self._info("run.json")
+        version = str(self._version(info))
+        if self._run_digest is None or self._run_digest[0] != version:
+            self._run_digest = (version, sha256_bytes(self.fs.cat_file(self._key("run.json"))))
+        return self._run_digest[1]
+
+    @_one_line_errors
+    def input_digest(self, index: int) -> str | None:
+        """The input digest stored with a finished shard (None for outputs that predate it)."""
+        problem, record = self._verdict(index)
+        if problem is None and record is not None and "input_digest" in record:
+            return record["input_digest"]
+        where = self._url("data", f"{shard_name(index)}.parquet")
+        try:
+            with self.fs.open(self._key("data", f"{shard_name(index)}.parquet"), "rb") as f:
+                metadata = pq.read_schema(f).metadata or {}
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{where} is damaged ({describe(exc)}); delete it and rerun to "
+                             "score that shard again") from None
+        value = metadata.get(INPUT_DIGEST_KEY)
+        return value.decode() if value else None
+
+    @_one_line_errors
+    def write_shard(
+        self,
+        index: int,
+        table: pa.Table,
+        rejected: list[dict[str, Any]],
+        input_digest: str | None = None,
+        end_of_turn_ids: Sequence[int] | None = None,
+        formats: Sequence[str | None] | None = None,
+    ) -> None:
+        """Write one shard: its rejected rows, its record, then its data (which marks it done),
+        each object in one request; the same bytes as a local folder gets."""
+        data, lines = encode_shard(table, rejected, input_digest, end_of_turn_ids, formats)
+        name = shard_name(index)
+        record = shard_record(data, lines, table.num_rows, len(rejected), input_digest,
+                              self._run_json_digest())
+        self._put(lines, "rejected", f"{name}.jsonl")
+        self._put((json.dumps(record) + "\n").encode(), "shards", f"{name}.json")
+        self._put(data, "data", f"{name}.parquet")
+        self._verdicts.pop(index, None)
+
+    # -- finish -------------------------------------------------------------------------------
+
+    @_one_line_errors
+    def finalize(
+        self, manifest: dict[str, Any], n_shards: int, end_of_turn_ids: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Check every shard against its record, gather the rejected rows (spooled through a
+        local temporary file, so memory does not grow with them) and write the manifest last."""
+        totals = ManifestTotals(end_of_turn_ids)
+        with tempfile.TemporaryDirectory(prefix="profit-prep-") as spool:
+            gathered_path = f"{spool}/{REJECTED}"
+            with open(gathered_path, "wb") as gathered:
+                for index in range(n_shards):
+                    totals.add(*self._finished_shard(index, end_of_turn_ids, gathered))
+            if self._lease is not None:
+                self._lease.check()
+            # One PUT, or one multipart upload for a large file: whole or nothing.
+            self.fs.put_file(gathered_path, self._key(REJECTED))
+        manifest = totals.manifest(manifest)
+        self._put((json.dumps(manifest, indent=2) + "\n").encode(), MANIFEST)
+        return manifest
+
+
+    def _finished_shard(
+        self, index: int, end_of_turn_ids: list[int] | None, gathered: Any
+    ) -> tuple[str, tuple[int, dict[str, Any], str, tuple[int, int] | None], bytes]:
+        """A shard's name, footer figures and rejected lines (also appended to ``gathered``);
+        refused when it changed since it was written."""
+        name = shard_name(index)
+        problem, record = self._verdict(index)
+        if problem not in (None, NO_RECORD):
+            raise InputError(
+                f"{self._url('data', name)}.parquet: {problem or 'missing'}; rerun the same "
+                "command: it scores that shard again (finished shards are kept)")
+        with self.fs.open(self._key("data", f"{name}.parquet"), "rb") as f:
+            figures = footer_figures(f, end_of_turn_ids, record)
+        try:
+            data = rejected_with_newline(self.fs.cat_file(self._key("rejected", f"{name}.jsonl")))
+        except FileNotFoundError:
+            raise InputError(
+                f"{self._url('rejected', name)}.jsonl is missing; rerun the same command: it "
+                "scores that shard again (finished shards are kept)") from None
+        gathered.write(data)
+        return name, figures, data
+
+
+def read_run_params(url: str) -> dict[str, Any]:
+    """The parameters an output under ``url`` was started with ({} when none or damaged);
+    a URL the writer refuses (credentials in it, a store without conditional writes) is
+    refused here already."""
+    out = ObjectOutput(url)
+    try:
+        params = json.loads(out.fs.cat_file(out._key("run.json")))
+    except Exception:  # none yet, damaged, or an unreachable store: the writer says which
+        return {}
+    return params if isinstance(params, dict) else {}
