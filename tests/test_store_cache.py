@@ -146,3 +146,15 @@ def test_credentials_never_reach_keys_or_lines(scored: Path, s3_bucket: str, s3_
         load(url)
     assert FAKE_SECRET not in str(exc.value)
     assert not cache._cache_root().exists() or not any(cache._cache_root().iterdir())
+
+
+def test_scored_to_the_store_then_read_from_it(scored: Path, s3_bucket: str, s3_env,
+                                               tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The object-store writer's output, read back: the same Dataset as the local run's."""
+    url = f"{s3_bucket}/scored"
+    score_demo(url, tiny_model_dir, limit=8)  # written by profit_prep.store.objects
+    assert verify(url) == []
+    assert _rows(load(url, labels=True)) == _rows(load(scored, labels=True))
+    local = cache.local_output(url)
+    for shard in json.loads((scored / "manifest.json").read_text())["shards"]:
+        assert (local / shard["file"]).read_bytes() == (scored / shard["file"]).read_bytes()
