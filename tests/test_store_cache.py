@@ -158,3 +158,21 @@ def test_scored_to_the_store_then_read_from_it(scored: Path, s3_bucket: str, s3_
     local = cache.local_output(url)
     for shard in json.loads((scored / "manifest.json").read_text())["shards"]:
         assert (local / shard["file"]).read_bytes() == (scored / shard["file"]).read_bytes()
+
+
+def test_a_new_manifest_keeps_the_cached_shards(scored: Path, s3_bucket: str, s3_env,
+                                                monkeypatch) -> None:
+    """A new manifest (a resumed or extended run) is a new cache folder: the shards it still
+    names move over from the old one, verified, instead of being fetched again."""
+    url = _upload(s3_env, f"{s3_bucket}/run", scored)
+    fetched = _fetches(monkeypatch)
+    first = cache.local_output(url)
+    manifest = json.loads((scored / "manifest.json").read_text())
+    manifest["run"]["wall_s"] += 1.0  # another manifest naming the same shards
+    s3_env.client().put_object(Bucket=s3_bucket[5:], Key="run/manifest.json",
+                               Body=json.dumps(manifest).encode())
+    second = cache.local_output(url)
+    assert second != first and not first.exists() and second.parent == first.parent
+    assert [n for n in fetched if n.startswith("data/")] == [s["file"] for s in
+                                                            manifest["shards"]]
+    assert _rows(load(url)) == _rows(load(scored))

@@ -9,7 +9,8 @@ that copy exactly as on a local output. Every shard the manifest lists is fetche
 cached file is the one the manifest names (its sha256: checked when it was fetched, and again
 whenever the file changed since) and the store's object is the one it was fetched from (size,
 ETag); one whose checksum fails is fetched again. A second load of an unchanged output reads
-``manifest.json`` and one listing of the prefix, and downloads nothing else.
+``manifest.json`` and one listing of the prefix, and downloads nothing else; under a new manifest
+of the same URL, the shards already verified move to the new copy and the old copy goes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -68,6 +70,10 @@ def local_output(path: str | Path, *, strict: bool = True) -> Path:
     home = (_cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24] / digest[:24])
     (home / "data").mkdir(parents=True, exist_ok=True)
     verified = _load_verified(home)
+    # Copies made under earlier manifests of this URL (a run resumed or extended since): their
+    # verified shards move here instead of being fetched again; the rest of them goes.
+    earlier = [d for d in home.parent.iterdir() if d.is_dir() and d.name != home.name]
+    _adopt(home, verified, earlier)
     _place(home, MANIFEST, raw)
     on_store = _listing(fs, root, shown)
     failed = []
@@ -100,11 +106,28 @@ def local_output(path: str | Path, *, strict: bool = True) -> Path:
             _fetch(fs, f"{root}/{name}", home, name, shown, verified, _store_id(info))
     _mirror_unlisted(home, manifest, on_store)
     _save_verified(home, verified)
+    for old in earlier:
+        shutil.rmtree(old, ignore_errors=True)
     if strict and failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise InputError(f"{shown}: damaged output: {failed[0]}{more}; `profit-prep verify "
                          f"{shown}` lists every problem")
     return home
+
+
+def _adopt(home: Path, verified: dict[str, Any], earlier: list[Path]) -> None:
+    """Move the shards of earlier copies into ``home`` with their verification records (a
+    rename keeps the file's identity, so the record stays valid; :func:`_trusted` decides
+    later whether the manifest and the store still name them)."""
+    for old in earlier:
+        records = _load_verified(old)
+        for name, known in records.items():
+            if not name.startswith("data/") or name in verified:
+                continue
+            if isinstance(known, list) and len(known) == 5 and known[:3] == _identity(old / name):
+                with contextlib.suppress(OSError):
+                    os.replace(old / name, home / name)
+                    verified[name] = known
 
 
 def _hex(digest: str) -> str:
