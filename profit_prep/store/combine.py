@@ -118,9 +118,9 @@ def combine(
     Shards keep ``out``'s numbering, so a rerun after an interruption finishes the missing ones;
     a finished ``into`` is left alone unless ``overwrite``. Returns the new manifest.
     """
-    out, into = local_output(out), Path(into)
-    if not is_url(str(reference)) and into.resolve() in (out.resolve(),
-                                                         Path(reference).resolve()):
+    out, into = local_output(out), Path(into)  # an output on a store: its verified copy
+    inputs = [out] + ([] if is_url(str(reference)) else [Path(reference)])
+    if into.resolve() in [p.resolve() for p in inputs]:
         raise InputError(f"--into {into} must be a new directory, not one of the inputs")
     manifest = read_manifest(out)
     problems = verify(out)
