@@ -248,3 +248,19 @@ def test_url_input_names_carry_no_credentials() -> None:
 def test_md_escapes_every_markup_character() -> None:
     assert md("a*b_c") == "a\\*b\\_c"
     assert md("x\ny\x1b") == r"x\\ny\\x1b"  # breaks and controls become visible text
+
+
+@pytest.mark.slow
+def test_real_model_output_loads_through_its_card(scored_output: Path, tmp_path: Path) -> None:
+    """End to end with SmolLM2: the card of a real run reads back every row, and names it."""
+    import datasets
+
+    manifest = read_manifest(scored_output)
+    ds = datasets.load_dataset(str(scored_output), split="train", cache_dir=str(tmp_path))
+    expected = pa.concat_tables([pq.read_table(scored_output / s["file"])
+                                 for s in manifest["shards"]])
+    assert ds.num_rows == manifest["counts"]["scored_rows"] == 24
+    assert _rows(ds.with_format("arrow")[:]) == _rows(expected.replace_schema_metadata(None))
+    meta, body = _front((scored_output / "README.md").read_text())
+    assert meta["profit_prep"]["model"]["content_hash"] == manifest["model"]["content_hash"]
+    assert _table(body)["reference model"] == manifest["model"]["name"]
