@@ -145,6 +145,13 @@ def test_credentials_never_reach_keys_or_lines(scored: Path, s3_bucket: str, s3_
     with pytest.raises(InputError) as exc:
         load(url)
     assert FAKE_SECRET not in str(exc.value)
+    # The store's own errors (a bucket that does not exist, a wrong secret) are one line too,
+    # and the secret of the environment's credentials is in none of them.
+    for argv in (["verify", "s3://pp-no-such-bucket-0/run"], ["stats", f"{s3_bucket}/none"]):
+        assert main(argv) == 2
+        printed = capsys.readouterr()
+        assert printed.err.count("error:") == 1 and "Traceback" not in printed.err
+        assert FAKE_SECRET not in printed.out + printed.err
     assert not cache._cache_root().exists() or not any(cache._cache_root().iterdir())
 
 
