@@ -104,6 +104,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from profit_prep.store.card import rewrite_card
+
+    print(f"card        {rewrite_card(args.out, license=args.license)}")
+    return 0
+
+
 def cmd_combine(args: argparse.Namespace) -> int:
     from profit_prep.store.combine import combine
 
@@ -134,9 +141,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
+    from profit_prep.store.cache import local_output
     from profit_prep.store.reader import read_manifest
 
-    manifest = read_manifest(args.out)
+    manifest = read_manifest(local_output(args.out))
     manifest.get("chat_template", {}).pop("text", None)
     print(json.dumps(manifest, indent=2))
     return 0
@@ -166,9 +174,11 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     if given:
         raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
                          "(write the rule instead, e.g. higher:tau=0.3)")
+    from profit_prep.store.cache import local_output
     from profit_prep.store.reader import read_manifest
 
-    stored = read_manifest(args.out).get("mask")  # unset keys of a rule keep the stored values
+    # Unset keys of a rule keep the stored values.
+    stored = read_manifest(local_output(args.out)).get("mask")
     a, b = (parse_rule(text, stored) for text in args.compare)
     return {"color_by": PROB, "compare": (a, b), "columns": rule_columns(a) + rule_columns(b),
             "rule": rule}
@@ -309,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an output's shards against its manifest")
     p.add_argument("out")
     commands["verify"] = cmd_verify
+
+    p = sub.add_parser("card", help="write OUT/README.md again: the dataset card "
+                       "(configs for datasets and the Hub, provenance)")
+    p.add_argument("out")
+    p.add_argument("--license", metavar="ID", help="the input's licence as a Hub identifier "
+                   "(mit, apache-2.0, cc-by-4.0, other), when profit-prep does not know it")
+    commands["card"] = cmd_card
 
     p = sub.add_parser("combine", help="join a second model's scores of the same tokens "
                        "(reference_logprobs, excess_loss) into a new output")

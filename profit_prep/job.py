@@ -27,6 +27,7 @@ from profit_prep import __version__
 from profit_prep.config import ScoreConfig, check_numbers
 from profit_prep.errors import InputError, RowError
 from profit_prep.executors.placement import check_tensor_parallel
+from profit_prep.inputs import remote
 from profit_prep.inputs.checks import escape_text
 from profit_prep.inputs.duplicate_ids import find_duplicates
 from profit_prep.inputs.formats import (
@@ -54,6 +55,7 @@ from profit_prep.scorers.models import check_weights, model_content_hash, resolv
 from profit_prep.scorers.server_probe import PROBE_TOLERANCE, server_probe
 from profit_prep.store.outputs import read_run_params
 from profit_prep.store.schema import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
+from profit_prep.store.urls import is_url
 from profit_prep.store.writer import OutputDir
 
 
@@ -245,7 +247,10 @@ class Prepared:
 def input_stamp(data: str, out: str | None = None) -> list[list[Any]]:
     """What any write to a local input changes: per file (a folder's files, recursively, but
     none inside ``out``, which this run writes), its path, device, inode, size, and mtime and
-    ctime in ns. Empty for a hub dataset."""
+    ctime in ns. Empty for a hub dataset. On an object store, each object's size, ETag and
+    version instead (:func:`profit_prep.inputs.remote.stamp`)."""
+    if is_url(data):
+        return remote.stamp(data, out)
     path = Path(data)
     if not path.exists():
         return []
@@ -278,7 +283,9 @@ def prepare(config: ScoreConfig) -> Prepared:
     rule = config.mask_rule()
     signals = check_signals(config)
     stamp = input_stamp(config.data, config.out)  # before the first read: later writes show
-    source = open_source(config.data, id_field=config.id_field, split=config.split)
+    # An object-store input is read from a verified local copy (profit_prep.inputs.remote).
+    local = remote.local_copy(config.data, config.out, stamp) if is_url(config.data) else None
+    source = open_source(local or config.data, id_field=config.id_field, split=config.split)
     if len(source) == 0:
         raise InputError(f"{config.data}: no rows")
     fmt = check_format(source, config)

@@ -29,8 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
+from profit_prep.store.cache import local_output
 from profit_prep.store.reader import read_manifest, verify
 from profit_prep.store.schema import flat_list
+from profit_prep.store.urls import is_url
 from profit_prep.store.writer import OutputDir
 
 # The columns :func:`combine` adds (documented in the combined manifest and docs/format.md).
@@ -47,8 +49,8 @@ class Reference:
     about 8 bytes per token)."""
 
     def __init__(self, out: str | Path, reference: str | Path) -> None:
-        self.path = Path(reference)
-        manifest = read_manifest(out)
+        self.path = local_output(reference)
+        manifest = read_manifest(local_output(out))
         ref_manifest = read_manifest(self.path)
         problems = verify(self.path)
         if problems:
@@ -116,8 +118,9 @@ def combine(
     Shards keep ``out``'s numbering, so a rerun after an interruption finishes the missing ones;
     a finished ``into`` is left alone unless ``overwrite``. Returns the new manifest.
     """
-    out, into = Path(out), Path(into)
-    if into.resolve() in (out.resolve(), Path(reference).resolve()):
+    out, into = local_output(out), Path(into)  # an output on a store: its verified copy
+    inputs = [out] + ([] if is_url(str(reference)) else [Path(reference)])
+    if into.resolve() in [p.resolve() for p in inputs]:
         raise InputError(f"--into {into} must be a new directory, not one of the inputs")
     manifest = read_manifest(out)
     problems = verify(out)

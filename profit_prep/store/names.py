@@ -15,6 +15,8 @@ Layout::
       rejected.jsonl         all rejected rows, gathered at the end
       shards/part-00000.json  that shard's record: checksums of its files and of run.json
       manifest.json          written last: counts, per-shard row counts and checksums
+      README.md              the dataset card (configs for datasets / the Hub, provenance), after it
+      rejected.parquet       rejected.jsonl as Parquet, for the card (only when rows were rejected)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from profit_prep.store.safe_files import not_ours
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
+CARD = "README.md"  # the dataset card (profit_prep.store.card), written after the manifest
+REJECTED_PARQUET = "rejected.parquet"  # rejected.jsonl for the card's `rejected` config
 
 
 def shard_name(index: int) -> str:
@@ -35,11 +39,12 @@ def shard_name(index: int) -> str:
 
 
 # What profit-prep writes into an output folder (and so the only things --overwrite removes).
-_OWN_TOP = {"run.json", MANIFEST, ".lock", REJECTED, "report.html"}
+_OWN_TOP = {"run.json", MANIFEST, ".lock", REJECTED, "report.html", CARD, REJECTED_PARQUET}
 OWN_IN = {"data": re.compile(r"part-\d{5}\.parquet"), "rejected": re.compile(r"part-\d{5}\.jsonl"),
           "shards": re.compile(r"part-\d{5}\.json")}
 # Temporaries of atomic writes (8 random characters after the name).
-OWN_TEMP = re.compile(r"\.(run\.json|manifest\.json|rejected\.jsonl|report\.html|"
+OWN_TEMP = re.compile(r"\.(run\.json|manifest\.json|rejected\.(jsonl|parquet)|report\.html|"
+                      r"README\.md|"
                       r"part-\d{5}\.(parquet|jsonl|json))\.[A-Za-z0-9_]{8}")
 
 

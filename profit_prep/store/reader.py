@@ -216,5 +216,11 @@ def check_shards(path: str | Path, manifest: dict[str, Any], *, checksum: bool =
 
 
 def verify(path: str | Path) -> list[str]:
-    """Check shard files against the manifest: presence, checksums, row counts, schema."""
-    return shard_problems(path, read_manifest(path))
+    """Check shard files against the manifest: presence, checksums, row counts, schema. An
+    output on an object store is checked through its local copy, every shard fetched from the
+    store unless the cached one is the same object and matches the manifest
+    (:func:`profit_prep.store.cache.local_output`)."""
+    from profit_prep.store.cache import local_output
+
+    local = local_output(path, strict=False)
+    return shard_problems(local, read_manifest(local))

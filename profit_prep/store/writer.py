@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
+from profit_prep.store.card import write_card
 from profit_prep.store.names import (
     MANIFEST,
     OWN_IN,
@@ -330,6 +331,7 @@ class OutputDir:
 
         With ``end_of_turn_ids``, the counts also say how many response tokens close a turn and
         how many of those the mask dropped (``end_of_turn_tokens``, ``end_of_turn_masked``).
+        Then the dataset card, ``README.md`` (:mod:`profit_prep.store.card`).
         Counts come from each shard's footer (:func:`shard_counts`), or its columns for shards
         written without them; the scored rows by input format go to ``render.formats``. Memory
         does not grow with the rows: rejected rows are copied file by file, and the manifest
@@ -349,6 +351,8 @@ class OutputDir:
         with self._folders() as fds:
             place(fds[""], MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(),
                   self.path / MANIFEST)
+            # After the manifest: the card describes a finished run (profit_prep.store.card).
+            write_card(fds[""], manifest, self.path)
         return manifest
 
     def _finished_shard(

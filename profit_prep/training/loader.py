@@ -55,6 +55,7 @@ from profit_prep.rules.keep import (
 )
 from profit_prep.rules.profit import RuleParams
 from profit_prep.rules.selection import Select
+from profit_prep.store.cache import local_output
 from profit_prep.store.combine import Reference
 from profit_prep.store.reader import check_shards, read_manifest
 from profit_prep.store.safe_files import atomic_path_file
@@ -109,7 +110,7 @@ def load(
         raise InputError(f"unknown weights {weights!r} (choose from {', '.join(WEIGHTS)})")
     if max_length is not None and max_length < 1:
         raise InputError("max_length must be at least 1")
-    out = Path(path)
+    out = local_output(path)  # a URL: its local copy, verified against the manifest
     manifest = read_manifest(out)  # InputError when unfinished, absent or damaged
     check_shards(out, manifest)  # presence, checksums, row counts, schema: one error line
     if tokenizer is not None:

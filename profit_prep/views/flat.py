@@ -32,6 +32,7 @@ from profit_prep.rules.keep import (
 )
 from profit_prep.rules.profit import MaskRule, RuleParams, end_of_turn_tokens
 from profit_prep.rules.selection import Rule, Select
+from profit_prep.store.cache import local_output
 from profit_prep.store.reader import check_shards, read_manifest
 from profit_prep.store.schema import flat_list
 from profit_prep.views.text import visible
@@ -113,6 +114,7 @@ def read_table(
 ) -> pa.Table:
     """All shards of a finished output as one Arrow table (``top1_id`` added when present), or
     only the ``shards`` given (indices into the manifest's list, in that order)."""
+    out = local_output(out)  # an output on an object store: its verified local copy
     manifest = read_manifest(out)
     files = _shard_files(out, manifest)
     # A shard copied over another, truncated or missing is refused, never shown (twice).
@@ -167,6 +169,7 @@ def numeric_columns(out: str | Path) -> list[str]:
     These are what ``color_by`` accepts besides ``prob``: ``logprobs`` always, and ``entropy``,
     ``top1_logprob``, ``rank`` when scored with ``--signals``.
     """
+    out = local_output(out)
     manifest = read_manifest(out)
     if not manifest["shards"]:
         return ["logprobs"]
@@ -221,6 +224,7 @@ def load_flat(
     :func:`numeric_columns`); ``prob`` and ``logprobs`` are always there. ``shards`` reads only
     those shards (indices into the manifest's list); :func:`iter_flat` reads one at a time.
     """
+    out = local_output(out)
     manifest, resolved, extra = _prepare(out, columns, rule_params(rule, **params))
     table = read_table(out, [*CORE_COLUMNS, *extra], shards)
     return _flat_of(table, manifest, resolved, extra)
@@ -236,6 +240,7 @@ def iter_flat(
     before the first shard is read; a row's mask does not depend on its shard (``random`` draws
     per example id and position).
     """
+    out = local_output(out)
     manifest, resolved, extra = _prepare(out, columns, rule_params(rule, **params))
     files = _shard_files(out, manifest)
     check_shards(out, manifest)
@@ -305,7 +310,7 @@ def load_output_tokenizer(out: str | Path, override: str | Path | None = None) -
     """The tokenizer recorded in the manifest (``tokenizer.path``), or ``override``."""
     from profit_prep.rendering.renderer import load_tokenizer
 
-    path = override or read_manifest(out).get("tokenizer", {}).get("path")
+    path = override or read_manifest(local_output(out)).get("tokenizer", {}).get("path")
     if not path:
         raise InputError(f"{out}: the manifest names no tokenizer; pass --tokenizer")
     if override is None and not Path(str(path)).exists():

@@ -355,13 +355,17 @@ def write_report(
     rule: RuleParams | None = None,
     **params: Any,
 ) -> Path:
-    """Write the HTML report of output ``out`` (default ``OUT/report.html``) and return its path.
+    """Write the HTML report of output ``out`` (default ``OUT/report.html``; for an output on an
+    object store, in its local copy) and return its path.
 
     Every stored signal column is read, for the tooltips; ``color_by`` must be one of them,
     ``logprobs`` or ``prob``. ``sample_seed`` samples the examples shown (``report --seed``);
     ``rule`` (or MaskRule's fields as keywords, ``seed`` the random strategy's) re-thresholds the
     mask as :func:`~profit_prep.views.flat.load_flat` does.
     """
+    from profit_prep.store.cache import local_output
+
+    out = local_output(out)
     check_columns(out, [color_by])
     rule_cols = [c for r in compare or () for c in rule_columns(r)]
     columns = [*numeric_columns(out), *rule_cols]
