@@ -78,6 +78,7 @@ def test_score_to_s3_writes_the_same_bytes_as_a_local_run(
     assert sorted(remote) == sorted(mine)
     assert {k for k in remote if k.startswith("data/")} == {
         "data/part-00000.parquet", "data/part-00001.parquet", "data/part-00002.parquet"}
+    assert "README.md" in remote  # the dataset card, written after the manifest as in a folder
     for name in mine:
         if name != "manifest.json":  # it holds the run's own timings
             assert remote[name] == mine[name], name

@@ -25,12 +25,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
+from profit_prep.store.card import card_files, needs_rejected
 from profit_prep.store.lease import Lease
 from profit_prep.store.names import MANIFEST, OWN_IN, REJECTED, own_file, shard_name
 from profit_prep.store.safe_files import sha256_bytes
@@ -343,8 +345,12 @@ class ObjectOutput:
                 self._lease.check()
             # One PUT, or one multipart upload for a large file: whole or nothing.
             self.fs.put_file(gathered_path, self._key(REJECTED))
-        manifest = totals.manifest(manifest)
-        self._put((json.dumps(manifest, indent=2) + "\n").encode(), MANIFEST)
+            manifest = totals.manifest(manifest)
+            self._put((json.dumps(manifest, indent=2) + "\n").encode(), MANIFEST)
+            # After the manifest, as in a folder: the dataset card of a finished run.
+            rejected = Path(gathered_path).read_bytes() if needs_rejected(manifest) else None
+            for name, data in card_files(manifest, rejected):
+                self._put(data, name)
         return manifest
 
 
