@@ -12,16 +12,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from profit_prep.backends import make_scorer
 from profit_prep.config import ScoreConfig
+from profit_prep.errors import InputError
 from profit_prep.output import OutputDir
 from profit_prep.pipeline import (
     Prepared,
@@ -30,7 +33,9 @@ from profit_prep.pipeline import (
     score_sequences,
     write_scored_shard,
 )
+from profit_prep.rendering import Rendered
 from profit_prep.scoring import Scorer
+from profit_prep.sources import RawRow
 
 
 class Progress:
@@ -67,21 +72,6 @@ class Progress:
                 f" | {rate:6.1f} rows/s | ETA {eta_text}")
 
 
-def start_scorer(prepared: Prepared) -> tuple[Scorer, Prepared]:
-    """Build the scorer; under ``auto``, a vLLM that does not start falls back to transformers
-    with one warning line instead of failing the run."""
-    try:
-        return make_scorer(prepared.config, prepared.model_dir), prepared
-    except Exception as exc:  # noqa: BLE001 - any engine start failure, when auto chose vLLM
-        if not (prepared.backend_reason.startswith("auto") and prepared.config.backend == "vllm"):
-            raise
-        first = " ".join(str(exc).split())[:200] or type(exc).__name__
-        print(f"warning: vLLM did not start ({first}); scoring with transformers instead",
-              file=sys.stderr)
-        prepared = prepared.fall_back_to_transformers()
-        return make_scorer(prepared.config, prepared.model_dir), prepared
-
-
 TIMINGS = ("read_s", "render_s", "score_s", "write_s")
 
 
@@ -100,6 +90,80 @@ class Scored:
         return cls(dict.fromkeys(TIMINGS, 0.0), 0)
 
 
+@dataclass
+class ShardWork:
+    """One shard on its way through the per-shard steps (pickled between Ray's stages): what
+    :func:`read_shard` made, then what :func:`score_shard` added."""
+
+    index: int
+    rendered: list[tuple[RawRow, Rendered]]
+    rejected: list[dict[str, Any]]
+    input_digest: str
+    timing: dict[str, float]  # seconds per step (TIMINGS); Ray adds scored_at
+    logprobs: list[np.ndarray] | None = None
+    extras: list[dict[str, np.ndarray]] | None = None  # signal columns, when asked for
+    scorer: dict[str, Any] | None = None  # the scorer's describe() (Ray)
+    model_load_s: float | None = None  # set on the first shard a Ray actor scores
+    actor: dict[str, Any] | None = None  # where the Ray scoring actor ran
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r.input_ids) for _, r in self.rendered)
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=5)
+
+
+def read_shard(prepared: Prepared, index: int) -> ShardWork:
+    """Step 1 of a shard: read its input rows and render them (rejections with reasons)."""
+    start, stop = prepared.shard_range(index)
+    t0 = time.perf_counter()
+    rows = prepared.source.read(start, stop)
+    digest = prepared.source.digest(start, stop)
+    t1 = time.perf_counter()
+    rendered, rejected = render_rows(rows, prepared.fmt, prepared.config.fields(),
+                                     prepared.renderer, prepared.duplicates)
+    # The raw text is not needed downstream; dropping it keeps a shard (and Ray's payload) small.
+    rendered = [(dataclasses.replace(row, data=None), r) for row, r in rendered]
+    return ShardWork(index, rendered, rejected, digest,
+                     {"read_s": t1 - t0, "render_s": time.perf_counter() - t1})
+
+
+def score_shard(
+    work: ShardWork,
+    scorer: Scorer,
+    step: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Step 2: score the shard's rows, ``step`` rows per scoring call (all at once without),
+    telling ``progress`` (rows, tokens) after each call."""
+    logprobs: list[np.ndarray] = []
+    extras: list[dict[str, np.ndarray]] | None = [] if scorer.signals else None
+    score_s = 0.0
+    n = step or max(1, len(work.rendered))
+    for i in range(0, len(work.rendered), n):
+        part = [r.input_ids for _, r in work.rendered[i : i + n]]
+        t = time.perf_counter()
+        part_logprobs, part_extras = score_sequences(scorer, part)
+        score_s += time.perf_counter() - t
+        logprobs += part_logprobs
+        if extras is not None and part_extras is not None:
+            extras += part_extras
+        if progress is not None:
+            progress(len(part), sum(len(p) for p in part))
+    work.logprobs, work.extras = logprobs, extras
+    work.timing["score_s"] = score_s
+
+
+def write_shard(prepared: Prepared, out: OutputDir, work: ShardWork) -> None:
+    """Step 3: mask, then write the shard as one atomic file."""
+    assert work.logprobs is not None, "a shard reached the writer unscored"
+    t = time.perf_counter()
+    write_scored_shard(out, work.index, work.rendered, work.logprobs, prepared.config.mask_rule(),
+                       work.extras, prepared.end_of_turn_ids, work.rejected, work.input_digest)
+    work.timing["write_s"] = time.perf_counter() - t
+
+
 class Executor(Protocol):
     """Scores the pending shards of a prepared job (in this process, or on Ray)."""
 
@@ -116,30 +180,22 @@ class Executor(Protocol):
 
 def run_job(config: ScoreConfig, executor: Executor) -> dict[str, Any]:
     """Prepare, lock and check the output, score what is pending with ``executor``, write the
-    manifest; return the summary. A rerun with the same config resumes."""
+    manifest; return the summary. A rerun with the same config resumes. Every message of a run
+    (backend line, progress, warnings) is said here, whichever executor and entry point."""
     t_start = time.perf_counter()
-    prepared = prepare(config)
-    out = OutputDir(config.out)
-    out.check_writable(config.overwrite)
-    if not config.quiet:
-        print(prepared.backend_line(), file=sys.stderr)
+    prepared = checked = prepare(config)
     try:
+        out = OutputDir(config.out)
+        out.check_writable(config.overwrite)
+        if not config.quiet:
+            print(prepared.backend_line(), file=sys.stderr)
         prepared = executor.start(prepared, out)
         config = prepared.config
         with out.open(prepared.params, overwrite=config.overwrite):
             todo, done_rows = prepared.pending(out)
             progress = Progress(prepared.n_rows, done_rows, config.quiet)
             scored = executor.run(prepared, out, todo, progress) if todo else Scored.nothing()
-            run = {
-                **{k: round(v, 3) for k, v in scored.timing.items()},
-                "model_load_s": round(scored.model_load_s, 3),
-                "wall_s": round(time.perf_counter() - t_start, 3),
-                "scored_tokens_this_run": scored.tokens,
-                "tokens_per_s": (round(scored.tokens / scored.timing["score_s"], 1)
-                                 if scored.tokens else None),
-                "resumed_shards": prepared.n_shards - len(todo),
-                **scored.run,
-            }
+            run = run_figures(scored, prepared.n_shards - len(todo), t_start)
             describe = scored.scorer or {"backend": config.backend}
             prepared.check_input_unchanged()  # rows of two versions must never be finished
             manifest = out.finalize(
@@ -148,7 +204,26 @@ def run_job(config: ScoreConfig, executor: Executor) -> dict[str, Any]:
             )
     finally:
         executor.close()
-    return {"out": str(out.path), **manifest["counts"], **run, "protect": config.protect}
+        checked.close()
+    summary = {"out": str(out.path), **manifest["counts"], **run, "protect": config.protect}
+    warning = end_of_turn_warning(summary)
+    if warning:
+        print(warning, file=sys.stderr)
+    return summary
+
+
+def run_figures(scored: Scored, resumed_shards: int, t_start: float) -> dict[str, Any]:
+    """The manifest's ``run`` section: timings, speed, resume, and the executor's own."""
+    return {
+        **{k: round(v, 3) for k, v in scored.timing.items()},
+        "model_load_s": round(scored.model_load_s, 3),
+        "wall_s": round(time.perf_counter() - t_start, 3),
+        "scored_tokens_this_run": scored.tokens,
+        "tokens_per_s": (round(scored.tokens / scored.timing["score_s"], 1)
+                         if scored.tokens else None),
+        "resumed_shards": resumed_shards,
+        **scored.run,
+    }
 
 
 class LocalExecutor:
@@ -162,7 +237,7 @@ class LocalExecutor:
         overwrite = prepared.config.overwrite
         if self.own and (overwrite or not out.all_done(prepared.n_shards)):
             t0 = time.perf_counter()
-            self.scorer, prepared = start_scorer(prepared)
+            self.scorer, prepared = prepared.start_scorer()
             self.load_s = time.perf_counter() - t0
         return prepared
 
@@ -180,10 +255,20 @@ class LocalExecutor:
 
 
 def score(config: ScoreConfig, scorer: Scorer | None = None) -> dict[str, Any]:
-    """Score ``config.data`` into ``config.out`` in this process; return the run's summary.
+    """Score ``config.data`` into ``config.out``; return the run's summary.
 
-    A rerun with the same config resumes: finished shards are kept, the rest are done.
+    The executor follows the config: ``num_workers`` > 0 or ``ray_address`` scores on Ray
+    (:class:`profit_prep.ray_pipeline.RayExecutor`), else this process does. A rerun with the
+    same config resumes: finished shards are kept, the rest are done. ``scorer`` (tests,
+    benchmarks) scores in this process.
     """
+    if config.num_workers > 0 or config.ray_address:
+        if scorer is not None:
+            raise InputError("a scorer object scores in this process: drop num_workers and "
+                             "ray_address, or the scorer")
+        from profit_prep.ray_pipeline import RayExecutor
+
+        return run_job(config, RayExecutor())
     return run_job(config, LocalExecutor(scorer))
 
 
@@ -191,41 +276,18 @@ def score_shards(
     prepared: Prepared, out: OutputDir, scorer: Scorer, todo: list[int], progress: Progress
 ) -> tuple[dict[str, float], int]:
     """Read, render, score, mask and write each pending shard; seconds per step, tokens."""
-    config = prepared.config
     timing = dict.fromkeys(TIMINGS, 0.0)
-    scored_tokens = 0
-    rule = config.mask_rule()
+    tokens = 0
     for index in todo:
-        start, stop = prepared.shard_range(index)
-        t = time.perf_counter()
-        rows = prepared.source.read(start, stop)
-        digest = prepared.source.digest(start, stop)
-        timing["read_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        rendered, rejected = render_rows(
-            rows, prepared.fmt, config.fields(), prepared.renderer, prepared.duplicates
-        )
-        timing["render_s"] += time.perf_counter() - t
-        progress.update(len(rejected), 0)
-        logprobs: list[np.ndarray] = []
-        extras: list[dict[str, np.ndarray]] | None = [] if scorer.signals else None
-        step = 16  # rows per scoring call: keeps the progress line moving on slow machines
-        for i in range(0, len(rendered), step):
-            part = [r.input_ids for _, r in rendered[i : i + step]]
-            t = time.perf_counter()
-            part_logprobs, part_extras = score_sequences(scorer, part)
-            logprobs += part_logprobs
-            if extras is not None and part_extras is not None:
-                extras += part_extras
-            timing["score_s"] += time.perf_counter() - t
-            n_tok = sum(len(p) for p in part)
-            scored_tokens += n_tok
-            progress.update(len(part), n_tok)
-        t = time.perf_counter()
-        write_scored_shard(out, index, rendered, logprobs, rule, extras,
-                           prepared.end_of_turn_ids, rejected, digest)
-        timing["write_s"] += time.perf_counter() - t
-    return timing, scored_tokens
+        work = read_shard(prepared, index)
+        progress.update(len(work.rejected), 0)
+        # 16 rows per scoring call: keeps the progress line moving on slow machines
+        score_shard(work, scorer, step=16, progress=progress.update)
+        write_shard(prepared, out, work)
+        for key in TIMINGS:
+            timing[key] += work.timing[key]
+        tokens += work.tokens
+    return timing, tokens
 
 
 def format_summary(summary: dict[str, Any]) -> str:

