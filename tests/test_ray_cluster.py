@@ -119,17 +119,20 @@ def test_tensor_parallel_with_transformers_is_refused_before_any_work(
 def test_a_shard_that_comes_back_twice_is_written_once(tmp_path: Path) -> None:
     """Ray may run a scoring task again (its node died after it finished): the writer keeps
     the shard already written and says so, for the driver to record."""
-    from profit_prep.ray_pipeline import Job, ShardWork, WriteShards
+    from profit_prep.driver import ShardWork
+    from profit_prep.pipeline import Prepared
+    from profit_prep.ray_pipeline import WorkerPlan, WriteShards
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
     (out / "run.json").write_text("{}")  # a run's shard records name its run.json
-    job = Job(ScoreConfig(data="d", out=str(out)), None, "plain", ScoreConfig(
-        data="d", out=str(out)).fields(), None, tmp_path, str(out), 1.0, False)
+    # The writer's copy of a prepared job: no source, no renderer (Prepared.for_workers).
+    prepared = Prepared(ScoreConfig(data="d", out=str(out)), None, "plain", tmp_path, None,
+                        {}, {})
     work = ShardWork(3, [], [{"example_id": "x", "source_index": 9, "reason": "bad"}], "d1",
                      {"read_s": 0.0, "render_s": 0.0, "score_s": 0.0, "scored_at": 0.0},
                      logprobs=[], scorer={"backend": "null"}, actor={"pid": 1})
-    writer = WriteShards(job)
+    writer = WriteShards(prepared, WorkerPlan(str(out), 1.0, False))
     first = writer({"index": 3, "payload": work.dumps()})
     shard = out / "data" / "part-00003.parquet"
     written = shard.stat()
