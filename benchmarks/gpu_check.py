@@ -16,7 +16,8 @@ Parts, each "skipped: ..." in the JSON when it cannot run here:
    the vLLM backend in bf16 and fp32 against a plain transformers fp32 forward + ``log_softmax``
    (the oracle): max |dlogprob|, tau = 0.1 mask agreement, tokens/s, the model runner, the step
    budget, and how much GPU memory one long row's prompt logprobs took (NVML) against
-   ``profit_prep.sizing``'s formula for that runner. ``--model-1b DIR`` adds a local ~1B model.
+   ``profit_prep.scorers.sizing``'s formula for that runner. ``--model-1b DIR`` adds a local ~1B
+   model.
 
     python benchmarks/gpu_check.py --json $OUT/gpu.json   # estimated ~3-4 min on an H200
 
@@ -60,7 +61,7 @@ def compare(
 ) -> dict[str, float]:
     """Max |dlogprob| over positions 1.. and the share of response tokens whose tau = 0.1 mask
     decision agrees (``candidate`` against ``reference``, row by row)."""
-    from profit_prep.masks import MaskRule, loss_mask
+    from profit_prep.rules.profit import MaskRule, loss_mask
 
     rule = MaskRule("higher", TAU)
     worst, agree, total = 0.0, 0, 0
@@ -91,7 +92,7 @@ class Report:
 def nvml_used() -> Any:
     """A function returning GPU 0's used bytes (device-wide, so the engine's own process counts
     too), or None when NVML is not there."""
-    from profit_prep.gpu import _nvml, _nvml_handle
+    from profit_prep.scorers.gpu import _nvml, _nvml_handle
 
     nvml = _nvml()
     if nvml is None:
@@ -109,7 +110,7 @@ def parse_cost_us_per_token(tokens: int = 500, rounds: int = 20) -> float:
     the gold logprobs, as the scoring actor does after each ``generate``: best of ``rounds``."""
     from vllm.logprobs import FlatLogprobs, Logprob
 
-    from profit_prep.vllm_backend import actual_token_logprobs
+    from profit_prep.scorers.vllm_engine import actual_token_logprobs
 
     ids = np.random.default_rng(0).integers(0, 128256, tokens).tolist()
     flat = FlatLogprobs()
@@ -168,7 +169,7 @@ def run_cli(name: str, extra: list[str], model: Path, args: argparse.Namespace) 
 def tensor_parallel(model: Path, gpus: int) -> tuple[int | None, str]:
     """The smallest TP size >= 2 that ``gpus`` GPUs allow and the model's heads split into
     (vLLM: attention heads divisible by it; KV heads divisible by it, or it by them)."""
-    from profit_prep.vllm_backend import _text_config_value
+    from profit_prep.scorers.vllm_engine import _text_config_value
 
     heads = _text_config_value(model, "num_attention_heads") or 0
     kv = _text_config_value(model, "num_key_value_heads") or heads
@@ -217,8 +218,8 @@ def _importable(module: str) -> bool:
 
 
 def render_rows(model_dir: Path, rows: int, max_length: int) -> list:
-    from profit_prep.reading import FieldMap, to_messages
-    from profit_prep.rendering import Renderer, load_tokenizer, resolve_template
+    from profit_prep.inputs.formats import FieldMap, to_messages
+    from profit_prep.rendering.renderer import Renderer, load_tokenizer, resolve_template
 
     tokenizer = load_tokenizer(model_dir)
     template, _ = resolve_template(tokenizer, None)
@@ -230,8 +231,8 @@ def render_rows(model_dir: Path, rows: int, max_length: int) -> list:
 
 def run_vllm(model_dir: Path, dtype: str, ids: list[np.ndarray], args: argparse.Namespace,
              vocab: int, used: Any) -> dict[str, Any]:
-    from profit_prep.sizing import V2_PROMPT_LOGPROB_CHUNK, logit_entry_bytes
-    from profit_prep.vllm_backend import VLLMScorer
+    from profit_prep.scorers.sizing import V2_PROMPT_LOGPROB_CHUNK, logit_entry_bytes
+    from profit_prep.scorers.vllm_engine import VLLMScorer
 
     t0 = time.perf_counter()
     scorer = VLLMScorer(model_dir, dtype=dtype, device=args.device,
@@ -302,7 +303,7 @@ def run_oracle(model_dir: Path, ids: list[np.ndarray], device: str) -> dict[str,
 
 def check_model(name: str, model_dir: Path, args: argparse.Namespace, report: Report,
                 used: Any) -> None:
-    from profit_prep.vllm_backend import _text_config_value
+    from profit_prep.scorers.vllm_engine import _text_config_value
 
     rendered = render_rows(model_dir, args.rows, args.max_length)
     ids = [np.asarray(r.input_ids) for r in rendered]
@@ -347,7 +348,7 @@ def machine(device: str) -> tuple[dict[str, Any], int]:
     """What this machine is (NVML on CUDA: no CUDA context), and how many GPUs are visible."""
     import torch
 
-    from profit_prep.gpu import cuda_device_count, gpu_info
+    from profit_prep.scorers.gpu import cuda_device_count, gpu_info
 
     info: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
     for package in ("vllm", "ray", "transformers"):
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                         else None)
     report = Report(out)
 
-    from profit_prep.gpu import cuda_available
+    from profit_prep.scorers.gpu import cuda_available
 
     if args.device == "cuda" and not cuda_available():  # NVML: no CUDA context here
         report.data.update(complete=True, skipped="no CUDA device (NVML sees none); run it on a "
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     report.save()
 
     from profit_prep.errors import InputError
-    from profit_prep.models import convert_smollm2
+    from profit_prep.scorers.models import convert_smollm2
 
     model = args.model
     if model is None:

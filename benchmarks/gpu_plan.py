@@ -1,9 +1,10 @@
-"""Print docs/scaling.md's GPU sizing table and worked plans from profit_prep.sizing.
+"""Print docs/scaling.md's GPU sizing table and worked plans from profit_prep.scorers.sizing.
 
     python benchmarks/gpu_plan.py            # both tables, as markdown
 
 Nothing is measured here: the default ``max_num_batched_tokens`` is
-:func:`profit_prep.sizing.step_token_budget` for each of vLLM's model runners (V2, vLLM 0.32's
+:func:`profit_prep.scorers.sizing.step_token_budget` for each of vLLM's model runners (V2, vLLM
+0.32's
 default on CUDA, and V1, under ``VLLM_USE_V2_MODEL_RUNNER=0`` or without Triton), the per-GPU
 prefill rate is ``pipeline_ceiling.gpu_demand`` (MFU x an H100's dense bf16 peak / (2 x
 params); the H200 has the same compute), the render rate and Parquet bytes per token are the
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline_ceiling import MODELS, gpu_demand  # noqa: E402
 
-from profit_prep.sizing import (  # noqa: E402
+from profit_prep.scorers.sizing import (  # noqa: E402
     GpuSpec,
     MiB,
     ModelSpec,

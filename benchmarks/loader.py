@@ -1,7 +1,8 @@
 """Loader throughput: verify + read + re-threshold + write + memory-map, in tokens per second.
 
 Builds a synthetic output in the real format (``format.to_table`` + ``output.OutputDir``), then
-times ``profit_prep.loading.load`` from a cold loader cache (the cache file is deleted before
+times ``profit_prep.training.loader.load`` from a cold loader cache (the cache file is deleted
+before
 every repeat, so each timing includes the whole path).
 
 Run::
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from profit_prep.format import ScoredExample, to_table
-from profit_prep.output import OutputDir
+from profit_prep.store.schema import ScoredExample, to_table
+from profit_prep.store.writer import OutputDir
 
 
 def build(out: Path, tokens: int, row_tokens: int, shards: int, seed: int = 0) -> int:
@@ -52,7 +53,7 @@ def time_load(out: Path, cache: Path, repeats: int, **kwargs: object) -> float:
     """Best wall time of ``load(out, **kwargs)`` from a cold loader cache."""
     import datasets
 
-    from profit_prep.loading import load
+    from profit_prep.training.loader import load
 
     datasets.config.HF_DATASETS_CACHE = str(cache)
     best = float("inf")

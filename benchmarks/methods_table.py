@@ -18,9 +18,9 @@ import numpy as np
 
 from profit_prep import ScoreConfig, score
 from profit_prep.cli import demo_data_path
-from profit_prep.loading import load
-from profit_prep.pipeline import prepare, render_rows
-from profit_prep.rules import Select
+from profit_prep.job import prepare, render_rows
+from profit_prep.rules.selection import Select
+from profit_prep.training.loader import load
 
 TRAIN_FROM = 100  # reference SFT rows start here, clear of the scored table rows
 
@@ -33,7 +33,7 @@ def train_reference(work: Path, steps: int, batch_size: int = 4, lr: float = 1e-
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from profit_prep.collate import PadCollator
+    from profit_prep.training.collate import PadCollator
 
     folder = work / "reference-model"
     if (folder / "config.json").exists():

@@ -60,7 +60,7 @@ def timed_run(
     """One run: in this process (``render_workers`` None), or on Ray with that many render
     actors and one null scoring actor."""
     from profit_prep import ScoreConfig, score
-    from profit_prep.ray_pipeline import score_with_ray
+    from profit_prep.executors.ray import score_with_ray
 
     ray = render_workers is not None
     config = ScoreConfig(data=str(data), out=str(out), model=str(tokenizer_dir),
@@ -90,7 +90,7 @@ def measure(
     rows: int, render_actors: tuple[int, ...] = RENDER_ACTORS, tokenizer_dir: Path | None = None
 ) -> dict[str, Any]:
     """The in-process run and one Ray run per number of render actors; the figures."""
-    from profit_prep.models import convert_smollm2
+    from profit_prep.scorers.models import convert_smollm2
 
     tokenizer_dir = tokenizer_dir or convert_smollm2()
     work = Path(tempfile.mkdtemp(prefix="profit-ceiling-"))

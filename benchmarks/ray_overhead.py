@@ -37,10 +37,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from profit_prep.backends import make_scorer  # noqa: E402
 from profit_prep.config import ScoreConfig  # noqa: E402
-from profit_prep.pipeline import prepare, render_rows  # noqa: E402
-from profit_prep.ray_pipeline import score_with_ray  # noqa: E402
+from profit_prep.executors.ray import score_with_ray  # noqa: E402
+from profit_prep.job import prepare, render_rows  # noqa: E402
+from profit_prep.scorers.choose import make_scorer  # noqa: E402
 
 
 def base_config(args: argparse.Namespace, out: str, workers: int) -> ScoreConfig:

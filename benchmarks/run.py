@@ -148,8 +148,8 @@ def rows_path() -> Path:
 
 def render_rows(model_dir: Path, n: int, path: Path) -> list[np.ndarray]:
     """The first ``n`` rows of GSM8K rendered with the model's tokenizer and chat template."""
-    from profit_prep.reading import FieldMap, to_messages
-    from profit_prep.rendering import Renderer, load_tokenizer
+    from profit_prep.inputs.formats import FieldMap, to_messages
+    from profit_prep.rendering.renderer import Renderer, load_tokenizer
 
     renderer = Renderer(load_tokenizer(model_dir))
     fields = FieldMap("question", "answer")
@@ -346,7 +346,7 @@ def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     if kind == "longrow":
         ids = np.load(args["ids"])
         if args["path"] == "ours":
-            from profit_prep.scoring import TransformersScorer
+            from profit_prep.scorers.base import TransformersScorer
 
             scorer = TransformersScorer(args["model"])
             run = lambda seqs: scorer.score(seqs)  # noqa: E731
@@ -366,7 +366,7 @@ def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
                 "extra_mb": round(peak - before, 1), "seconds": round(seconds, 2),
                 "peak_reset": reset}
     if kind == "vllm":
-        from profit_prep.vllm_backend import VLLMScorer
+        from profit_prep.scorers.vllm_engine import VLLMScorer
 
         seqs = [np.asarray(s) for s in np.load(args["ids"], allow_pickle=True)]
         t0 = time.perf_counter()
@@ -410,7 +410,7 @@ class Bench:
 
 def measure_scoring_paths(b: Bench) -> None:
     """naive loop vs the transformers backend (and --compile): tokens/s in one run."""
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
 
     res, mode, model_dir, seqs, tokens, step = (
         b.res, b.mode, b.model_dir, b.seqs, b.tokens, b.step)
@@ -500,7 +500,7 @@ def measure_default_path(b: Bench) -> None:
     # What `profit-prep score` gives with no --backend (auto) on this machine: the figure
     # users get, so best_path and speedup_vs_naive describe it.
     from profit_prep import ScoreConfig
-    from profit_prep.backends import choose_backend
+    from profit_prep.scorers.choose import choose_backend
 
     default, reason = choose_backend(ScoreConfig(data="-", out="-", device="cpu"))
     res["default_path"], res["default_reason"] = default, reason
@@ -511,7 +511,7 @@ def measure_default_path(b: Bench) -> None:
 
 def measure_transformers_bf16(b: Bench) -> None:
     """transformers in bf16 where the CPU has native bf16 dot products."""
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
 
     res, mode, model_dir, seqs, tokens, ref = (
         b.res, b.mode, b.model_dir, b.seqs, b.tokens, b.ref)
@@ -620,7 +620,7 @@ def run(mode: Mode, checkpoint: Path | None = None) -> dict[str, Any]:
     """Every figure, one measurement after another (see the functions above)."""
     import torch
 
-    from profit_prep.models import convert_smollm2, tiny_random_llama
+    from profit_prep.scorers.models import convert_smollm2, tiny_random_llama
 
     t_run = time.perf_counter()
     res: dict[str, Any] = {"mode": mode.name, "machine": machine_info(), "complete": False}
@@ -739,7 +739,7 @@ def loader_figures(out_dir: Path, e2e_tokens: int, synthetic_tokens: int,
     import datasets
 
     try:
-        from profit_prep.loading import load
+        from profit_prep.training.loader import load
     except Exception as exc:  # noqa: BLE001 - the loader is being written elsewhere
         return {"loader_tokens_per_s": None, "loader_error": f"{type(exc).__name__}: {exc}"}
 
@@ -756,7 +756,8 @@ def loader_figures(out_dir: Path, e2e_tokens: int, synthetic_tokens: int,
             best = min(best, time.perf_counter() - t0)
         return round(n / best, 1)
 
-    res: dict[str, Any] = {"loader_method": "profit_prep.loading.load(out, tau=0.2), cold cache"}
+    res: dict[str, Any] = {
+        "loader_method": "profit_prep.training.loader.load(out, tau=0.2), cold cache"}
     try:
         res["loader_e2e_tokens_per_s"] = timed(out_dir, e2e_tokens)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -782,7 +783,7 @@ def measure_million_rows(res: dict[str, Any], step: Callable[[str], None], rows:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from scale import measure_scale, targets
 
-    from profit_prep.models import convert_smollm2
+    from profit_prep.scorers.models import convert_smollm2
 
     work = Path(tempfile.mkdtemp(prefix="profit-scale-"))
     try:

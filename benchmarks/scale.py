@@ -4,7 +4,7 @@ A synthetic JSONL of short conversations in every input format, mixed row by row
 ShareGPT, Alpaca, prompt/completion; a stable ``id`` column; a few rows of no known format and a
 few repeated ids, which must be rejected), goes through ``profit-prep score --backend null``
 (every logprob 0, no model: the pipeline's own cost) with the SmolLM2 tokenizer, then
-``profit-prep verify``, ``profit-prep stats --json`` and :func:`profit_prep.loading.load`.
+``profit-prep verify``, ``profit-prep stats --json`` and :func:`profit_prep.training.loader.load`.
 
 Measured: wall time of each stage; peak RSS of the score process on the first 10% of the rows
 and on all of them (its own ``VmHWM`` from ``/proc/self/status``, written as it exits); the time
@@ -307,7 +307,7 @@ _LOAD_CHILD = """
 import json, sys, time
 import datasets
 datasets.config.HF_DATASETS_CACHE = sys.argv[2]
-from profit_prep.loading import load
+from profit_prep.training.loader import load
 t0 = time.perf_counter()
 ds = load(sys.argv[1], tau=0.2)
 seconds = time.perf_counter() - t0
@@ -490,7 +490,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from profit_prep.models import convert_smollm2
+    from profit_prep.scorers.models import convert_smollm2
 
     work = Path(tempfile.mkdtemp(prefix="profit-scale-"))
     try:

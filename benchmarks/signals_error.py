@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from profit_prep.cli import demo_data_path
-from profit_prep.models import resolve_model
-from profit_prep.reading import FieldMap, to_messages
-from profit_prep.rendering import Renderer, load_tokenizer, resolve_template
-from profit_prep.scoring import TransformersScorer
-from profit_prep.top_k import TOP_K_ENTROPY, top_k_entropy
+from profit_prep.inputs.formats import FieldMap, to_messages
+from profit_prep.rendering.renderer import Renderer, load_tokenizer, resolve_template
+from profit_prep.scorers.base import TransformersScorer
+from profit_prep.scorers.models import resolve_model
+from profit_prep.scorers.top_k import TOP_K_ENTROPY, top_k_entropy
 
 SIGNALS = "entropy,top1,rank"
 
@@ -64,7 +64,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from profit_prep.vllm_backend import VLLMScorer
+    from profit_prep.scorers.vllm_engine import VLLMScorer
 
     model_dir = resolve_model(args.model)
     tokenizer = load_tokenizer(model_dir)

@@ -12,12 +12,16 @@ Example:
 
 __version__ = "0.2.0"
 
+from profit_prep import moved  # noqa: E402 - first: old import paths resolve from here on
+
+moved.install()
+
 from profit_prep.config import ScoreConfig  # noqa: E402
-from profit_prep.driver import score  # noqa: E402
 from profit_prep.errors import InputError, RowError  # noqa: E402
-from profit_prep.exports import check_export, export  # noqa: E402
-from profit_prep.loading import load  # noqa: E402 - cheap: datasets is imported on first call
-from profit_prep.masks import MaskRule  # noqa: E402
+from profit_prep.executors.local import score  # noqa: E402
+from profit_prep.rules.profit import MaskRule  # noqa: E402
+from profit_prep.training.exports import check_export, export  # noqa: E402
+from profit_prep.training.loader import load  # noqa: E402 - cheap: datasets is imported on first call
 
 __all__ = ["InputError", "MaskRule", "RowError", "ScoreConfig", "check_export", "export", "load",
            "score", "__version__"]

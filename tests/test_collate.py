@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from profit_prep.collate import PackedCollator, PadCollator
+from profit_prep.training.collate import PackedCollator, PadCollator
 
 
 def make_rows(n: int = 4, seed: int = 0, vocab: int = 49152) -> list[dict]:
@@ -86,7 +86,7 @@ def test_packed_equals_padded_on_a_real_model(tiny_model_dir: Path) -> None:
     """Same logits per row and the same loss: rows in a pack do not see each other."""
     from transformers import AutoModelForCausalLM
 
-    from profit_prep.losses import profit_loss
+    from profit_prep.training.losses import profit_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     model.eval()

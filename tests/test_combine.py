@@ -11,9 +11,9 @@ import pytest
 
 from profit_prep.cli import main as cli
 from profit_prep.errors import InputError
-from profit_prep.loading import load
-from profit_prep.output_check import read_manifest, verify
-from profit_prep.rules import Select
+from profit_prep.rules.selection import Select
+from profit_prep.store.reader import read_manifest, verify
+from profit_prep.training.loader import load
 from tests.conftest import score_demo
 from tests.test_rules import rows_of
 

@@ -1,8 +1,9 @@
-"""profit_prep.exports: each trainer's container read back independently, the check, DEST safety.
+"""profit_prep.training.exports: each trainer's container read back independently, the check, DEST
+safety.
 
 Rows are scored by the tiny random model; a ``random`` rule (keep_fraction 0.5) puts mask
 boundaries everywhere. The oracle recomputes the kept tokens from the shard with
-``profit_prep.masks.keep_flat`` (the rule's own definition), not from the exporter.
+``profit_prep.rules.profit.keep_flat`` (the rule's own definition), not from the exporter.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from profit_prep.errors import InputError, RowError
-from profit_prep.exports import EXPORT_MANIFEST, FORMATS, check_export, export
+from profit_prep.training.exports import EXPORT_MANIFEST, FORMATS, check_export, export
 from tests.conftest import REPO, score_demo
 
 RULE = {"strategy": "random", "keep_fraction": 0.5, "seed": 3}
@@ -34,7 +35,7 @@ def out(tmp_path_factory, tiny_model_dir: Path) -> Path:
 def oracle(out: Path, protect: bool = True, **rule: object
            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """example_id -> (ids, kept) from the shards and the rule's definition."""
-    from profit_prep.masks import MaskRule, keep_flat
+    from profit_prep.rules.profit import MaskRule, keep_flat
 
     manifest = json.loads((out / "manifest.json").read_text())
     eot = manifest["render"]["end_of_turn_ids"]
@@ -156,7 +157,7 @@ def _ctx(tokenizer) -> types.SimpleNamespace:
                                   "日本語のテキスト", "  spaces\n\nand newlines  "])
 def test_ms_swift_split_is_exact_or_refused(smollm2_tokenizer, text):
     """Every boundary position: the pieces re-tokenise to the row's ids, or the row is refused."""
-    from profit_prep.exports.swift import _turn
+    from profit_prep.training.exports.swift import _turn
 
     ctx = _ctx(smollm2_tokenizer)
     ids = np.array(ctx.encode(text) + ctx.eot)
@@ -180,7 +181,7 @@ def test_ms_swift_split_is_exact_or_refused(smollm2_tokenizer, text):
 def test_ms_swift_refuses_a_masked_end_of_turn(smollm2_tokenizer):
     """ms-swift trains an untrained end of turn right after a trained token
     (Template._add_dynamic_eos): such a mask is refused."""
-    from profit_prep.exports.swift import _turn
+    from profit_prep.training.exports.swift import _turn
 
     ctx = _ctx(smollm2_tokenizer)
     ids = np.array(ctx.encode("It is 4.") + ctx.eot)
@@ -203,7 +204,7 @@ def test_ms_swift_refuses_a_masked_end_of_turn(smollm2_tokenizer):
 def test_ms_swift_end_of_turn_table(smollm2_tokenizer, before, end, final, ok):
     """An end of turn is written exactly where ms-swift can train it as the mask says, else the
     row is refused; the final turn carries its end and the row's tail as messages."""
-    from profit_prep.exports.swift import _final_end, _middle_end, _n_eot, _turn
+    from profit_prep.training.exports.swift import _final_end, _middle_end, _n_eot, _turn
 
     ctx = _ctx(smollm2_tokenizer)
     content = ctx.encode("It is 4.")
@@ -230,7 +231,7 @@ def test_ms_swift_end_of_turn_table(smollm2_tokenizer, before, end, final, ok):
 def test_check_finds_wrong_labels_the_record_does_not_hide(out, tmp_path, private_datasets_cache):
     import pyarrow as pa
 
-    from profit_prep.safe_files import sha256_file
+    from profit_prep.store.safe_files import sha256_file
 
     dest = tmp_path / "ax"
     export(out, dest, "axolotl", **RULE)
@@ -255,7 +256,7 @@ def test_check_finds_wrong_labels_the_record_does_not_hide(out, tmp_path, privat
 def test_check_reports_unprotected_end_of_turn(out, tmp_path, private_datasets_cache):
     import pyarrow as pa
 
-    from profit_prep.safe_files import sha256_file
+    from profit_prep.store.safe_files import sha256_file
 
     dest = tmp_path / "ax"
     export(out, dest, "axolotl", **RULE)
@@ -306,7 +307,7 @@ def test_dest_holding_foreign_files_is_never_touched(out, tmp_path, private_data
 
 def test_failed_export_leaves_the_earlier_one_whole(out, tmp_path, monkeypatch,
                                                     private_datasets_cache):
-    import profit_prep.exports.writers as export_writers
+    import profit_prep.training.exports.writers as export_writers
 
     dest = tmp_path / "lf"
     export(out, dest, "llamafactory")

@@ -28,7 +28,7 @@ RAY_WITH_A_DECLARED_GPU = """
 import sys
 import ray
 from profit_prep import ScoreConfig
-from profit_prep.ray_pipeline import score_with_ray
+from profit_prep.executors.ray import score_with_ray
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
 score_with_ray(ScoreConfig(data=sys.argv[1], out=sys.argv[2], prompt_field="question",
                response_field="answer", limit=2, backend="vllm", num_workers=1, quiet=True))
@@ -112,7 +112,7 @@ def test_no_cuda_initialisation_before_the_engine_starts(tmp_path: Path, entry: 
     ("bfloat16", "cuda", (7, 0), "bfloat16"),
 ])
 def test_resolve_dtype(dtype: str, device: str, capability, expected: str) -> None:
-    from profit_prep.gpu import resolve_dtype
+    from profit_prep.scorers.gpu import resolve_dtype
 
     got, reason = resolve_dtype(dtype, device, capability)
     assert got == expected
@@ -124,7 +124,7 @@ def test_dtype_choices_are_checked_by_argparse_and_the_python_api(tmp_path: Path
     from profit_prep import ScoreConfig, score
     from profit_prep.cli import main
     from profit_prep.errors import InputError
-    from profit_prep.gpu import DTYPES
+    from profit_prep.scorers.gpu import DTYPES
 
     args = ["score", "--data", str(DEMO_GSM8K), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exc:
@@ -137,7 +137,7 @@ def test_dtype_choices_are_checked_by_argparse_and_the_python_api(tmp_path: Path
 
 def test_auto_dtype_on_cpu_is_float32_in_the_manifest(tiny_model_dir: Path, tmp_path: Path,
                                                       monkeypatch, capsys) -> None:
-    import profit_prep.backends as backends
+    import profit_prep.scorers.choose as backends
     from profit_prep import ScoreConfig, score
 
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
@@ -166,10 +166,10 @@ def test_auto_dtype_on_cuda_and_the_runner_in_the_manifest(
     import vllm
     from vllm.logprobs import Logprob
 
-    import profit_prep.backends as backends
-    import profit_prep.vllm_backend as vllm_backend
+    import profit_prep.scorers.choose as backends
+    import profit_prep.scorers.vllm_engine as vllm_backend
     from profit_prep import ScoreConfig, score
-    from profit_prep.sizing import MiB, step_token_budget
+    from profit_prep.scorers.sizing import MiB, step_token_budget
 
     seen: list[dict] = []
 
@@ -219,7 +219,7 @@ def test_an_output_resumed_under_auto_keeps_its_dtype(tiny_model_dir: Path, tmp_
                                                       monkeypatch, capsys) -> None:
     """An output started in float32 (the old default, or on a CPU) and rerun with the default
     `auto` on a machine that now has a GPU resumes in float32, not refused, not mixed."""
-    import profit_prep.backends as backends
+    import profit_prep.scorers.choose as backends
     from profit_prep import ScoreConfig, score
 
     kw = {"data": str(DEMO_GSM8K), "out": str(tmp_path / "o"), "model": str(tiny_model_dir),
@@ -234,7 +234,7 @@ def test_an_output_resumed_under_auto_keeps_its_dtype(tiny_model_dir: Path, tmp_
 
 
 def test_ray_drivers_leave_auto_to_the_actors(monkeypatch) -> None:
-    import profit_prep.backends as backends
+    import profit_prep.scorers.choose as backends
     from profit_prep import ScoreConfig
 
     monkeypatch.setattr(backends, "cuda_available", lambda: True)

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.loading import load
-from profit_prep.output_check import read_manifest
+from profit_prep.store.reader import read_manifest
+from profit_prep.training.loader import load
 from tests.conftest import final_hidden_grads, score_demo
 
 pytestmark = pytest.mark.usefixtures("private_datasets_cache")
@@ -391,7 +391,7 @@ def test_protected_end_of_turn_gets_gradient_and_unprotected_does_not(
 def test_load_refuses_a_tokenizer_changed_beyond_its_vocab(
     tiny_out: Path, tiny_model_dir: Path, tmp_path: Path, change: str, part: str
 ) -> None:
-    from profit_prep.rendering import load_tokenizer
+    from profit_prep.rendering.renderer import load_tokenizer
     from tests.test_pipeline import changed_tokenizer
 
     changed = changed_tokenizer(tiny_model_dir, tmp_path / "changed", change)
@@ -426,7 +426,7 @@ def test_an_output_with_an_older_fingerprint_is_not_silently_accepted(
 
 
 def load_tokenizer_with_extra_special(folder: Path):
-    from profit_prep.rendering import load_tokenizer
+    from profit_prep.rendering.renderer import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|profit_old|>"]})

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from profit_prep.collate import PadCollator
-from profit_prep.losses import profit_loss, weighted_profit_loss
+from profit_prep.training.collate import PadCollator
+from profit_prep.training.losses import profit_loss, weighted_profit_loss
 from tests.test_collate import make_rows
 
 
@@ -83,7 +83,7 @@ def test_trainer_mixin_gradient_accumulation(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from profit_prep.losses import ProFitLossMixin
+    from profit_prep.training.losses import ProFitLossMixin
 
     class ProFitTrainer(ProFitLossMixin, Trainer):
         profit_normalize = normalize
@@ -144,9 +144,9 @@ def test_sft_trainer_dft_weights_and_rho1_mask_reach_the_loss(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from profit_prep.loading import load
-    from profit_prep.losses import ProFitLossMixin
-    from profit_prep.rules import Select
+    from profit_prep.rules.selection import Select
+    from profit_prep.training.loader import load
+    from profit_prep.training.losses import ProFitLossMixin
     from tests.conftest import final_hidden_grads, score_demo
 
     class ProFitSFTTrainer(ProFitLossMixin, SFTTrainer):

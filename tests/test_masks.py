@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.masks import MaskRule, keep_flat, loss_mask
+from profit_prep.rules.profit import MaskRule, keep_flat, loss_mask
 from tests.test_rendering import CONVERSATION  # system, user, assistant and tool turns
 
 
@@ -85,7 +85,7 @@ def test_bad_rules_are_refused(kwargs, message: str) -> None:
 
 
 def _renderer(name: str, smollm2_tokenizer):
-    from profit_prep.rendering import Renderer
+    from profit_prep.rendering.renderer import Renderer
     from tests.conftest import FIXTURES
     from tests.test_rendering import with_llama3_specials
 
@@ -98,8 +98,8 @@ def _renderer(name: str, smollm2_tokenizer):
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
 def test_every_assistant_turn_end_is_protected_and_nothing_else(smollm2_tokenizer,
                                                                 name: str) -> None:
-    from profit_prep.masks import end_of_turn_tokens
-    from profit_prep.rendering import end_of_turn_ids
+    from profit_prep.rendering.renderer import end_of_turn_ids
+    from profit_prep.rules.profit import end_of_turn_tokens
 
     renderer, eot_text = _renderer(name, smollm2_tokenizer)
     tokenizer = renderer.tokenizer
@@ -124,8 +124,8 @@ def test_every_assistant_turn_end_is_protected_and_nothing_else(smollm2_tokenize
 
 
 def test_end_of_turn_text_inside_an_answer_is_not_protected(smollm2_tokenizer) -> None:
-    from profit_prep.masks import end_of_turn_tokens
-    from profit_prep.rendering import end_of_turn_ids
+    from profit_prep.rendering.renderer import end_of_turn_ids
+    from profit_prep.rules.profit import end_of_turn_tokens
 
     renderer, _ = _renderer("chatml", smollm2_tokenizer)
     r = renderer.render([{"role": "user", "content": "say it"},
@@ -135,7 +135,7 @@ def test_end_of_turn_text_inside_an_answer_is_not_protected(smollm2_tokenizer) -
 
 
 def test_protect_in_rule_dicts_and_resolution() -> None:
-    from profit_prep.masks import resolve_rule
+    from profit_prep.rules.profit import resolve_rule
 
     assert MaskRule().to_dict() == {"strategy": "higher", "tau": 0.1, "protect": "end_of_turn"}
     assert MaskRule(protect="none").to_dict() == {"strategy": "higher", "tau": 0.1}

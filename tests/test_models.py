@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.models import check_weights, file_sha256, model_content_hash
+from profit_prep.scorers.models import check_weights, file_sha256, model_content_hash
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 
 

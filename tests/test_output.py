@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.format import ScoredExample, to_table
-from profit_prep.output import OutputDir
-from profit_prep.output_check import read_manifest, verify
+from profit_prep.store.reader import read_manifest, verify
+from profit_prep.store.schema import ScoredExample, to_table
+from profit_prep.store.writer import OutputDir
 
 PARAMS = {"tau": 0.1, "data": "x.jsonl"}
 
@@ -267,7 +267,7 @@ def damage_shard(out: Path, how: str) -> str:
 def test_every_reader_refuses_a_damaged_shard_in_one_line(
     scored: Path, tmp_path: Path, how: str, private_datasets_cache: None
 ) -> None:
-    from profit_prep.loading import load
+    from profit_prep.training.loader import load
     from tests.conftest import assert_one_error_line
 
     out = copy_of(scored, tmp_path)
@@ -287,7 +287,7 @@ def test_every_reader_refuses_a_damaged_shard_in_one_line(
 def test_a_copied_shard_passes_a_row_count_check_but_not_the_checksum(
     scored: Path, tmp_path: Path
 ) -> None:
-    from profit_prep.output_check import check_shards, shard_problems
+    from profit_prep.store.reader import check_shards, shard_problems
 
     out = copy_of(scored, tmp_path)
     damage_shard(out, "copied-over")
@@ -321,7 +321,7 @@ MANIFEST_DAMAGE = {
 def test_a_damaged_manifest_is_one_error_line(
     scored: Path, tmp_path: Path, damage: str, private_datasets_cache: None
 ) -> None:
-    from profit_prep.loading import load
+    from profit_prep.training.loader import load
     from tests.conftest import assert_one_error_line
 
     out = copy_of(scored, tmp_path)
@@ -347,7 +347,7 @@ def test_finalize_sums_footer_counts_and_they_equal_the_columns(tmp_path: Path,
                                                                monkeypatch) -> None:
     import pyarrow.parquet as pq
 
-    import profit_prep.output as output
+    import profit_prep.store.writer as output
 
     eot = [int(example(0).input_ids[-1]), int(example(3).input_ids[4])]
     out = OutputDir(tmp_path / "o")
@@ -388,7 +388,7 @@ def test_names_that_moved_out_of_output_still_import_with_a_warning() -> None:
     """One release of grace for code that imported the reader and file helpers from output."""
     import importlib
 
-    import profit_prep.output as old
+    import profit_prep.store.writer as old
 
     for name, module in old._MOVED.items():
         with pytest.warns(DeprecationWarning, match=f"profit_prep.{module}"):

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.format import to_table
-from profit_prep.output import OutputDir
-from profit_prep.output_check import read_manifest, verify
-from profit_prep.safe_files import atomic_write_bytes
+from profit_prep.store.reader import read_manifest, verify
+from profit_prep.store.safe_files import atomic_write_bytes
+from profit_prep.store.schema import to_table
+from profit_prep.store.writer import OutputDir
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 from tests.test_output import PARAMS, example
 
@@ -389,7 +389,7 @@ def test_verify_and_every_reader_refuse_totals_that_do_not_add_up(
     finished: Path, tmp_path: Path, tiny_model_dir: Path, edit: str,
     private_datasets_cache: None, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from profit_prep.loading import load
+    from profit_prep.training.loader import load
 
     assert read_manifest(finished)["counts"]["rejected_rows"] > 0  # the rejected check can fail
     out = tmp_path / "out"

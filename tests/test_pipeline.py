@@ -101,7 +101,7 @@ def test_missing_column_is_one_clear_error(tmp_path: Path, tiny_model_dir, gsm_f
     ],
 )
 def test_auto_backend_choice(flags, has_vllm, has_gpu, expect, why, monkeypatch) -> None:
-    from profit_prep.backends import choose_backend
+    from profit_prep.scorers.choose import choose_backend
 
     monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
     machine = dict(flags=flags, has_vllm=has_vllm, has_gpu=has_gpu)
@@ -120,7 +120,7 @@ def test_auto_backend_choice(flags, has_vllm, has_gpu, expect, why, monkeypatch)
 def test_auto_backend_reads_this_machine(monkeypatch) -> None:
     import importlib.util
 
-    from profit_prep.backends import choose_backend, cpu_flags
+    from profit_prep.scorers.choose import choose_backend, cpu_flags
 
     monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
     backend, _ = choose_backend(ScoreConfig(data="d.jsonl", out="o", device="cpu"))
@@ -330,8 +330,8 @@ def _rows_with_repeats(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl-slow", "parquet", "json"])
 def test_find_duplicates_names_the_first_row_of_each_id(tmp_path: Path, kind: str) -> None:
-    from profit_prep.duplicate_ids import find_duplicates
-    from profit_prep.sources import open_source
+    from profit_prep.inputs.duplicate_ids import find_duplicates
+    from profit_prep.inputs.sources import open_source
     from tests.conftest import write_rows
 
     rows = _rows_with_repeats(40)
@@ -347,8 +347,8 @@ def test_find_duplicates_names_the_first_row_of_each_id(tmp_path: Path, kind: st
 
 
 def test_find_duplicates_checks_hash_collisions_exactly(tmp_path: Path) -> None:
-    from profit_prep.duplicate_ids import find_duplicates
-    from profit_prep.sources import JsonlSource
+    from profit_prep.inputs.duplicate_ids import find_duplicates
+    from profit_prep.inputs.sources import JsonlSource
 
     class Colliding(JsonlSource):
         def id_hashes(self, n_rows: int, chunk: int = 10_000):
@@ -430,7 +430,7 @@ def test_resume_is_refused_after_the_tokenizer_changes_beyond_its_vocab(
 ) -> None:
     import shutil
 
-    from profit_prep.rendering import load_tokenizer
+    from profit_prep.rendering.renderer import load_tokenizer
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     out = tmp_path / "out"
     score(config(gsm_file, out, model))
@@ -465,7 +465,7 @@ class RewritingScorer:
     file, or a sync tool replacing it, while the run goes on)."""
 
     def __init__(self, model: Path, data: Path, how: str) -> None:
-        from profit_prep.scoring import TransformersScorer
+        from profit_prep.scorers.base import TransformersScorer
 
         self.inner, self.data, self.how, self.calls = TransformersScorer(model), data, how, 0
         self.signals = self.inner.signals
@@ -515,7 +515,7 @@ def test_the_manifest_records_the_template_that_rendered(tmp_path: Path, tiny_mo
                                                          gsm_file) -> None:
     import hashlib
 
-    from profit_prep.rendering import load_tokenizer
+    from profit_prep.rendering.renderer import load_tokenizer
 
     own = load_tokenizer(tiny_model_dir).chat_template
     file_template = tmp_path / "t.jinja"
@@ -539,7 +539,7 @@ def test_the_manifest_records_the_template_that_rendered(tmp_path: Path, tiny_mo
 
 
 def test_the_input_stamp_sees_input_files_and_not_the_output_inside(tmp_path: Path) -> None:
-    from profit_prep.pipeline import input_stamp
+    from profit_prep.job import input_stamp
 
     data = tmp_path / "data"
     (data / "nested").mkdir(parents=True)
@@ -579,7 +579,7 @@ class ProbeServer:
 ])
 def test_the_server_probe_tolerates_noise_and_refuses_a_change(smollm2_tokenizer, then, now,
                                                                refused: bool) -> None:
-    from profit_prep.server_probe import server_probe
+    from profit_prep.scorers.server_probe import server_probe
 
     stored = server_probe(ProbeServer(then), smollm2_tokenizer, None)
     json.dumps(stored, allow_nan=False)  # strict JSON in run.json and the manifest

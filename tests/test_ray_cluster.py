@@ -30,8 +30,7 @@ import pytest
 
 from profit_prep import ScoreConfig, score
 from profit_prep.errors import InputError
-from profit_prep.output_check import verify
-from profit_prep.placement import (
+from profit_prep.executors.placement import (
     Node,
     alive_nodes,
     check_fit,
@@ -41,6 +40,7 @@ from profit_prep.placement import (
     engines_that_fit,
     gpus_per_worker,
 )
+from profit_prep.store.reader import verify
 from tests.conftest import DEMO_GSM8K, REPO, assert_one_error_line
 
 # --------------------------------------------------------------------------- pure placement
@@ -119,9 +119,9 @@ def test_tensor_parallel_with_transformers_is_refused_before_any_work(
 def test_a_shard_that_comes_back_twice_is_written_once(tmp_path: Path) -> None:
     """Ray may run a scoring task again (its node died after it finished): the writer keeps
     the shard already written and says so, for the driver to record."""
-    from profit_prep.driver import ShardWork
-    from profit_prep.pipeline import Prepared
-    from profit_prep.ray_pipeline import WorkerPlan, WriteShards
+    from profit_prep.executors.local import ShardWork
+    from profit_prep.executors.ray import WorkerPlan, WriteShards
+    from profit_prep.job import Prepared
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
@@ -150,7 +150,7 @@ from pathlib import Path
 
 _control = os.environ.get("PROFIT_PREP_TEST_CONTROL")
 if _control:
-    import profit_prep.scoring as scoring
+    import profit_prep.scorers.base as scoring
 
     def _slowed(score):
         # A test hook: while control/delay says so, each scoring call takes that long, and

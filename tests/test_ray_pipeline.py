@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep import ScoreConfig, score
-from profit_prep.output_check import verify
+from profit_prep.store.reader import verify
 from tests.conftest import DEMO_GSM8K, REPO
 
 pytest.importorskip("ray")
@@ -80,7 +80,7 @@ def assert_same_output(a: Path, b: Path) -> None:
 def test_ray_equals_single_process(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):
     """The library picks the executor from the config: num_workers=2 scores on two Ray actors,
     and ids, masks, logprobs and rejections equal the in-process run's."""
-    from profit_prep.ray_pipeline import score_with_ray
+    from profit_prep.executors.ray import score_with_ray
 
     local = score(config(data_with_a_bad_row, tmp_path / "local", tiny_model_dir))
     assert "actors" not in json.loads((tmp_path / "local" / "manifest.json").read_text())["run"]
@@ -131,7 +131,7 @@ def test_ray_refuses_other_parameters(ray_session, tiny_model_dir, data_with_a_b
 
 SLOW_SCORER = """
 import os, time
-import profit_prep.scoring as scoring
+import profit_prep.scorers.base as scoring
 _score = scoring.TransformersScorer.score
 def _slow_score(self, sequences):  # a test hook: makes each shard take a visible moment
     time.sleep(float(os.environ["PROFIT_PREP_TEST_SCORE_DELAY"]))
@@ -221,8 +221,8 @@ def test_workers_get_the_users_vllm_settings_not_the_drivers_defaults(
     Ray actors must still claim their own cores: passing that binding on would pin every
     scoring actor to the same cores. Settings the user made do travel.
     """
-    import profit_prep.vllm_backend as backend
-    from profit_prep.vllm_backend import worker_env
+    import profit_prep.scorers.vllm_engine as backend
+    from profit_prep.scorers.vllm_engine import worker_env
 
     for key in backend.cpu_env_defaults():
         monkeypatch.setenv(key, "")  # so that monkeypatch removes what the test leaves behind
@@ -252,8 +252,8 @@ def test_gpu_actors_get_the_callers_vllm_settings_and_no_cpu_default(
     """A GPU actor's engine must run in its own process (no VLLM_ENABLE_V1_MULTIPROCESSING=0)
     and gets no CPU KV space or binding; a CPU actor gets every CPU default but the binding.
     What the caller set (even a CPU variable) travels to both, unchanged."""
-    import profit_prep.vllm_backend as backend
-    from profit_prep.vllm_backend import worker_env
+    import profit_prep.scorers.vllm_engine as backend
+    from profit_prep.scorers.vllm_engine import worker_env
 
     for key in [k for k in os.environ if k.startswith("VLLM_")]:
         monkeypatch.delenv(key)
@@ -315,9 +315,9 @@ def test_each_backend_sets_up_its_own_actors(monkeypatch: pytest.MonkeyPatch) ->
     (and null, placed as vLLM) gives VLLM_* variables; transformers and servers give none."""
     import torch
 
-    from profit_prep.scoring import NullScorer, TransformersScorer
-    from profit_prep.server_backend import ServerScorer
-    from profit_prep.vllm_backend import VLLMScorer, worker_env
+    from profit_prep.scorers.base import NullScorer, TransformersScorer
+    from profit_prep.scorers.vllm_engine import VLLMScorer, worker_env
+    from profit_prep.scorers.vllm_server import ServerScorer
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # the user's own setting
     for use_gpu in (False, True):

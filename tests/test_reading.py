@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from profit_prep.errors import InputError, RowError
-from profit_prep.reading import FieldMap, detect_format, to_messages
-from profit_prep.sources import open_source
+from profit_prep.inputs.formats import FieldMap, detect_format, to_messages
+from profit_prep.inputs.sources import open_source
 from tests.conftest import GSM8K, need_shared
 
 CHAT = [

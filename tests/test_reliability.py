@@ -21,7 +21,7 @@ import pytest
 
 from profit_prep import ScoreConfig, score
 from profit_prep.errors import InputError
-from profit_prep.rendering import Renderer
+from profit_prep.rendering.renderer import Renderer
 from tests.conftest import FIXTURES, RELIABILITY, write_jsonl
 
 # id -> expected outcome: "scored", "truncated", or a fragment of the rejection reason.
@@ -210,7 +210,7 @@ def test_second_run_into_the_same_directory_is_refused(tmp_path: Path, tiny_mode
 def test_out_of_memory_splits_the_batch_and_retries(tiny_model_dir: Path, monkeypatch) -> None:
     import torch
 
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
 
     rng = np.random.default_rng(3)
     seqs = [rng.integers(0, 49152, n).astype(np.int32) for n in (40, 7, 90, 33, 12)]
@@ -233,7 +233,7 @@ def test_out_of_memory_splits_the_batch_and_retries(tiny_model_dir: Path, monkey
 
 
 def test_non_memory_errors_are_not_swallowed(tiny_model_dir: Path, monkeypatch) -> None:
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
 
     scorer = TransformersScorer(tiny_model_dir)
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from profit_prep.errors import RowError
-from profit_prep.reading import FieldMap, to_messages
-from profit_prep.rendering import PLAIN_TEMPLATE, Renderer, tokenizer_fingerprint
+from profit_prep.inputs.formats import FieldMap, to_messages
+from profit_prep.rendering.renderer import PLAIN_TEMPLATE, Renderer, tokenizer_fingerprint
 from tests.conftest import FIXTURES
 
 CONVERSATION = [
@@ -387,7 +387,7 @@ def test_demo_gsm8k_rows_render_as_before(
     # And bit for bit what the implementation before the fix gives, where git history has it.
     try:
         source = subprocess.run(
-            ["git", "show", f"{REFERENCE_COMMIT}:profit_prep/rendering.py"],
+            ["git", "show", f"{REFERENCE_COMMIT}:profit_prep/rendering/renderer.py"],
             cwd=Path(__file__).parent, capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):

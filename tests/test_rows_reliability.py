@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import profit_prep.rendering as rendering
+import profit_prep.rendering.renderer as rendering
 from profit_prep.errors import InputError, RowError
-from profit_prep.pipeline import rejection, render_rows
-from profit_prep.reading import FieldMap, row_tools, to_messages
-from profit_prep.rendering import PLAIN_TEMPLATE, Renderer, resolve_template
-from profit_prep.sources import ListSource, invalid_text, open_source
+from profit_prep.inputs.formats import FieldMap, row_tools, to_messages
+from profit_prep.inputs.sources import ListSource, invalid_text, open_source
+from profit_prep.job import rejection, render_rows
+from profit_prep.rendering.renderer import PLAIN_TEMPLATE, Renderer, resolve_template
 from tests.conftest import FIXTURES, REPO, assert_one_error_line
 from tests.test_rendering import TEXT
 

@@ -1,4 +1,5 @@
-"""Load-time selection rules (profit_prep.rules via load(select=...)): every rule's mask equals a
+"""Load-time selection rules (profit_prep.rules.selection via load(select=...)): every rule's mask
+equals a
 direct per-row NumPy computation from the stored Parquet columns."""
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.loading import load
-from profit_prep.output_check import read_manifest
-from profit_prep.rules import Select
+from profit_prep.rules.selection import Select
+from profit_prep.store.reader import read_manifest
+from profit_prep.training.loader import load
 from tests.conftest import score_demo
 
 pytestmark = pytest.mark.usefixtures("private_datasets_cache")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from profit_prep.scoring import TransformersScorer, length_batches
+from profit_prep.scorers.base import TransformersScorer, length_batches
 
 
 def oracle_logprobs(model_dir: Path, sequences: list[np.ndarray]) -> list[np.ndarray]:
@@ -82,7 +82,7 @@ def test_null_backend_is_instant_and_shaped_like_the_others(tmp_path: Path,
     mask keeps every response token; signal columns in the transformers backend's shapes."""
     import pyarrow.parquet as pq
 
-    from profit_prep.scoring import NullScorer
+    from profit_prep.scorers.base import NullScorer
     from tests.conftest import score_demo
 
     seqs = [np.array([1, 5, 9, 2]), np.array([7])]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.server_answers import (
+from profit_prep.scorers.server_answers import (
     ServerError,
     check_completion,
     check_models,
@@ -30,7 +30,7 @@ from profit_prep.server_answers import (
     normalize_server_url,
     parse_prompt_logprobs,
 )
-from profit_prep.server_backend import ServerScorer, answer_cap
+from profit_prep.scorers.vllm_server import ServerScorer, answer_cap
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 
 SECRET = "sk-test-do-not-leak-4242"
@@ -623,8 +623,8 @@ def test_every_url_form_hits_the_same_paths(fake: FakeServer) -> None:
 
 
 def test_config_urls_are_split_normalised_and_get_the_request_timeout(fake: FakeServer) -> None:
-    from profit_prep.backends import make_scorer
     from profit_prep.config import ScoreConfig
+    from profit_prep.scorers.choose import make_scorer
 
     other = FakeServer()
     try:
@@ -805,7 +805,7 @@ def test_a_failed_request_leaves_no_unretrieved_failures(caplog: pytest.LogCaptu
     import asyncio
     import gc
 
-    from profit_prep.server_backend import ServerError, gather_or_cancel
+    from profit_prep.scorers.vllm_server import ServerError, gather_or_cancel
 
     async def request(i: int) -> int:
         try:
@@ -924,7 +924,7 @@ def test_retry_after_is_bounded_and_read_as_a_date(fake: FakeServer, capsys: pyt
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import email.utils
 
-    from profit_prep import server_backend
+    from profit_prep.scorers import vllm_server as server_backend
 
     monkeypatch.setattr(server_backend, "RETRY_AFTER_MAX_S", 0.5)
     scorer = fast_scorer(fake.url, timeout_s=5)
@@ -943,7 +943,7 @@ def test_retry_after_is_bounded_and_read_as_a_date(fake: FakeServer, capsys: pyt
                          [("7", 7.0), ("0", 0.0), (None, None), ("", None), ("soon", None),
                           ("-3", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)])
 def test_retry_after_values(value: str | None, expected: float | None) -> None:
-    from profit_prep.server_answers import retry_after_s
+    from profit_prep.scorers.server_answers import retry_after_s
 
     assert retry_after_s(value) == expected
 
@@ -986,7 +986,7 @@ def test_a_password_in_the_server_url_is_never_printed_or_stored(
 ])
 def test_redact_url_masks_every_user_info(text: str) -> None:
     from profit_prep.cli import _one_line
-    from profit_prep.server_answers import redact_url
+    from profit_prep.scorers.server_answers import redact_url
 
     assert PASSWORD not in redact_url(text) and "***@" in redact_url(text)
     assert PASSWORD not in _one_line(text)  # the CLI's error line, whatever raised it
@@ -995,7 +995,7 @@ def test_redact_url_masks_every_user_info(text: str) -> None:
 def test_url_secrets_cover_the_encoded_forms() -> None:
     import base64
 
-    from profit_prep.server_answers import url_secrets
+    from profit_prep.scorers.server_answers import url_secrets
 
     found = url_secrets("http://al%40ice:p%3Aw%2Fd@h:1")
     assert {"p%3Aw%2Fd", "p:w/d", base64.b64encode(b"al@ice:p:w/d").decode()} <= set(found)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.scoring import parse_signals
+from profit_prep.scorers.base import parse_signals
 from tests.conftest import DEMO_GSM8K
 
 SIGNAL_COLS = ("entropy", "top1_id", "top1_logprob", "rank")
@@ -73,7 +73,7 @@ def test_parse_signals() -> None:
 
 
 def test_tiny_model_signals_equal_full_softmax(tiny_model_dir: Path) -> None:
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
 
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 49152, n).astype(np.int32) for n in (37, 5, 64)]
@@ -91,8 +91,8 @@ def test_tiny_model_signals_equal_full_softmax(tiny_model_dir: Path) -> None:
 
 def test_pipeline_stores_signal_columns(tmp_path: Path, tiny_model_dir: Path) -> None:
     from profit_prep import ScoreConfig, score
-    from profit_prep.output_check import read_manifest
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
+    from profit_prep.store.reader import read_manifest
 
     out = tmp_path / "out"
     score(ScoreConfig(data=str(DEMO_GSM8K), out=str(out), model=str(tiny_model_dir),
@@ -126,7 +126,7 @@ def test_pipeline_stores_signal_columns(tmp_path: Path, tiny_model_dir: Path) ->
 )
 def test_bad_signal_options_are_refused(tmp_path: Path, extra: dict, message: str) -> None:
     from profit_prep import ScoreConfig
-    from profit_prep.pipeline import prepare
+    from profit_prep.job import prepare
 
     config = ScoreConfig(data=str(DEMO_GSM8K), out=str(tmp_path / "o"), prompt_field="question",
                          response_field="answer", **{"signals": "entropy", **extra})
@@ -136,7 +136,7 @@ def test_bad_signal_options_are_refused(tmp_path: Path, extra: dict, message: st
 
 @pytest.mark.slow
 def test_smollm2_signals_equal_full_softmax(smollm2_dir: Path, smollm2_tokenizer) -> None:
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
 
     rows = [json.loads(line) for line in DEMO_GSM8K.read_text().splitlines()[:3]]
     seqs = [np.array(smollm2_tokenizer(r["question"] + "\n" + r["answer"])["input_ids"], np.int32)
@@ -172,7 +172,7 @@ def lower_bound_entropy(top: np.ndarray) -> np.ndarray:
 
 
 def test_top_k_signals_equal_full_distribution_figures() -> None:
-    from profit_prep.top_k import top_k_signals
+    from profit_prep.scorers.top_k import top_k_signals
 
     rng = np.random.default_rng(1)
     vocab, n, k = 40, 60, 5
@@ -209,7 +209,7 @@ def test_top_k_signals_equal_full_distribution_figures() -> None:
 
 
 def test_top_k_signals_edges_and_malformed_answers() -> None:
-    from profit_prep.top_k import top_k_signals
+    from profit_prep.scorers.top_k import top_k_signals
 
     assert {k: v.shape for k, v in top_k_signals([], [], 3, ("rank",)).items()} == {
         "logprobs": (0,), "rank": (0,)}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from profit_prep.sizing import (
+from profit_prep.scorers.sizing import (
     MAX_BATCHED_TOKENS,
     MIN_BATCHED_TOKENS,
     ROUND_TO,
@@ -25,7 +25,7 @@ from profit_prep.sizing import (
     plan_run,
     step_token_budget,
 )
-from profit_prep.vllm_backend import choose_max_num_batched_tokens, model_runner
+from profit_prep.scorers.vllm_engine import choose_max_num_batched_tokens, model_runner
 
 REPO = Path(__file__).resolve().parent.parent
 H100 = 81559 * MiB  # NVML's total for an H100 80GB
@@ -224,9 +224,9 @@ def test_gpu_check_compare() -> None:
 def test_docstring_examples() -> None:
     import doctest
 
-    import profit_prep.sizing
+    import profit_prep.scorers.sizing
 
-    failed, attempted = doctest.testmod(profit_prep.sizing)
+    failed, attempted = doctest.testmod(profit_prep.scorers.sizing)
     assert attempted >= 3 and failed == 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from profit_prep.errors import InputError
-from profit_prep.sources import open_source
+from profit_prep.inputs.sources import open_source
 from tests.conftest import DEMO_GSM8K, write_jsonl
 
 

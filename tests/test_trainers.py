@@ -111,7 +111,7 @@ def assert_trainer_loss(logged: float, model_dir: Path, out: Path) -> None:
 
 
 def test_llamafactory_trains_on_the_exported_masks(four_rows, smollm2_dir, tmp_path):
-    from profit_prep.exports import check_export, export
+    from profit_prep.training.exports import check_export, export
 
     venv = trainer_venv("llamafactory")
     dest = tmp_path / "lf"
@@ -131,7 +131,7 @@ def test_llamafactory_trains_on_the_exported_masks(four_rows, smollm2_dir, tmp_p
 
 
 def test_axolotl_trains_on_the_exported_masks(four_rows, smollm2_dir, tmp_path):
-    from profit_prep.exports import check_export, export
+    from profit_prep.training.exports import check_export, export
 
     venv = trainer_venv("axolotl")
     dest = tmp_path / "ax"
@@ -153,8 +153,8 @@ def test_axolotl_trains_on_the_exported_masks(four_rows, smollm2_dir, tmp_path):
 @pytest.mark.parametrize("protect,tau", [("end_of_turn", TAU), ("none", TAU), ("none", 0.9)])
 def test_ms_swift_template_encodes_the_exported_rows_exactly(four_rows, smollm2_dir, tmp_path,
                                                              protect, tau):
-    from profit_prep.exports import check_export, export
-    from profit_prep.exports import swift as export_swift
+    from profit_prep.training.exports import check_export, export
+    from profit_prep.training.exports import swift as export_swift
 
     venv = trainer_venv("ms-swift")
     dest = tmp_path / "swift"

@@ -275,8 +275,8 @@ def test_top1_column_is_shown_next_to_masked_tokens(
     tmp_path: Path, smollm2_dir: Path, smollm2_tokenizer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A future ``top1_id`` column: the model's top-1 token follows each masked token."""
-    from profit_prep.format import ScoredExample, to_table
-    from profit_prep.output import OutputDir
+    from profit_prep.store.schema import ScoredExample, to_table
+    from profit_prep.store.writer import OutputDir
 
     tok = smollm2_tokenizer
     ids = np.array(tok("Hello world, this is fine.")["input_ids"], dtype=np.int32)
@@ -471,7 +471,7 @@ COMPARE_HEADER = re.compile(
 def test_compare_categories_equal_numpy(
     signals_out: Path, smollm2_tokenizer, a: str, b: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from profit_prep.rules import parse_rule, rule_columns
+    from profit_prep.rules.selection import parse_rule, rule_columns
     from profit_prep.views.flat import compare_rules, load_flat
 
     rows = read_rows(signals_out)
@@ -715,7 +715,7 @@ def test_a_strategy_change_keeps_the_stored_tau_in_load_inspect_stats_and_report
     """Issue 16's example: scored with higher at tau T, every reader masks `lower` at T."""
     import pyarrow.parquet as pq
 
-    from profit_prep.loading import load
+    from profit_prep.training.loader import load
     from profit_prep.views.flat import load_flat
     from profit_prep.views.report import write_report
     from tests.conftest import score_demo
@@ -748,10 +748,10 @@ def test_a_strategy_change_keeps_the_stored_tau_in_load_inspect_stats_and_report
 def test_top_k_ties_fall_the_same_in_the_loader_and_the_views(tmp_path: Path,
                                                               private_datasets_cache) -> None:
     """Many tokens share the k-th probability: load and the views keep exactly the same ones."""
-    from profit_prep.format import ScoredExample, to_table
-    from profit_prep.loading import load
-    from profit_prep.output import OutputDir
-    from profit_prep.rules import parse_rule
+    from profit_prep.rules.selection import parse_rule
+    from profit_prep.store.schema import ScoredExample, to_table
+    from profit_prep.store.writer import OutputDir
+    from profit_prep.training.loader import load
     from profit_prep.views.flat import load_flat, rule_keep
 
     rng = np.random.default_rng(0)

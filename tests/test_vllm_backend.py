@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from profit_prep.backends import make_scorer
 from profit_prep.config import ScoreConfig
 from profit_prep.errors import InputError
-from profit_prep.masks import MaskRule, loss_mask
-from profit_prep.vllm_backend import actual_token_logprobs, cpu_env_defaults
+from profit_prep.rules.profit import MaskRule, loss_mask
+from profit_prep.scorers.choose import make_scorer
+from profit_prep.scorers.vllm_engine import actual_token_logprobs, cpu_env_defaults
 
 ROWS = 8
 TOP_K = 20  # the engine's signals_top_k (the default)
@@ -82,7 +82,7 @@ def test_cpu_env_defaults() -> None:
 
 
 def test_missing_vllm_is_one_input_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from profit_prep.vllm_backend import VLLMScorer
+    from profit_prep.scorers.vllm_engine import VLLMScorer
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(InputError, match="cannot import vllm"):
@@ -90,7 +90,7 @@ def test_missing_vllm_is_one_input_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_make_scorer_passes_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    import profit_prep.vllm_backend as backend
+    import profit_prep.scorers.vllm_engine as backend
 
     seen = {}
     monkeypatch.setattr(backend, "VLLMScorer", lambda path, **kw: seen.update(kw) or "engine")
@@ -110,8 +110,8 @@ def test_gpu_default_max_num_batched_tokens_reaches_the_engine_and_the_manifest(
     a user's value goes through untouched. (The engine is a stand-in: no GPU here.)"""
     import json
 
-    import profit_prep.vllm_backend as backend
-    from profit_prep.sizing import MiB, step_token_budget
+    import profit_prep.scorers.vllm_engine as backend
+    from profit_prep.scorers.sizing import MiB, step_token_budget
 
     vllm_logprob_types()  # skips where vllm does not import
     import vllm
@@ -145,7 +145,7 @@ def test_gpu_default_max_num_batched_tokens_reaches_the_engine_and_the_manifest(
 
 @pytest.fixture(scope="module")
 def vllm_scorer(smollm2_dir: Path):
-    from profit_prep.vllm_backend import VLLMScorer
+    from profit_prep.scorers.vllm_engine import VLLMScorer
 
     try:
         scorer = VLLMScorer(smollm2_dir, dtype="float32", max_model_len=1025, device="cpu",
@@ -158,8 +158,8 @@ def vllm_scorer(smollm2_dir: Path):
 
 @pytest.fixture(scope="module")
 def gsm8k_rendered(smollm2_tokenizer, gsm8k_rows) -> list:
-    from profit_prep.reading import FieldMap, to_messages
-    from profit_prep.rendering import Renderer, resolve_template
+    from profit_prep.inputs.formats import FieldMap, to_messages
+    from profit_prep.rendering.renderer import Renderer, resolve_template
 
     template, _ = resolve_template(smollm2_tokenizer, None)
     renderer = Renderer(smollm2_tokenizer, template, 1024)
@@ -170,7 +170,7 @@ def gsm8k_rendered(smollm2_tokenizer, gsm8k_rows) -> list:
 @pytest.fixture(scope="module")
 def transformers_signals(gsm8k_rendered, smollm2_dir: Path) -> list[dict[str, np.ndarray]]:
     """The transformers backend's logprobs and exact signals of the same rows."""
-    from profit_prep.scoring import TransformersScorer
+    from profit_prep.scorers.base import TransformersScorer
 
     scorer = TransformersScorer(smollm2_dir, signals=SIGNALS)
     return scorer.score_with_signals([r.input_ids for r in gsm8k_rendered])
@@ -296,10 +296,10 @@ def _pretend_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
 
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
-    import profit_prep.backends
+    import profit_prep.scorers.choose
 
     monkeypatch.delenv("PROFIT_PREP_BACKEND", raising=False)
-    monkeypatch.setattr(profit_prep.backends, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(profit_prep.scorers.choose, "cpu_flags", lambda: {"avx2", "avx512f"})
 
 
 def test_auto_falls_back_to_transformers_when_vllm_does_not_start(
@@ -307,7 +307,7 @@ def test_auto_falls_back_to_transformers_when_vllm_does_not_start(
 ) -> None:
     import json
 
-    import profit_prep.vllm_backend
+    import profit_prep.scorers.vllm_engine
     from tests.conftest import score_demo
 
     _pretend_avx512(monkeypatch)
@@ -315,7 +315,7 @@ def test_auto_falls_back_to_transformers_when_vllm_does_not_start(
     def broken(self, *args, **kwargs):
         raise RuntimeError("engine core initialization failed")
 
-    monkeypatch.setattr(profit_prep.vllm_backend.VLLMScorer, "__init__", broken)
+    monkeypatch.setattr(profit_prep.scorers.vllm_engine.VLLMScorer, "__init__", broken)
     score_demo(tmp_path / "o", tiny_model_dir, limit=4, quiet=False)
     err = capsys.readouterr().err
     assert "backend     vllm (auto: AVX-512" in err
@@ -356,6 +356,6 @@ def test_auto_scores_with_vllm_on_an_avx512_machine_as_transformers_does(
                for x, y in zip(a["logprobs"].to_pylist(), b["logprobs"].to_pylist()))
     assert diff < 1e-3
     (tmp_path / "auto" / "manifest.json").unlink()  # as if the run had stopped before the end
-    monkeypatch.setattr("profit_prep.backends.cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr("profit_prep.scorers.choose.cpu_flags", lambda: {"avx2"})
     score_demo(tmp_path / "auto", smollm2_dir, limit=6, quiet=False, max_length=512)
     assert "backend     vllm (auto: resuming" in capsys.readouterr().err

@@ -3,7 +3,8 @@
     python pipelines/examples/train_hf_trainer.py --data OUT --model DIR --steps 2
 
 The Trainer's loss is the mean over kept tokens; ``--normalize response`` switches to the ProFit
-paper's division by all response tokens through :class:`profit_prep.losses.ProFitLossMixin`.
+paper's division by all response tokens through
+:class:`profit_prep.training.losses.ProFitLossMixin`.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from profit_prep.collate import PadCollator
-    from profit_prep.loading import load
-    from profit_prep.losses import ProFitLossMixin
+    from profit_prep.training.collate import PadCollator
+    from profit_prep.training.loader import load
+    from profit_prep.training.losses import ProFitLossMixin
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dataset = load(args.data, tau=args.tau, tokenizer=tokenizer, labels=True,

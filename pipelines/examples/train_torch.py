@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from profit_prep.collate import PackedCollator, PadCollator
-    from profit_prep.loading import load
-    from profit_prep.losses import profit_loss
+    from profit_prep.training.collate import PackedCollator, PadCollator
+    from profit_prep.training.loader import load
+    from profit_prep.training.losses import profit_loss
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from profit_prep.collate import PadCollator
-    from profit_prep.loading import load
-    from profit_prep.losses import ProFitLossMixin
+    from profit_prep.training.collate import PadCollator
+    from profit_prep.training.loader import load
+    from profit_prep.training.losses import ProFitLossMixin
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     response = args.normalize == "response"

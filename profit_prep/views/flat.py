@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from profit_prep import rules
 from profit_prep.errors import InputError
-from profit_prep.format import flat_list
-from profit_prep.masks import MaskRule, apply_rule, end_of_turn_ids_of, end_of_turn_tokens
-from profit_prep.masks import resolve_rule as resolve_stored_rule
-from profit_prep.output_check import check_shards, read_manifest
-from profit_prep.rules import Rule
+from profit_prep.rules import selection as rules
+from profit_prep.rules.profit import MaskRule, apply_rule, end_of_turn_ids_of, end_of_turn_tokens
+from profit_prep.rules.profit import resolve_rule as resolve_stored_rule
+from profit_prep.rules.selection import Rule
+from profit_prep.store.reader import check_shards, read_manifest
+from profit_prep.store.schema import flat_list
 from profit_prep.views.text import visible
 
 CORE_COLUMNS = (
@@ -193,7 +193,8 @@ RULE_PARAMETERS = ("strategy", "tau", "tau_low", "tau_high", "keep_fraction", "s
 
 
 def resolve_rule(manifest: dict[str, Any], **overrides: Any) -> tuple[MaskRule, bool]:
-    """The stored rule with the given parameters (see :func:`profit_prep.masks.resolve_rule`),
+    """The stored rule with the given parameters (see
+    :func:`profit_prep.rules.profit.resolve_rule`),
     and True when one was given.
 
     >>> rule, changed = resolve_rule({"mask": {"strategy": "higher", "tau": 0.1}}, tau=0.3)
@@ -325,7 +326,7 @@ def _flat_of(
 
 def load_output_tokenizer(out: str | Path, override: str | Path | None = None) -> Any:
     """The tokenizer recorded in the manifest (``tokenizer.path``), or ``override``."""
-    from profit_prep.rendering import load_tokenizer
+    from profit_prep.rendering.renderer import load_tokenizer
 
     path = override or read_manifest(out).get("tokenizer", {}).get("path")
     if not path:
@@ -341,7 +342,8 @@ def rule_keep(flat: Flat, rule: Rule) -> np.ndarray:
     """The response tokens a rule keeps, over every token of ``flat``.
 
     ProFit rules recompute from ``logprobs`` like the loader; selection rules go through
-    :func:`profit_prep.rules.apply`, a global ``top`` with its exact threshold over the output.
+    :func:`profit_prep.rules.selection.apply`, a global ``top`` with its exact threshold over the
+    output.
     """
     if rule is None:
         stored = flat.stored_keep if flat.stored_keep is not None else flat.keep

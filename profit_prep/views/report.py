@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.rules import Rule, rule_columns
-from profit_prep.safe_files import atomic_write_bytes, write_user_file
+from profit_prep.rules.selection import Rule, rule_columns
+from profit_prep.store.safe_files import atomic_write_bytes, write_user_file
 from profit_prep.views.colors import Scale, color_scale
 from profit_prep.views.flat import (
     BOTH,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from profit_prep.masks import MaskRule
+from profit_prep.rules.profit import MaskRule
 from profit_prep.views.flat import Flat
 from profit_prep.views.text import describe_rule, token_strings, visible
 

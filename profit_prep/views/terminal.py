@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.rules import Rule
+from profit_prep.rules.selection import Rule
 from profit_prep.views.colors import Scale, color_scale
 from profit_prep.views.flat import (
     A_ONLY,

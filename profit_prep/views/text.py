@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from profit_prep.masks import MaskRule
-from profit_prep.rules import Rule
+from profit_prep.rules.profit import MaskRule
+from profit_prep.rules.selection import Rule
 
 
 def describe_rule(rule: MaskRule) -> str:
