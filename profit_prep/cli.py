@@ -60,7 +60,7 @@ def run_score(config: Any) -> int:
     """Every entry point that scores a config (``score``, pipelines/*.py): the library picks
     the executor and says the run's messages; this prints the summary."""
     from profit_prep import score
-    from profit_prep.executors.local import format_summary
+    from profit_prep.executors.base import format_summary
 
     if config.quiet:
         quiet_libraries()
@@ -88,7 +88,7 @@ def demo_data_path() -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from profit_prep import score
     from profit_prep.config import ScoreConfig
-    from profit_prep.executors.local import format_summary
+    from profit_prep.executors.base import format_summary
 
     print(
         f"demo: SmolLM2-135M-Instruct scores {args.rows} GSM8K rows (MIT licence, "

@@ -119,7 +119,7 @@ def test_tensor_parallel_with_transformers_is_refused_before_any_work(
 def test_a_shard_that_comes_back_twice_is_written_once(tmp_path: Path) -> None:
     """Ray may run a scoring task again (its node died after it finished): the writer keeps
     the shard already written and says so, for the driver to record."""
-    from profit_prep.executors.local import ShardWork
+    from profit_prep.executors.base import ShardWork
     from profit_prep.executors.ray import WorkerPlan, WriteShards
     from profit_prep.job import Prepared
 

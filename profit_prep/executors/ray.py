@@ -1,6 +1,6 @@
 """Score with Ray Data: render, score on a pool of model actors, write shards.
 
-The same per-shard steps as the in-process executor (:func:`profit_prep.executors.local.read_shard`,
+The same per-shard steps as the in-process executor (:func:`profit_prep.executors.base.read_shard`,
 ``score_shard``, ``write_shard``), each in a Ray Data stage::
 
     from_items([{index} of each missing shard])                 # one block per shard
@@ -47,7 +47,7 @@ import numpy as np
 
 from profit_prep.config import ScoreConfig
 from profit_prep.errors import InputError
-from profit_prep.executors.local import (
+from profit_prep.executors.base import (
     TIMINGS,
     Progress,
     Scored,
@@ -180,8 +180,8 @@ def connect(config: ScoreConfig) -> bool:
         return False
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     log = not config.quiet
-    # No job-wide runtime_env: only the scoring actors need the VLLM_* variables (they get them
-    # in their own), and a job-wide one would keep every task from using the idle workers Ray
+    # No job-wide runtime_env: only the scoring actors need their backend's environment (they
+    # get it in their own), and a job-wide one would keep every task from using the idle workers Ray
     # starts ahead, so each would start (and import) a fresh process.
     try:
         if address:
