@@ -151,6 +151,7 @@ from pathlib import Path
 _control = os.environ.get("PROFIT_PREP_TEST_CONTROL")
 if _control:
     import profit_prep.scorers.base as scoring
+    import profit_prep.scorers.transformers_model as transformers_model
 
     def _slowed(score):
         # A test hook: while control/delay says so, each scoring call takes that long, and
@@ -172,7 +173,8 @@ if _control:
                 mark.unlink(missing_ok=True)
         return wrapped
 
-    scoring.TransformersScorer.score = _slowed(scoring.TransformersScorer.score)
+    transformers_model.TransformersScorer.score = _slowed(
+        transformers_model.TransformersScorer.score)
     scoring.NullScorer.score = _slowed(scoring.NullScorer.score)
 """
 

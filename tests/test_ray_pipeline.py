@@ -131,7 +131,7 @@ def test_ray_refuses_other_parameters(ray_session, tiny_model_dir, data_with_a_b
 
 SLOW_SCORER = """
 import os, time
-import profit_prep.scorers.base as scoring
+import profit_prep.scorers.transformers_model as scoring
 _score = scoring.TransformersScorer.score
 def _slow_score(self, sequences):  # a test hook: makes each shard take a visible moment
     time.sleep(float(os.environ["PROFIT_PREP_TEST_SCORE_DELAY"]))
@@ -315,7 +315,8 @@ def test_each_backend_sets_up_its_own_actors(monkeypatch: pytest.MonkeyPatch) ->
     (and null, placed as vLLM) gives VLLM_* variables; transformers and servers give none."""
     import torch
 
-    from profit_prep.scorers.base import NullScorer, TransformersScorer
+    from profit_prep.scorers.base import NullScorer
+    from profit_prep.scorers.transformers_model import TransformersScorer
     from profit_prep.scorers.vllm_engine import VLLMScorer, worker_env
     from profit_prep.scorers.vllm_server import ServerScorer
 

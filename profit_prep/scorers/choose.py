@@ -144,7 +144,7 @@ def scorer_class(config: ScoreConfig) -> type[Scorer]:
 
         return NullScorer
     if config.backend == "transformers":
-        from profit_prep.scorers.base import TransformersScorer
+        from profit_prep.scorers.transformers_model import TransformersScorer
 
         return TransformersScorer
     if config.backend == "vllm":
@@ -169,7 +169,7 @@ def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
     config = replace(config, device=scoring_device(config))
     dtype, dtype_reason = choose_dtype(config, in_scorer=True)
     if config.backend == "transformers":
-        from profit_prep.scorers.base import TransformersScorer
+        from profit_prep.scorers.transformers_model import TransformersScorer
 
         scorer = TransformersScorer(
             model_dir, dtype=dtype, device=config.device, compile=config.compile,

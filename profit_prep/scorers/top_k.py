@@ -198,7 +198,7 @@ class TopKScorer(ScorerSetup):
     def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Per sequence: ``logprobs`` plus the columns of ``signals``, from ``top_k`` prompt
         logprobs per position: the same shape, names and dtypes as
-        :meth:`profit_prep.scorers.base.TransformersScorer.score_with_signals`."""
+        :meth:`profit_prep.scorers.transformers_model.TransformersScorer.score_with_signals`."""
         if not self.signals:
             return [{"logprobs": lp} for lp in self.score(sequences)]
         result = []

@@ -3,7 +3,8 @@
 vLLM returns, for a prompt, one entry per position: ``None`` (or an empty mapping) at position 0,
 then a mapping ``token id -> Logprob(logprob, rank)`` that always holds the *actual* token at that
 position, plus the top-k when ``prompt_logprobs=k > 0``. The actual token's entry is what we
-store, so the numbers mean the same as :class:`profit_prep.scorers.base.TransformersScorer`'s:
+store, so the numbers mean the same as the transformers backend's
+(:class:`profit_prep.scorers.transformers_model.TransformersScorer`):
 ``logprobs[t] = log p(input_ids[t] | input_ids[:t])``, NaN at position 0.
 
 Prompts go in as :class:`vllm.TokensPrompt` (ids, never text): vLLM never re-tokenizes, so the

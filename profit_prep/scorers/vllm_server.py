@@ -46,7 +46,6 @@ import os
 import random
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +69,13 @@ from profit_prep.scorers.server_answers import (
     server_message,
     url_secrets,
 )
+from profit_prep.scorers.server_reading import (
+    ANSWER_FLOOR_BYTES,
+    ENCODINGS,
+    AnswerTooLarge,
+    answer_cap,
+    read_capped,
+)
 from profit_prep.scorers.top_k import TopKScorer, describe_top_k_signals, parse_top_k_signals
 
 if TYPE_CHECKING:
@@ -83,71 +89,10 @@ DEFAULT_TIMEOUT_S = 300.0
 # Tries of one request that may time out before the run stops: a hung server ends the run within
 # about TIMEOUT_TRIES * timeout_s (plus a few seconds of backoff), not retries * timeout_s.
 TIMEOUT_TRIES = 2
-# Decoded bytes an answer may hold, derived from the request: a prompt_logprobs answer has at
-# most k + 1 entries per token, each ~85 bytes of JSON ({"id": {"logprob", "rank",
-# "decoded_token"}}) plus the token's text, escaped: 320 bytes leaves room for long tokens. Every
-# answer may also hold ANSWER_FLOOR_BYTES (model lists, tokenize answers, the envelope). Beyond
-# its cap an answer stops the run (a gzip bomb or a runaway server never fills memory).
-ANSWER_BYTES_PER_ENTRY = 320
-ANSWER_FLOOR_BYTES = 4 << 20
 # Of an error answer (4xx/5xx) only the message is quoted: the rest is not read.
 ERROR_BODY_BYTES = 64 << 10
 # The longest wait a Retry-After (429/503) is granted, per try.
 RETRY_AFTER_MAX_S = 120.0
-# Content encodings an answer may use (asked for in Accept-Encoding, decoded here under the cap).
-ENCODINGS = {"gzip": 47, "x-gzip": 47, "deflate": 47}  # zlib wbits: gzip or zlib header
-
-
-class AnswerTooLarge(ServerError):
-    """An answer whose decoded size passed its cap."""
-
-
-def answer_cap(n_tokens: int, k: int) -> int:
-    """Decoded bytes a ``prompt_logprobs`` answer for ``n_tokens`` tokens and top ``k`` may take.
-
-    >>> answer_cap(8192, 20) // (1 << 20)
-    56
-    """
-    return ANSWER_FLOOR_BYTES + n_tokens * (k + 1) * ANSWER_BYTES_PER_ENTRY
-
-
-async def read_capped(response: Any, cap: int, strict: bool) -> bytes:
-    """The decoded body of a streamed httpx ``response``, never holding more than ``cap`` + one
-    network chunk: gzip/deflate are inflated here with an output bound (httpx would inflate a
-    whole chunk at once: 64 KiB of a gzip bomb is ~64 MB). Past ``cap``: AnswerTooLarge when
-    ``strict``, else the first ``cap`` bytes."""
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity") and encoding not in ENCODINGS:
-        raise ServerError(f"its answer is encoded as {clean_text(encoding, 40)!r}, which was "
-                          "not asked for (gzip, deflate)")
-    wbits = ENCODINGS.get(encoding)
-    decoder = zlib.decompressobj(wbits) if wbits else None
-    body = bytearray()
-    async for raw in response.aiter_raw():
-        pending = raw
-        while pending:
-            if decoder is None:
-                body += pending[: cap + 1 - len(body)]
-                pending = b""
-            else:
-                try:
-                    body += decoder.decompress(pending, cap + 1 - len(body))
-                except zlib.error as exc:
-                    raise ServerError(f"its {encoding} answer does not decode ({exc})") from None
-                if decoder.eof:  # a gzip stream may hold several members
-                    pending = decoder.unused_data
-                    decoder = zlib.decompressobj(wbits) if pending else decoder
-                else:
-                    pending = decoder.unconsumed_tail
-            if len(body) > cap:
-                if not strict:
-                    return bytes(body[:cap])
-                raise AnswerTooLarge(
-                    f"its answer passed {cap:,} bytes decoded, more than the request can need "
-                    "(tokens x (top-k + 1) entries, docs/server.md)"
-                )
-    return bytes(body)
-
 
 # Probe strings for the tokenizer check: digits, whitespace runs, unicode, code, markup.
 PROBES = [
