@@ -93,10 +93,14 @@ def test_alive_nodes_and_default_cpus() -> None:
 
 
 def test_gpus_per_actor_and_tensor_parallel_refusal() -> None:
-    assert gpus_per_worker("vllm", True, 2) == 2
-    assert gpus_per_worker("null", True, 2) == 2  # the stand-in is placed like vLLM
-    assert gpus_per_worker("transformers", True, 1) == 1
-    assert gpus_per_worker("vllm", False, 2) == 0
+    from profit_prep.scorers.base import NullScorer
+    from profit_prep.scorers.transformers_model import TransformersScorer
+    from profit_prep.scorers.vllm_engine import VLLMScorer
+
+    assert gpus_per_worker(VLLMScorer.engine_gpus(2), True) == 2
+    assert gpus_per_worker(NullScorer.engine_gpus(2), True) == 2  # placed like vLLM
+    assert gpus_per_worker(TransformersScorer.engine_gpus(1), True) == 1
+    assert gpus_per_worker(VLLMScorer.engine_gpus(2), False) == 0
     check_tensor_parallel("vllm", 4)
     check_tensor_parallel("transformers", 1)
     with pytest.raises(InputError, match=r"^--tensor-parallel-size 2 needs --backend vllm"):

@@ -242,7 +242,7 @@ class RayExecutor:
         t0 = time.perf_counter()
         self.started = connect(prepared.config)
         self.ray_start_s = time.perf_counter() - t0
-        self.plan = _plan(prepared.config, out, max(1, prepared.config.num_workers))
+        self.plan = _plan(prepared, out, max(1, prepared.config.num_workers))
 
     def close(self) -> None:
         if self.started:
@@ -334,15 +334,16 @@ def _steady_rate(finished: list[tuple[float, int]], workers: int) -> float | Non
     return round(tokens / span, 1) if span > 0 else None
 
 
-def _plan(config: ScoreConfig, out: OutputDir, workers: int) -> WorkerPlan:
+def _plan(prepared: Prepared, out: OutputDir, workers: int) -> WorkerPlan:
     """Each scoring actor's CPUs and GPUs; refuses (one line) a ``--num-workers`` that the
     alive nodes cannot hold."""
     import ray
 
+    config = prepared.config
     resources = ray.cluster_resources()
     use_gpu = config.device == "cuda" or (config.device is None and resources.get("GPU", 0) > 0)
     nodes = alive_nodes(ray.nodes())
-    gpus = gpus_per_worker(config.backend, use_gpu, config.tensor_parallel_size)
+    gpus = gpus_per_worker(prepared.scorer_class.engine_gpus(config.tensor_parallel_size), use_gpu)
     cpus = config.cpus_per_worker
     if cpus is None:
         # On CPU the model is the work: split the nodes' CPUs between the actors.

@@ -98,6 +98,11 @@ class Scorer(Protocol):
         """Give this worker process ``threads`` CPUs of its node; a handle to hold, if any."""
         ...
 
+    @classmethod
+    def engine_gpus(cls, tensor_parallel_size: int) -> int:
+        """GPUs one engine (one scoring worker) of this backend holds on a GPU node."""
+        ...
+
     def score(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Float32 log-probabilities, one array per sequence, NaN at position 0."""
         ...
@@ -157,6 +162,10 @@ class ScorerSetup:
         bind_threads(threads)
         return None
 
+    @classmethod
+    def engine_gpus(cls, tensor_parallel_size: int) -> int:
+        return 1
+
 
 def check_vocab(model_dir: Path, tokenizer: Any) -> None:
     """Refuse a tokenizer with more tokens than the model's vocabulary."""
@@ -175,8 +184,8 @@ class NullScorer(ScorerSetup):
     write, Ray's hand-offs) can be measured without a model (``--backend null``).
 
     Its Ray actors are placed and get the environment as vLLM's would
-    (:func:`profit_prep.executors.placement.gpus_per_worker`): a benchmark of the pipeline then
-    measures what a vLLM run's actors start with.
+    (``engine_gpus``, ``worker_env``): a benchmark of the pipeline then measures what a vLLM
+    run's actors start with.
     """
 
     @classmethod
@@ -190,6 +199,10 @@ class NullScorer(ScorerSetup):
         from profit_prep.scorers.vllm_engine import VLLMScorer
 
         return VLLMScorer.env_names()
+
+    @classmethod
+    def engine_gpus(cls, tensor_parallel_size: int) -> int:
+        return tensor_parallel_size
 
     def __init__(self, signals: str | Sequence[str] | None = None) -> None:
         self.signals = parse_signals(signals)

@@ -362,6 +362,11 @@ class VLLMScorer(TopKScorer):
     def bind_worker(cls, threads: int) -> Any:
         return claim_cpu_slot(threads)
 
+    @classmethod
+    def engine_gpus(cls, tensor_parallel_size: int) -> int:
+        # Its tensor-parallel ranks all run in its worker ("mp" executor), on its own GPUs.
+        return tensor_parallel_size
+
     def _record_runner(self) -> None:
         """What the running engine really chose (its config, in this process), if readable."""
         config = getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None)
