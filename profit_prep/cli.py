@@ -15,9 +15,12 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from profit_prep.errors import InputError
+
+if TYPE_CHECKING:
+    from profit_prep.config import ScoreConfig
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -56,7 +59,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return run_score(config_from_args(ScoreConfig, args))
 
 
-def run_score(config: Any) -> int:
+def run_score(config: ScoreConfig) -> int:
     """Every entry point that scores a config (``score``, pipelines/*.py): the library picks
     the executor and says the run's messages; this prints the summary."""
     from profit_prep import score
