@@ -10,7 +10,7 @@ Example:
     ... # doctest: +SKIP
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from profit_prep import moved  # noqa: E402 - first: old import paths resolve from here on
 
