@@ -152,3 +152,24 @@ def test_every_entry_point_reports_an_error_alike(tmp_path: Path,
     config_file.write_text(f"data = {json.dumps(missing)}\nout = {out}\n")
     assert run([str(config_file)]) == 2
     assert capfd.readouterr().err == cli and cli.startswith("error: ")
+
+
+def test_names_moved_by_the_redesign_still_import() -> None:
+    """Old paths of names this redesign moved keep working for one release."""
+    import importlib
+
+    import profit_prep.executors.base as base
+    import profit_prep.scorers.transformers_model as transformers_model
+
+    for name in ("TransformersScorer", "length_batches", "is_out_of_memory"):
+        with pytest.warns(DeprecationWarning, match=f"scorers.transformers_model.{name}"):
+            found = getattr(importlib.import_module("profit_prep.scorers.base"), name)
+        assert found is getattr(transformers_model, name)
+    local = importlib.import_module("profit_prep.executors.local")  # profit_prep.driver's
+    for name in ("run_job", "format_summary", "end_of_turn_warning", "Progress", "TIMINGS"):
+        assert getattr(local, name) is getattr(base, name)
+    assert local.score is score  # the old path now picks its executor too
+    from profit_prep.scorers.server_reading import answer_cap
+    from profit_prep.scorers.vllm_server import answer_cap as old_answer_cap
+
+    assert old_answer_cap is answer_cap
