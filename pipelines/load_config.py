@@ -77,24 +77,20 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> ScoreConfig:
 
 
 def run(argv: Sequence[str], *, force_ray: bool = False) -> int:
-    """Shared main of the pipeline scripts: load, score, print the summary."""
-    from profit_prep.executors.local import format_summary, score
+    """Shared main of the pipeline scripts: load, then score as ``profit-prep score`` does
+    (:func:`profit_prep.cli.run_score`: the same executor choice, messages and summary).
+    ``force_ray``: at least one Ray worker, for a config that names none (pipelines/ray_job.py).
+    """
+    from profit_prep.cli import guarded, run_score
 
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python {sys.argv[0]} CONFIG.yaml|CONFIG.toml [key=value ...]")
         return 0 if argv else 2
-    try:
+
+    def score_file() -> int:
         config = load(argv[0], argv[1:])
         if force_ray and config.num_workers < 1:
             config = dataclasses.replace(config, num_workers=1)
-        if config.num_workers > 0 or config.ray_address:
-            from profit_prep.executors.ray import score_with_ray
+        return run_score(config)
 
-            summary = score_with_ray(config)
-        else:
-            summary = score(config)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return guarded(score_file)

@@ -18,7 +18,7 @@ moved.install()
 
 from profit_prep.config import ScoreConfig  # noqa: E402
 from profit_prep.errors import InputError, RowError  # noqa: E402
-from profit_prep.executors.local import score  # noqa: E402
+from profit_prep.executors import score  # noqa: E402
 from profit_prep.rules.profit import MaskRule  # noqa: E402
 from profit_prep.training.exports import check_export, export  # noqa: E402
 from profit_prep.training.loader import load  # noqa: E402 - cheap: datasets is imported on first call

@@ -12,13 +12,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from profit_prep.errors import InputError
 from profit_prep.options import add_dataclass_arguments, values_of
 from profit_prep.rules.profit import MaskRule, RuleParams
 
 __all__ = ["add_dataclass_arguments", "build_parser", "config_from_args", "main"]
+
+if TYPE_CHECKING:
+    from profit_prep.config import ScoreConfig
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -32,21 +35,19 @@ def rule_params(args: argparse.Namespace) -> RuleParams:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from profit_prep.config import ScoreConfig
-    from profit_prep.executors.local import end_of_turn_warning, format_summary, score
 
-    config = config_from_args(ScoreConfig, args)
+    return run_score(config_from_args(ScoreConfig, args))
+
+
+def run_score(config: ScoreConfig) -> int:
+    """Every entry point that scores a config (``score``, pipelines/*.py): the library picks
+    the executor and says the run's messages; this prints the summary."""
+    from profit_prep import score
+    from profit_prep.executors.base import format_summary
+
     if config.quiet:
         quiet_libraries()
-    if config.num_workers > 0 or config.ray_address:
-        from profit_prep.executors.ray import score_with_ray
-
-        summary = score_with_ray(config)
-    else:
-        summary = score(config)
-    print(format_summary(summary))
-    warning = end_of_turn_warning(summary)
-    if warning:
-        print(warning, file=sys.stderr)
+    print(format_summary(score(config)))
     return 0
 
 
@@ -68,8 +69,9 @@ def demo_data_path() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from profit_prep import score
     from profit_prep.config import ScoreConfig
-    from profit_prep.executors.local import format_summary, score
+    from profit_prep.executors.base import format_summary
 
     print(
         f"demo: SmolLM2-135M-Instruct scores {args.rows} GSM8K rows (MIT licence, "
@@ -375,8 +377,14 @@ def _one_line(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return guarded(lambda: args._commands[args.command](args))
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run a command as every entry point does (the CLI, pipelines/*.py): a user error, a
+    system error or Ctrl-C is one line on stderr and an exit status, never a traceback."""
     try:
-        return args._commands[args.command](args)
+        return command()
     except InputError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2

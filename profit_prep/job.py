@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -49,14 +48,13 @@ from profit_prep.scorers.choose import (
     choose_backend,
     choose_dtype,
     make_scorer,
+    scorer_class,
     top_k_backend,
 )
-from profit_prep.scorers.models import check_weights, model_content_hash, resolve_model
-from profit_prep.scorers.server_probe import PROBE_TOLERANCE, server_probe
-from profit_prep.store.outputs import read_run_params
+from profit_prep.scorers.models import resolve_model
+from profit_prep.store.outputs import Output, read_run_params
 from profit_prep.store.schema import COLUMN_DOCS, SIGNAL_DOCS, ScoredExample, to_table
 from profit_prep.store.urls import is_url
-from profit_prep.store.writer import OutputDir
 
 
 def rejection(row: RawRow, reason: str) -> dict[str, Any]:
@@ -142,7 +140,7 @@ def mask_examples(
 
 
 def write_scored_shard(
-    out: OutputDir,
+    out: Output,
     index: int,
     rendered: list[tuple[RawRow, Rendered]],
     logprobs: list[np.ndarray],
@@ -175,6 +173,8 @@ class Prepared:
     dtype_reason: str = ""
     input_stamp: list[list[Any]] = field(default_factory=list)
     _duplicates: dict[int, int] | None = field(default=None, repr=False)
+    # The scorer the backend's pre-flight built to check (a server's), until an executor takes it.
+    checked_scorer: Scorer | None = field(default=None, repr=False)
 
     @property
     def duplicates(self) -> dict[int, int]:
@@ -194,11 +194,54 @@ class Prepared:
             line += f"\ndtype       {self.params['dtype']} ({self.dtype_reason})"
         return line
 
+    @property
+    def scorer_class(self) -> type[Scorer]:
+        """The backend's class: its set-up (worker environment, CPU binding, import check)."""
+        return scorer_class(self.config)
+
+    def make_scorer(self) -> Scorer:
+        """A new scorer of this job's backend (each Ray scoring actor builds its own)."""
+        return make_scorer(self.config, self.model_dir)
+
+    def start_scorer(self) -> tuple[Scorer, Prepared]:
+        """The scorer of an in-process run: the one the pre-flight checked, else a new one.
+        Under ``auto``, a vLLM that does not start falls back to transformers with one warning
+        line instead of failing the run (the job returned then says so)."""
+        if self.checked_scorer is not None:
+            scorer, self.checked_scorer = self.checked_scorer, None
+            return scorer, self
+        try:
+            return self.make_scorer(), self
+        except Exception as exc:  # noqa: BLE001 - any engine start failure, when auto chose vLLM
+            if not (self.backend_reason.startswith("auto") and self.config.backend == "vllm"):
+                raise
+            first = " ".join(str(exc).split())[:200] or type(exc).__name__
+            print(f"warning: vLLM did not start ({first}); scoring with transformers instead",
+                  file=sys.stderr)
+            prepared = self.fall_back_to_transformers()
+            return prepared.make_scorer(), prepared
+
     def fall_back_to_transformers(self) -> Prepared:
         """The same job on the transformers backend (``auto`` when vLLM does not start)."""
         config = replace(self.config, backend="transformers")
         return replace(self, config=config, params={**self.params, "backend": "transformers"},
                        backend_reason="auto: vLLM did not start here")
+
+    def for_workers(self, *, inputs: bool) -> Prepared:
+        """This job as pickled for worker processes: never a scorer built here, and without
+        ``inputs`` no source and renderer either (a worker that neither reads nor renders then
+        unpickles it without importing transformers). Duplicates are found here, once."""
+        duplicates = self.duplicates
+        if inputs:
+            return replace(self, checked_scorer=None, _duplicates=duplicates)
+        return replace(self, checked_scorer=None, _duplicates={},
+                       source=None, renderer=None)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Close a checked scorer no executor took (a Ray run, a failed start)."""
+        if self.checked_scorer is not None:
+            self.checked_scorer.close()
+            self.checked_scorer = None
 
     @property
     def n_rows(self) -> int:
@@ -212,7 +255,7 @@ class Prepared:
         start = index * self.config.shard_size
         return start, min(start + self.config.shard_size, self.n_rows)
 
-    def pending(self, out: OutputDir) -> tuple[list[int], int]:
+    def pending(self, out: Output) -> tuple[list[int], int]:
         """Shards still to write, and how many input rows the finished ones cover (resume).
 
         Finished shards are checked against the input first: each keeps the digest of the rows
@@ -302,7 +345,8 @@ def prepare(config: ScoreConfig) -> Prepared:
     if renderer.chat_template != template:  # e.g. an empty file: what renders is recorded
         template, template_source = resolve_template(tokenizer, None)
     fingerprint = fingerprint_of(tokenizer, template)
-    model, probe = _model_identity(config, model_dir, tokenizer, started)
+    checked = scorer_class(config).preflight(config, model_dir, tokenizer, started)
+    model, probe = checked.model, checked.probe
     model_hash = model["content_hash"]
     params = {
         "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,
@@ -342,31 +386,13 @@ def prepare(config: ScoreConfig) -> Prepared:
     manifest["render"]["end_of_turn_ids"] = eot
     return Prepared(config, source, fmt, model_dir, renderer, params, manifest,
                     backend_reason=reason, end_of_turn_ids=eot, input_stamp=stamp,
-                    dtype_reason="" if config.server else dtype_reason)
+                    dtype_reason="" if config.server else dtype_reason,
+                    checked_scorer=checked.scorer)
 
 
 # Bumped when what identifies the model or tokenizer in run.json changes: an output started
 # under another scheme cannot be shown to match, so it is not resumed (docs/format.md).
 IDENTITY_SCHEME = 2
-def _model_identity(
-    config: ScoreConfig, model_dir: Path, tokenizer: Any, started: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The manifest's ``model`` record (its ``content_hash`` identifies it) and, with
-    ``--server``, the probe that identifies the served model."""
-    if config.server:
-        # The reference model lives on the server: check it serves what we expect and tokenizes
-        # like the trainer before any row is scored.
-        server = make_scorer(config, model_dir)
-        server.check(tokenizer, expected_model=config.server_model)
-        probe = server_probe(server, tokenizer, started.get("model_probe"))
-        model_hash = f"server:{server.model}"
-        return {"name": server.model, "path": str(model_dir), "content_hash": model_hash,
-                "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}, probe
-    check_weights(model_dir)
-    _check_vocab(model_dir, tokenizer)
-    note = None if config.quiet else (lambda line: print(line, file=sys.stderr))
-    model_hash = model_content_hash(model_dir, note=note)
-    return {"name": config.model, "path": str(model_dir), "content_hash": model_hash}, None
 
 
 def _column_docs(config: ScoreConfig, signals: Sequence[str]) -> dict[str, str]:
@@ -406,12 +432,3 @@ def _started_params(config: ScoreConfig) -> dict[str, Any]:
     params = read_run_params(config.out)
     return {} if config.overwrite else params
 
-
-def _check_vocab(model_dir: Path, tokenizer: Any) -> None:
-    config = json.loads((model_dir / "config.json").read_text())
-    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if vocab and len(tokenizer) > vocab:
-        raise InputError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}: "
-            "they do not belong together"
-        )

@@ -27,11 +27,10 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 RAY_WITH_A_DECLARED_GPU = """
 import sys
 import ray
-from profit_prep import ScoreConfig
-from profit_prep.executors.ray import score_with_ray
+from profit_prep import ScoreConfig, score
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-score_with_ray(ScoreConfig(data=sys.argv[1], out=sys.argv[2], prompt_field="question",
-               response_field="answer", limit=2, backend="vllm", num_workers=1, quiet=True))
+score(ScoreConfig(data=sys.argv[1], out=sys.argv[2], prompt_field="question",
+      response_field="answer", limit=2, backend="vllm", num_workers=1, quiet=True))
 """
 
 

@@ -347,7 +347,7 @@ def test_finalize_sums_footer_counts_and_they_equal_the_columns(tmp_path: Path,
                                                                monkeypatch) -> None:
     import pyarrow.parquet as pq
 
-    import profit_prep.store.writer as output
+    from profit_prep.store.shard_counts import SHARD_COUNTS_KEY
 
     eot = [int(example(0).input_ids[-1]), int(example(3).input_ids[4])]
     out = OutputDir(tmp_path / "o")
@@ -360,7 +360,7 @@ def test_finalize_sums_footer_counts_and_they_equal_the_columns(tmp_path: Path,
                             end_of_turn_ids=eot, formats=["messages", "alpaca" if s else None])
         # From the footers alone: no column is read.
         with monkeypatch.context() as m:
-            m.setattr(output.pq, "read_table", lambda *a, **k: pytest.fail("read columns"))
+            m.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read columns"))
             from_footers = out.finalize({"render": {"format": "auto"}}, 3, eot)
     assert from_footers["render"]["formats"] == {"alpaca": 2, "messages": 3}
     assert from_footers["counts"]["rejected_rows"] == 3
@@ -369,7 +369,7 @@ def test_finalize_sums_footer_counts_and_they_equal_the_columns(tmp_path: Path,
     for s in range(3):
         path = tmp_path / "o" / "data" / f"part-0000{s}.parquet"
         table = pq.read_table(path)
-        meta = {k: v for k, v in table.schema.metadata.items() if k != output.SHARD_COUNTS_KEY}
+        meta = {k: v for k, v in table.schema.metadata.items() if k != SHARD_COUNTS_KEY}
         pq.write_table(table.replace_schema_metadata(meta), path)
         (tmp_path / "o" / "shards" / f"part-0000{s}.json").unlink()  # older outputs had none
     with out.open(PARAMS):

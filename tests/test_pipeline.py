@@ -468,7 +468,7 @@ class RewritingScorer:
     file, or a sync tool replacing it, while the run goes on)."""
 
     def __init__(self, model: Path, data: Path, how: str) -> None:
-        from profit_prep.scorers.base import TransformersScorer
+        from profit_prep.scorers.transformers_model import TransformersScorer
 
         self.inner, self.data, self.how, self.calls = TransformersScorer(model), data, how, 0
         self.signals = self.inner.signals

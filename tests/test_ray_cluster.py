@@ -93,10 +93,14 @@ def test_alive_nodes_and_default_cpus() -> None:
 
 
 def test_gpus_per_actor_and_tensor_parallel_refusal() -> None:
-    assert gpus_per_worker("vllm", True, 2) == 2
-    assert gpus_per_worker("null", True, 2) == 2  # the stand-in is placed like vLLM
-    assert gpus_per_worker("transformers", True, 1) == 1
-    assert gpus_per_worker("vllm", False, 2) == 0
+    from profit_prep.scorers.base import NullScorer
+    from profit_prep.scorers.transformers_model import TransformersScorer
+    from profit_prep.scorers.vllm_engine import VLLMScorer
+
+    assert gpus_per_worker(VLLMScorer.engine_gpus(2), True) == 2
+    assert gpus_per_worker(NullScorer.engine_gpus(2), True) == 2  # placed like vLLM
+    assert gpus_per_worker(TransformersScorer.engine_gpus(1), True) == 1
+    assert gpus_per_worker(VLLMScorer.engine_gpus(2), False) == 0
     check_tensor_parallel("vllm", 4)
     check_tensor_parallel("transformers", 1)
     with pytest.raises(InputError, match=r"^--tensor-parallel-size 2 needs --backend vllm"):
@@ -119,17 +123,20 @@ def test_tensor_parallel_with_transformers_is_refused_before_any_work(
 def test_a_shard_that_comes_back_twice_is_written_once(tmp_path: Path) -> None:
     """Ray may run a scoring task again (its node died after it finished): the writer keeps
     the shard already written and says so, for the driver to record."""
-    from profit_prep.executors.ray import Job, ShardWork, WriteShards
+    from profit_prep.executors.base import ShardWork
+    from profit_prep.executors.ray import WorkerPlan, WriteShards
+    from profit_prep.job import Prepared
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
     (out / "run.json").write_text("{}")  # a run's shard records name its run.json
-    job = Job(ScoreConfig(data="d", out=str(out)), None, "plain", ScoreConfig(
-        data="d", out=str(out)).fields(), None, tmp_path, str(out), 1.0, False)
+    # The writer's copy of a prepared job: no source, no renderer (Prepared.for_workers).
+    prepared = Prepared(ScoreConfig(data="d", out=str(out)), None, "plain", tmp_path, None,
+                        {}, {})
     work = ShardWork(3, [], [{"example_id": "x", "source_index": 9, "reason": "bad"}], "d1",
                      {"read_s": 0.0, "render_s": 0.0, "score_s": 0.0, "scored_at": 0.0},
                      logprobs=[], scorer={"backend": "null"}, actor={"pid": 1})
-    writer = WriteShards(job)
+    writer = WriteShards(prepared, WorkerPlan(str(out), 1.0, False))
     first = writer({"index": 3, "payload": work.dumps()})
     shard = out / "data" / "part-00003.parquet"
     written = shard.stat()
@@ -148,6 +155,7 @@ from pathlib import Path
 _control = os.environ.get("PROFIT_PREP_TEST_CONTROL")
 if _control:
     import profit_prep.scorers.base as scoring
+    import profit_prep.scorers.transformers_model as transformers_model
 
     def _slowed(score):
         # A test hook: while control/delay says so, each scoring call takes that long, and
@@ -169,7 +177,8 @@ if _control:
                 mark.unlink(missing_ok=True)
         return wrapped
 
-    scoring.TransformersScorer.score = _slowed(scoring.TransformersScorer.score)
+    transformers_model.TransformersScorer.score = _slowed(
+        transformers_model.TransformersScorer.score)
     scoring.NullScorer.score = _slowed(scoring.NullScorer.score)
 """
 

@@ -78,23 +78,28 @@ def assert_same_output(a: Path, b: Path) -> None:
 
 
 def test_ray_equals_single_process(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):
+    """The library picks the executor from the config: num_workers=2 scores on two Ray actors,
+    and ids, masks, logprobs and rejections equal the in-process run's."""
     from profit_prep.executors.ray import score_with_ray
 
     local = score(config(data_with_a_bad_row, tmp_path / "local", tiny_model_dir))
-    ray1 = score_with_ray(config(data_with_a_bad_row, tmp_path / "ray1", tiny_model_dir,
-                                 num_workers=1))
-    assert_same_output(tmp_path / "local", tmp_path / "ray1")
+    assert "actors" not in json.loads((tmp_path / "local" / "manifest.json").read_text())["run"]
+    ray2 = score(config(data_with_a_bad_row, tmp_path / "ray2", tiny_model_dir, num_workers=2))
+    assert_same_output(tmp_path / "local", tmp_path / "ray2")
     for key in ("scored_rows", "rejected_rows", "tokens", "kept_tokens"):
-        assert local[key] == ray1[key]
-    assert ray1["rejected_rows"] == 1 and ray1["num_workers"] == 1
-    manifest = json.loads((tmp_path / "ray1" / "manifest.json").read_text())
-    assert manifest["run"]["num_workers"] == 1 and manifest["scorer"]["backend"] == "transformers"
+        assert local[key] == ray2[key]
+    assert ray2["rejected_rows"] == 1 and ray2["num_workers"] == 2
+    manifest = json.loads((tmp_path / "ray2" / "manifest.json").read_text())
+    assert manifest["run"]["num_workers"] == 2 and manifest["scorer"]["backend"] == "transformers"
+    actors = manifest["run"]["actors"]
+    assert len(actors) == 2 and sum(a["shards"] for a in actors) == 4, actors
+    assert len({a["pid"] for a in actors}) == 2
 
-    # 2 workers: identical output; and a rerun of a finished output scores nothing.
-    score_with_ray(config(data_with_a_bad_row, tmp_path / "ray2", tiny_model_dir, num_workers=2))
-    assert_same_output(tmp_path / "ray1", tmp_path / "ray2")
-    again = score_with_ray(config(data_with_a_bad_row, tmp_path / "ray2", tiny_model_dir,
-                                  num_workers=2))
+    # score_with_ray: Ray even with num_workers=0 (one actor); a rerun scores nothing.
+    ray1 = score_with_ray(config(data_with_a_bad_row, tmp_path / "ray1", tiny_model_dir))
+    assert_same_output(tmp_path / "local", tmp_path / "ray1")
+    assert ray1["num_workers"] == 1
+    again = score(config(data_with_a_bad_row, tmp_path / "ray2", tiny_model_dir, num_workers=2))
     assert again["scored_tokens_this_run"] == 0 and again["resumed_shards"] == 4
 
 
@@ -103,12 +108,9 @@ def test_ray_with_signals_equals_single_process(
 ):
     import pyarrow as pa
 
-    from profit_prep.executors.ray import score_with_ray
-
     signals = dict(signals="rank,top1,entropy", limit=9)
     score(config(data_with_a_bad_row, tmp_path / "local", tiny_model_dir, **signals))
-    score_with_ray(config(data_with_a_bad_row, tmp_path / "ray", tiny_model_dir, num_workers=1,
-                          **signals))
+    score(config(data_with_a_bad_row, tmp_path / "ray", tiny_model_dir, num_workers=1, **signals))
     assert_same_output(tmp_path / "local", tmp_path / "ray")  # every column, value for value
     schema = pq.read_schema(next((tmp_path / "ray" / "data").glob("*.parquet")))
     assert {"entropy", "top1_id", "top1_logprob", "rank"} <= set(schema.names)
@@ -120,17 +122,16 @@ def test_ray_with_signals_equals_single_process(
 
 def test_ray_refuses_other_parameters(ray_session, tiny_model_dir, data_with_a_bad_row, tmp_path):
     from profit_prep.errors import InputError
-    from profit_prep.executors.ray import score_with_ray
 
     score(config(data_with_a_bad_row, tmp_path / "o", tiny_model_dir, limit=4))
     with pytest.raises(InputError, match="other parameters"):
-        score_with_ray(config(data_with_a_bad_row, tmp_path / "o", tiny_model_dir, limit=8,
-                              num_workers=1))
+        score(config(data_with_a_bad_row, tmp_path / "o", tiny_model_dir, limit=8,
+                     num_workers=1))
 
 
 SLOW_SCORER = """
 import os, time
-import profit_prep.scorers.base as scoring
+import profit_prep.scorers.transformers_model as scoring
 _score = scoring.TransformersScorer.score
 def _slow_score(self, sequences):  # a test hook: makes each shard take a visible moment
     time.sleep(float(os.environ["PROFIT_PREP_TEST_SCORE_DELAY"]))
@@ -192,8 +193,6 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tiny_model_dir: Path, tm
 def test_ray_with_vllm_matches_transformers(smollm2_dir: Path, tmp_path: Path):
     import numpy as np
 
-    from profit_prep.executors.ray import score_with_ray
-
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # noqa: BLE001
@@ -201,8 +200,7 @@ def test_ray_with_vllm_matches_transformers(smollm2_dir: Path, tmp_path: Path):
     base = dict(data=str(DEMO_GSM8K), model=str(smollm2_dir), prompt_field="question",
                 response_field="answer", limit=8, shard_size=4, max_length=512, quiet=True)
     score(ScoreConfig(out=str(tmp_path / "hf"), **base))
-    summary = score_with_ray(ScoreConfig(out=str(tmp_path / "vllm"), backend="vllm",
-                                         num_workers=1, **base))
+    summary = score(ScoreConfig(out=str(tmp_path / "vllm"), backend="vllm", num_workers=1, **base))
     assert summary["scored_rows"] == 8
     a, _ = read_output(tmp_path / "hf")
     b, _ = read_output(tmp_path / "vllm")
@@ -278,13 +276,12 @@ def test_gpu_actors_get_the_callers_vllm_settings_and_no_cpu_default(
 RAY_DEVICES = """
 import json, sys
 import ray
-from profit_prep import ScoreConfig
-from profit_prep.executors.ray import score_with_ray
+from profit_prep import ScoreConfig, score
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 seen = {}
 for device in (None, "cpu"):
     out = sys.argv[2] + f"/{device}"
-    score_with_ray(ScoreConfig(data=sys.argv[1], out=out, model=sys.argv[3], backend="null",
+    score(ScoreConfig(data=sys.argv[1], out=out, model=sys.argv[3], backend="null",
                    prompt_field="question", response_field="answer", limit=4, shard_size=2,
                    num_workers=1, device=device, quiet=True, tensor_parallel_size=2))
     seen[str(device)] = json.load(open(out + "/manifest.json"))["run"]["actors"]
@@ -311,3 +308,30 @@ def test_ray_actors_get_the_environment_of_their_device(tiny_model_dir: Path, tm
     assert cpu_actor["gpu_ids"] == []
     assert {"VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"} <= set(
         cpu_actor["vllm_env"])
+
+
+def test_each_backend_sets_up_its_own_actors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executors ask the backend's class for its actors' environment and CPUs: only vLLM
+    (and null, placed as vLLM) gives VLLM_* variables; transformers and servers give none."""
+    import torch
+
+    from profit_prep.scorers.base import NullScorer
+    from profit_prep.scorers.transformers_model import TransformersScorer
+    from profit_prep.scorers.vllm_engine import VLLMScorer, worker_env
+    from profit_prep.scorers.vllm_server import ServerScorer
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # the user's own setting
+    for use_gpu in (False, True):
+        assert TransformersScorer.worker_env(use_gpu) == {} == ServerScorer.worker_env(use_gpu)
+        assert VLLMScorer.worker_env(use_gpu) == worker_env(use_gpu)
+        assert NullScorer.worker_env(use_gpu) == worker_env(use_gpu)
+        assert VLLMScorer.worker_env(use_gpu)["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert "VLLM_CPU_KVCACHE_SPACE" in VLLMScorer.env_names()
+    assert TransformersScorer.env_names() == [] == ServerScorer.env_names()
+    threads = torch.get_num_threads()
+    try:
+        assert TransformersScorer.bind_worker(1) is None and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's binding is left alone
+    assert VLLMScorer.bind_worker(1) is None and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from profit_prep.scorers.base import TransformersScorer, length_batches
+from profit_prep.scorers.transformers_model import TransformersScorer, length_batches
 
 
 def oracle_logprobs(model_dir: Path, sequences: list[np.ndarray]) -> list[np.ndarray]:

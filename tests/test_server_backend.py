@@ -1007,3 +1007,32 @@ def test_url_secrets_cover_the_encoded_forms() -> None:
     found = url_secrets("http://al%40ice:p%3Aw%2Fd@h:1")
     assert {"p%3Aw%2Fd", "p:w/d", base64.b64encode(b"al@ice:p:w/d").decode()} <= set(found)
     assert url_secrets("http://h:1/v1") == []
+
+
+def test_a_server_run_builds_one_scorer_checked_before_scoring(
+    fake_with_tokenizer: FakeServer, smollm2_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server backend's pre-flight (served model, tokenizer, probe) is its own
+    ``ServerScorer.preflight``; the scorer it checked is the one that scores (built once)."""
+    from profit_prep import ScoreConfig, score
+
+    built: list[ServerScorer] = []
+    init = ServerScorer.__init__
+
+    def counted(self: ServerScorer, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ServerScorer, "__init__", counted)
+    fake = fake_with_tokenizer
+    summary = score(ScoreConfig(server=fake.url, tokenizer=str(smollm2_dir), data=str(DEMO_GSM8K),
+                                out=str(tmp_path / "out"), prompt_field="question",
+                                response_field="answer", limit=4, shard_size=2, quiet=True))
+    assert len(built) == 1 and summary["scored_rows"] == 4
+    # checked (models, tokenizer probes) before the first completion, then scored
+    first = fake.seen.index(COMPLETIONS)
+    assert "/tokenize" in fake.seen[:first] and fake.seen.count("/v1/models") == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model"]["content_hash"] == f"server:{FAKE_MODEL}"
+    assert manifest["model"]["probe"]["tolerance_nats"] > 0

@@ -177,7 +177,7 @@ def gsm8k_rendered(smollm2_tokenizer, gsm8k_rows) -> list:
 @pytest.fixture(scope="module")
 def transformers_signals(gsm8k_rendered, smollm2_dir: Path) -> list[dict[str, np.ndarray]]:
     """The transformers backend's logprobs and exact signals of the same rows."""
-    from profit_prep.scorers.base import TransformersScorer
+    from profit_prep.scorers.transformers_model import TransformersScorer
 
     scorer = TransformersScorer(smollm2_dir, signals=SIGNALS)
     return scorer.score_with_signals([r.input_ids for r in gsm8k_rendered])

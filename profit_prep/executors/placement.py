@@ -46,13 +46,11 @@ def alive_nodes(ray_nodes: Iterable[Mapping[str, Any]]) -> list[Node]:
     return nodes
 
 
-def gpus_per_worker(backend: str, use_gpu: bool, tensor_parallel_size: int) -> int:
-    """GPUs each scoring actor asks Ray for: a vLLM engine's tensor-parallel ranks all run in
-    its actor (vLLM's "mp" executor), so it takes them all. ``null`` (no model: tests and
-    benchmarks of the pipeline) is placed as vLLM would be."""
-    if not use_gpu:
-        return 0
-    return tensor_parallel_size if backend in ("vllm", "null") else 1
+def gpus_per_worker(engine_gpus: int, use_gpu: bool) -> int:
+    """GPUs each scoring actor asks Ray for: all the GPUs one engine of the backend holds
+    (``Scorer.engine_gpus``: a vLLM engine's tensor-parallel ranks all run in its actor, vLLM's
+    "mp" executor), none on CPU."""
+    return engine_gpus if use_gpu else 0
 
 
 def check_tensor_parallel(backend: str, tensor_parallel_size: int, reason: str = "") -> None:

@@ -132,31 +132,44 @@ def choose_dtype(
     return resolve_dtype("auto", device, compute_capability() if device == "cuda" else None)
 
 
-def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
-    """Build the scoring backend the config names."""
+def scorer_class(config: ScoreConfig) -> type[Scorer]:
+    """The backend class the config names (its set-up, without building a scorer); imports
+    only that backend's module."""
     if config.server:
         from profit_prep.scorers.vllm_server import ServerScorer
 
-        return ServerScorer(
-            [u for u in config.server.split(",") if u.strip()],
-            model=config.server_model,
-            api_key=config.api_key,
-            max_in_flight=config.max_in_flight,
-            timeout_s=config.request_timeout,
-            signals=config.signals,
-            top_k=config.signals_top_k,
-        )
-    if config.backend not in ("transformers", "vllm"):
-        if config.backend == "null":  # benchmarks only: the pipeline's own cost, no model
-            from profit_prep.scorers.base import NullScorer
+        return ServerScorer
+    if config.backend == "null":  # benchmarks only: the pipeline's own cost, no model
+        from profit_prep.scorers.base import NullScorer
 
-            return NullScorer(signals=config.signals)
-        raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
+        return NullScorer
+    if config.backend == "transformers":
+        from profit_prep.scorers.transformers_model import TransformersScorer
+
+        return TransformersScorer
+    if config.backend == "vllm":
+        from profit_prep.scorers.vllm_engine import VLLMScorer
+
+        return VLLMScorer
+    raise InputError(f"unknown --backend {config.backend!r} (choose {', '.join(BACKENDS)})")
+
+
+def make_scorer(config: ScoreConfig, model_dir: Path) -> Scorer:
+    """Build the scoring backend the config names."""
+    scorer_class(config)  # refuses an unknown backend
+    if config.server:
+        from profit_prep.scorers.vllm_server import ServerScorer
+
+        return ServerScorer.from_config(config)
+    if config.backend == "null":
+        from profit_prep.scorers.base import NullScorer
+
+        return NullScorer(signals=config.signals)
     # The device is decided here, once, through NVML (before vLLM's engine forks).
     config = replace(config, device=scoring_device(config))
     dtype, dtype_reason = choose_dtype(config, in_scorer=True)
     if config.backend == "transformers":
-        from profit_prep.scorers.base import TransformersScorer
+        from profit_prep.scorers.transformers_model import TransformersScorer
 
         scorer = TransformersScorer(
             model_dir, dtype=dtype, device=config.device, compile=config.compile,

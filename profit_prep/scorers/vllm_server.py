@@ -46,9 +46,9 @@ import os
 import random
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,7 +69,18 @@ from profit_prep.scorers.server_answers import (
     server_message,
     url_secrets,
 )
+from profit_prep.scorers.server_reading import (
+    ANSWER_FLOOR_BYTES,
+    ENCODINGS,
+    AnswerTooLarge,
+    answer_cap,
+    read_capped,
+)
 from profit_prep.scorers.top_k import TopKScorer, describe_top_k_signals, parse_top_k_signals
+
+if TYPE_CHECKING:
+    from profit_prep.config import ScoreConfig
+    from profit_prep.scorers.base import Preflight
 
 API_KEY_ENV = "PROFIT_PREP_API_KEY"
 TIMEOUT_STATUS = {408, 504}  # the server (or a proxy) says the request timed out
@@ -78,71 +89,10 @@ DEFAULT_TIMEOUT_S = 300.0
 # Tries of one request that may time out before the run stops: a hung server ends the run within
 # about TIMEOUT_TRIES * timeout_s (plus a few seconds of backoff), not retries * timeout_s.
 TIMEOUT_TRIES = 2
-# Decoded bytes an answer may hold, derived from the request: a prompt_logprobs answer has at
-# most k + 1 entries per token, each ~85 bytes of JSON ({"id": {"logprob", "rank",
-# "decoded_token"}}) plus the token's text, escaped: 320 bytes leaves room for long tokens. Every
-# answer may also hold ANSWER_FLOOR_BYTES (model lists, tokenize answers, the envelope). Beyond
-# its cap an answer stops the run (a gzip bomb or a runaway server never fills memory).
-ANSWER_BYTES_PER_ENTRY = 320
-ANSWER_FLOOR_BYTES = 4 << 20
 # Of an error answer (4xx/5xx) only the message is quoted: the rest is not read.
 ERROR_BODY_BYTES = 64 << 10
 # The longest wait a Retry-After (429/503) is granted, per try.
 RETRY_AFTER_MAX_S = 120.0
-# Content encodings an answer may use (asked for in Accept-Encoding, decoded here under the cap).
-ENCODINGS = {"gzip": 47, "x-gzip": 47, "deflate": 47}  # zlib wbits: gzip or zlib header
-
-
-class AnswerTooLarge(ServerError):
-    """An answer whose decoded size passed its cap."""
-
-
-def answer_cap(n_tokens: int, k: int) -> int:
-    """Decoded bytes a ``prompt_logprobs`` answer for ``n_tokens`` tokens and top ``k`` may take.
-
-    >>> answer_cap(8192, 20) // (1 << 20)
-    56
-    """
-    return ANSWER_FLOOR_BYTES + n_tokens * (k + 1) * ANSWER_BYTES_PER_ENTRY
-
-
-async def read_capped(response: Any, cap: int, strict: bool) -> bytes:
-    """The decoded body of a streamed httpx ``response``, never holding more than ``cap`` + one
-    network chunk: gzip/deflate are inflated here with an output bound (httpx would inflate a
-    whole chunk at once: 64 KiB of a gzip bomb is ~64 MB). Past ``cap``: AnswerTooLarge when
-    ``strict``, else the first ``cap`` bytes."""
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity") and encoding not in ENCODINGS:
-        raise ServerError(f"its answer is encoded as {clean_text(encoding, 40)!r}, which was "
-                          "not asked for (gzip, deflate)")
-    wbits = ENCODINGS.get(encoding)
-    decoder = zlib.decompressobj(wbits) if wbits else None
-    body = bytearray()
-    async for raw in response.aiter_raw():
-        pending = raw
-        while pending:
-            if decoder is None:
-                body += pending[: cap + 1 - len(body)]
-                pending = b""
-            else:
-                try:
-                    body += decoder.decompress(pending, cap + 1 - len(body))
-                except zlib.error as exc:
-                    raise ServerError(f"its {encoding} answer does not decode ({exc})") from None
-                if decoder.eof:  # a gzip stream may hold several members
-                    pending = decoder.unused_data
-                    decoder = zlib.decompressobj(wbits) if pending else decoder
-                else:
-                    pending = decoder.unconsumed_tail
-            if len(body) > cap:
-                if not strict:
-                    return bytes(body[:cap])
-                raise AnswerTooLarge(
-                    f"its answer passed {cap:,} bytes decoded, more than the request can need "
-                    "(tokens x (top-k + 1) entries, docs/server.md)"
-                )
-    return bytes(body)
-
 
 # Probe strings for the tokenizer check: digits, whitespace runs, unicode, code, markup.
 PROBES = [
@@ -211,6 +161,22 @@ class ServerScorer(TopKScorer):
         self._next_url = itertools.cycle(self.urls)
         self._waiting: dict[object, tuple[str, float]] = {}
         self.model = model or self._served_model()
+
+    @classmethod
+    def from_config(cls, config: ScoreConfig) -> ServerScorer:
+        """The scorer ``--server`` and its options describe."""
+        return cls(config.server or "", model=config.server_model, api_key=config.api_key,
+                   max_in_flight=config.max_in_flight, timeout_s=config.request_timeout,
+                   signals=config.signals, top_k=config.signals_top_k)
+
+    @classmethod
+    def preflight(cls, config: ScoreConfig, model_dir: Path, tokenizer: Any,
+                  started: dict[str, Any]) -> Preflight:
+        """The reference model lives on the server: check it serves the expected model and
+        tokenizes like the trainer, and probe it, before any row is scored."""
+        from profit_prep.scorers.server_probe import check_server
+
+        return check_server(cls.from_config(config), config, model_dir, tokenizer, started)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -284,26 +250,10 @@ class ServerScorer(TopKScorer):
                     f"{clean_text(exc, secret=self._secrets)}"
                 ) from None
             else:
-                status = response.status_code
-                if 200 <= status < 300:
+                if 200 <= response.status_code < 300:
                     return self._decode(response, name, method, path, check)
-                if 300 <= status < 400:
-                    where = clean_text(response.headers.get("location", "nowhere"), 120,
-                                       self._secrets)
-                    raise self._error(
-                        f"server {name} answered {method} {path} with {status}, a redirect to "
-                        f"{where}; redirects are not followed: give --server the address that "
-                        "serves the API itself"
-                    )
-                if status not in RETRY_STATUS:
-                    raise self._error(
-                        f"server {name} answered {status}: "
-                        f"{server_message(response, self._secrets)}"
-                    )
-                problem = f"HTTP {status}"
-                timeouts += status in TIMEOUT_STATUS
-                if status in (429, 503):
-                    asked = retry_after_s(response.headers.get("retry-after"))
+                problem, timed_out, asked = self._retryable(response, name, method, path)
+                timeouts += timed_out
             finally:
                 del self._waiting[ticket]
             if timeouts >= TIMEOUT_TRIES:
@@ -325,6 +275,26 @@ class ServerScorer(TopKScorer):
             f"server {name} failed after {retries + 1} tries ({problem}); "
             "check the URL, then rerun the same command to resume"
         )
+
+    def _retryable(
+        self, response: Any, name: str, method: str, path: str
+    ) -> tuple[str, bool, float | None]:
+        """A non-2xx answer: stop on one no retry fixes (a redirect, most 4xx); else the
+        problem, whether the server timed out, and the wait its ``Retry-After`` asks, if any."""
+        status = response.status_code
+        if 300 <= status < 400:
+            where = clean_text(response.headers.get("location", "nowhere"), 120, self._secrets)
+            raise self._error(
+                f"server {name} answered {method} {path} with {status}, a redirect to "
+                f"{where}; redirects are not followed: give --server the address that "
+                "serves the API itself"
+            )
+        if status not in RETRY_STATUS:
+            raise self._error(
+                f"server {name} answered {status}: {server_message(response, self._secrets)}"
+            )
+        asked = retry_after_s(response.headers.get("retry-after")) if status in (429, 503) else None
+        return f"HTTP {status}", status in TIMEOUT_STATUS, asked
 
     def _decode(
         self, response: Any, name: str, method: str, path: str,
