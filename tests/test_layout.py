@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO
 
 PACKAGE = REPO / "profit_prep"
@@ -57,8 +55,6 @@ def test_the_size_check_sees_long_modules_and_functions(tmp_path: Path) -> None:
     ]
 
 
-# xfail until the issue-24 helpers have split their modules; the lead removes this marker.
-@pytest.mark.xfail(strict=False, reason="issue 24: modules are still being split")
 def test_no_module_or_function_is_too_long_to_read() -> None:
     found = oversized()
     assert not found, f"{len(found)} over the limits, split them:\n" + "\n".join(found)
