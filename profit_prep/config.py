@@ -62,8 +62,9 @@ class ScoreConfig:
         metadata={"help": "scorer: auto (vLLM where installed and measured faster here: a GPU, or "
                   "a CPU with AVX-512; else transformers; one line says which and why; "
                   "$PROFIT_PREP_BACKEND overrides auto), transformers or vllm (null: every "
-                  "logprob 0, no model: benchmarks of the pipeline's own cost only)",
-                  "choices": ("auto", "transformers", "vllm", "null")},
+                  "logprob 0, no model: benchmarks of the pipeline's own cost only; server: "
+                  "what --server URL sets)",
+                  "choices": ("auto", "transformers", "vllm", "server", "null")},
     )
     signals: str | None = field(
         default=None,
@@ -155,6 +156,9 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)  # the choices argparse checks for the CLI, checked for the API too
+        if self.backend == "server" and not self.server:
+            raise InputError("--backend server scores against running vLLM servers: give their "
+                             "URLs with --server URL")
 
     def mask_rule(self) -> MaskRule:
         """The ProFit rule of this run (its fields are :class:`MaskRule`'s)."""

@@ -36,8 +36,14 @@ def test_a_bogus_choice_is_refused_on_construction_with_the_choices(name: str,
     with pytest.raises(InputError) as exc:
         ScoreConfig(data="d", out="o", **{name: "bogus"})
     assert str(exc.value) == f"unknown {name} 'bogus' (choose from {', '.join(choices)})"
-    for value in choices:  # and every declared choice is accepted
-        assert getattr(ScoreConfig(data="d", out="o", **{name: value}), name) == value
+    for value in choices:  # and every declared choice is accepted (server: with --server)
+        extra = {"server": "http://127.0.0.1:8000"} if value == "server" else {}
+        assert getattr(ScoreConfig(data="d", out="o", **{name: value}, **extra), name) == value
+
+
+def test_backend_server_without_server_urls_is_refused_in_one_line() -> None:
+    with pytest.raises(InputError, match="give their URLs with --server URL"):
+        ScoreConfig(data="d", out="o", backend="server")
 
 
 def test_the_rule_fields_are_mask_rules_in_place_and_positional_order_is_kept() -> None:
