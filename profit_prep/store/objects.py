@@ -24,7 +24,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,12 +35,12 @@ from profit_prep.errors import InputError
 from profit_prep.store.card import card_files, needs_rejected
 from profit_prep.store.lease import Lease
 from profit_prep.store.names import MANIFEST, OWN_IN, REJECTED, own_file, shard_name
+from profit_prep.store.output_base import Output
 from profit_prep.store.safe_files import sha256_bytes
 from profit_prep.store.shard_counts import INPUT_DIGEST_KEY
 from profit_prep.store.shard_files import (
     NO_RECORD,
     ManifestTotals,
-    encode_shard,
     footer_figures,
     record_problem,
     rejected_with_newline,
@@ -72,7 +72,7 @@ def _one_line_errors(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-class ObjectOutput:
+class ObjectOutput(Output):
     """An output under an object-store prefix being written by one run."""
 
     def __init__(self, url: str) -> None:
@@ -82,11 +82,10 @@ class ObjectOutput:
                 f"--out {redact(url)}: {kind}:// cannot hold a run's output (it has no "
                 "conditional writes for the lock); write to a local folder, s3:// or gs://, "
                 "and publish it with the store's own tool (for the Hub: hf upload)")
+        super().__init__()
         self.fs, self.root = filesystem(url, "--out")
         self.path = f"{kind}://{self.root}"  # what summaries and errors print
-        self.location = self.path  # what other processes (Ray's writer) reopen
         self._lease: Lease | None = None
-        self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
         self._run_digest: tuple[str, str] | None = None
         self._listing: tuple[float, dict[str, dict[str, Any]]] | None = None
 
@@ -127,6 +126,11 @@ class ObjectOutput:
             return None
         return (info.get("size"), info.get("ETag") or info.get("generation") or info.get("md5Hash"),
                 str(info.get("LastModified") or info.get("updated") or ""))
+
+    @property
+    def location(self) -> str:
+        """What other processes (Ray's writer actor) reopen: the URL."""
+        return self.path
 
     def _put(self, data: bytes | memoryview | pa.Buffer, *parts: str) -> None:
         if self._lease is not None:
@@ -227,16 +231,9 @@ class ObjectOutput:
         return value
 
     @_one_line_errors
-    def all_done(self, n_shards: int) -> bool:
-        return all(self.shard_done(i) for i in range(n_shards))
-
     # -- shards -------------------------------------------------------------------------------
 
     @_one_line_errors
-    def shard_done(self, index: int) -> bool:
-        """True when shard ``index`` is finished and its record vouches for its bytes."""
-        return self._verdict(index)[0] is None
-
     def _verdict(self, index: int) -> tuple[str | None, dict[str, Any] | None]:
         name = shard_name(index)
         data = self._info("data", f"{name}.parquet")
@@ -306,25 +303,14 @@ class ObjectOutput:
         return value.decode() if value else None
 
     @_one_line_errors
-    def write_shard(
-        self,
-        index: int,
-        table: pa.Table,
-        rejected: list[dict[str, Any]],
-        input_digest: str | None = None,
-        end_of_turn_ids: Sequence[int] | None = None,
-        formats: Sequence[str | None] | None = None,
-    ) -> None:
-        """Write one shard: its rejected rows, its record, then its data (which marks it done),
-        each object in one request; the same bytes as a local folder gets."""
-        data, lines = encode_shard(table, rejected, input_digest, end_of_turn_ids, formats)
-        name = shard_name(index)
-        record = shard_record(data, lines, table.num_rows, len(rejected), input_digest,
+    def _place_shard(self, name: str, data: pa.Buffer, lines: bytes, rows: int,
+                     rejected_rows: int, input_digest: str | None) -> None:
+        # Each object in one request; the same bytes as a local folder gets.
+        record = shard_record(data, lines, rows, rejected_rows, input_digest,
                               self._run_json_digest())
         self._put(lines, "rejected", f"{name}.jsonl")
         self._put((json.dumps(record) + "\n").encode(), "shards", f"{name}.json")
         self._put(data, "data", f"{name}.parquet")
-        self._verdicts.pop(index, None)
 
     # -- finish -------------------------------------------------------------------------------
 

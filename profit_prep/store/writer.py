@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from profit_prep.store.names import (
     own_file,
     shard_name,
 )
+from profit_prep.store.output_base import Output
 from profit_prep.store.safe_files import (
     LINK_ERRNOS,
     atomic_file,
@@ -50,7 +51,6 @@ from profit_prep.store.shard_counts import (
 from profit_prep.store.shard_files import (
     NO_RECORD,
     ManifestTotals,
-    encode_shard,
     footer_figures,
     record_problem,
     rejected_with_newline,
@@ -63,18 +63,16 @@ def _identity(st: os.stat_result | None) -> tuple[int, ...] | None:
 
 
 
-class OutputDir:
+class OutputDir(Output):
     """An output directory being written by one run."""
 
     def __init__(self, path: str | Path) -> None:
+        super().__init__()
         self.path = Path(path)
         self.data = self.path / "data"
         self.rejected = self.path / "rejected"
         self.records = self.path / "shards"
         self._lock_fd: int | None = None
-        # Shard index -> (file identities, problem or None, record): a verdict is reused while
-        # the files are unchanged (all_done and pending ask about every shard).
-        self._verdicts: dict[int, tuple[Any, str | None, dict[str, Any] | None]] = {}
         self._run_digest: tuple[Any, str] | None = None
 
     @property
@@ -163,9 +161,6 @@ class OutputDir:
         """Fail now, before a model loads, if ``open`` would refuse this folder."""
         check_own_folder(self.path, overwrite)
 
-    def all_done(self, n_shards: int) -> bool:
-        return all(self.shard_done(i) for i in range(n_shards))
-
     def _prepare(self, params: dict[str, Any], overwrite: bool) -> None:
         run_file = self.path / "run.json"
         if overwrite:
@@ -204,10 +199,6 @@ class OutputDir:
                             os.unlink(name, dir_fd=fd)
 
     # -- shards -----------------------------------------------------------------------------
-
-    def shard_done(self, index: int) -> bool:
-        """True when shard ``index`` is finished and trusted (:meth:`_shard_problem`)."""
-        return self._verdict(index)[0] is None
 
     def _verdict(self, index: int) -> tuple[str | None, dict[str, Any] | None]:
         """(None, record) for a trusted shard; ("", None) for one not written; else (why it is
@@ -293,34 +284,15 @@ class OutputDir:
         value = metadata.get(INPUT_DIGEST_KEY)
         return value.decode() if value else None
 
-    def write_shard(
-        self,
-        index: int,
-        table: pa.Table,
-        rejected: list[dict[str, Any]],
-        input_digest: str | None = None,
-        end_of_turn_ids: Sequence[int] | None = None,
-        formats: Sequence[str | None] | None = None,
-    ) -> None:
-        """Write one shard: its rejected rows, its record, then its data (which marks it done).
-
-        ``input_digest`` (a hash of the shard's input rows) goes into the Parquet footer, so a
-        resumed run can tell whether the input changed since (docs/format.md). So do the
-        shard's counts (:func:`shard_counts`; ``formats``: each scored row's input format), so
-        that :meth:`finalize` reads footers only, however large the output. The record
-        (``shards/part-N.json``: checksums of both files, rows, this run's ``run.json``) is
-        what a resume checks before it trusts the shard.
-        """
-        data, lines = encode_shard(table, rejected, input_digest, end_of_turn_ids, formats)
-        name = shard_name(index)
+    def _place_shard(self, name: str, data: pa.Buffer, lines: bytes, rows: int,
+                     rejected_rows: int, input_digest: str | None) -> None:
         with self._folders(create=True) as fds:
-            record = shard_record(data, lines, table.num_rows, len(rejected), input_digest,
+            record = shard_record(data, lines, rows, rejected_rows, input_digest,
                                   self._run_json_digest(fds[""]))
             place(fds["rejected"], f"{name}.jsonl", lines, self.rejected / f"{name}.jsonl")
             place(fds["shards"], f"{name}.json", (json.dumps(record) + "\n").encode(),
                   self.records / f"{name}.json")
             place(fds["data"], f"{name}.parquet", data, self.data / f"{name}.parquet")
-        self._verdicts.pop(index, None)
 
     # -- finish -----------------------------------------------------------------------------
 
