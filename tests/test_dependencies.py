@@ -63,7 +63,7 @@ def _vllm_v2_prompt_logprobs() -> bool:
 # package -> (floor, what the code uses that needs it, check on the installed package)
 FEATURES: dict[str, tuple[str, str, Callable[[], bool]]] = {
     "ray": ("2.49", "label_selector with the default ray.io/node-id label: render and write "
-            "actors on the driver's node (ray_pipeline._dataset); Ray 2.49 added labels",
+            "actors on the driver's node (executors.ray._dataset); Ray 2.49 added labels",
             _ray_label_selector),
     "vllm": ("0.32", "Model Runner V2's chunked prompt logprobs and VllmConfig."
              "use_v2_model_runner, which sizing and the runner record read; "
