@@ -141,13 +141,17 @@ def selection_values(rule: Select, tokens: Tokens) -> np.ndarray:
     return signal_values(rule, tokens.logprobs, tokens.signal)
 
 
-def needs_threshold(rule: Rule) -> bool:
+def needs_threshold(rule: Rule | None) -> bool:
     """True for a global top-k rule: its threshold spans the whole output."""
     return isinstance(rule, Select) and rule.kind == "top" and rule.scope == "global"
 
 
-def global_threshold_of(rule: Select, chunks: Iterable[Tokens]) -> float:
-    """The exact threshold of a global top-k rule over every response token of ``chunks``."""
+def global_threshold_of(rule: Rule | None, chunks: Iterable[Tokens]) -> float | None:
+    """The exact threshold of a global top-k rule over every response token of ``chunks``;
+    None, without reading ``chunks``, for any other rule (it needs none)."""
+    if not needs_threshold(rule):
+        return None
+    assert isinstance(rule, Select)
     parts = [selection_values(rule, t)[np.asarray(t.response, dtype=bool)] for t in chunks]
     values = np.concatenate(parts) if parts else np.empty(0)
     return global_threshold(values, rule.fraction or 0.0, rule.largest)

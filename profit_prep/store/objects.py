@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
 from profit_prep.store.card import card_files, needs_rejected
@@ -37,13 +36,10 @@ from profit_prep.store.lease import Lease
 from profit_prep.store.names import MANIFEST, OWN_IN, REJECTED, own_file, shard_name
 from profit_prep.store.output_base import Output
 from profit_prep.store.safe_files import sha256_bytes
-from profit_prep.store.shard_counts import INPUT_DIGEST_KEY
 from profit_prep.store.shard_files import (
     NO_RECORD,
     ManifestTotals,
-    footer_figures,
     record_problem,
-    rejected_with_newline,
     shard_record,
 )
 from profit_prep.store.urls import describe, filesystem, redact, scheme
@@ -288,19 +284,7 @@ class ObjectOutput(Output):
 
     @_one_line_errors
     def input_digest(self, index: int) -> str | None:
-        """The input digest stored with a finished shard (None for outputs that predate it)."""
-        problem, record = self._verdict(index)
-        if problem is None and record is not None and "input_digest" in record:
-            return record["input_digest"]
-        where = self._url("data", f"{shard_name(index)}.parquet")
-        try:
-            with self.fs.open(self._key("data", f"{shard_name(index)}.parquet"), "rb") as f:
-                metadata = pq.read_schema(f).metadata or {}
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{where} is damaged ({describe(exc)}); delete it and rerun to "
-                             "score that shard again") from None
-        value = metadata.get(INPUT_DIGEST_KEY)
-        return value.decode() if value else None
+        return super().input_digest(index)
 
     @_one_line_errors
     def _place_shard(self, name: str, data: pa.Buffer, lines: bytes, rows: int,
@@ -326,7 +310,9 @@ class ObjectOutput(Output):
             gathered_path = f"{spool}/{REJECTED}"
             with open(gathered_path, "wb") as gathered:
                 for index in range(n_shards):
-                    totals.add(*self._finished_shard(index, end_of_turn_ids, gathered))
+                    name, figures, lines = self._finished_shard(index, end_of_turn_ids)
+                    totals.add(name, figures, lines)
+                    gathered.write(lines)
             if self._lease is not None:
                 self._lease.check()
             # One PUT, or one multipart upload for a large file: whole or nothing.
@@ -340,27 +326,11 @@ class ObjectOutput(Output):
         return manifest
 
 
-    def _finished_shard(
-        self, index: int, end_of_turn_ids: list[int] | None, gathered: Any
-    ) -> tuple[str, tuple[int, dict[str, Any], str, tuple[int, int] | None], bytes]:
-        """A shard's name, footer figures and rejected lines (also appended to ``gathered``);
-        refused when it changed since it was written."""
-        name = shard_name(index)
-        problem, record = self._verdict(index)
-        if problem not in (None, NO_RECORD):
-            raise InputError(
-                f"{self._url('data', name)}.parquet: {problem or 'missing'}; rerun the same "
-                "command: it scores that shard again (finished shards are kept)")
-        with self.fs.open(self._key("data", f"{name}.parquet"), "rb") as f:
-            figures = footer_figures(f, end_of_turn_ids, record)
-        try:
-            data = rejected_with_newline(self.fs.cat_file(self._key("rejected", f"{name}.jsonl")))
-        except FileNotFoundError:
-            raise InputError(
-                f"{self._url('rejected', name)}.jsonl is missing; rerun the same command: it "
-                "scores that shard again (finished shards are kept)") from None
-        gathered.write(data)
-        return name, figures, data
+    def _open_file(self, folder: str, name: str, handle: Any) -> Any:
+        return self.fs.open(self._key(folder, name), "rb")
+
+    def _shown(self, folder: str, name: str) -> str:
+        return self._url(folder, name)
 
 
 def read_run_params(url: str) -> dict[str, Any]:

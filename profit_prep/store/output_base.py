@@ -11,12 +11,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from profit_prep.errors import InputError
 from profit_prep.store.names import shard_name
-from profit_prep.store.shard_files import encode_shard
+from profit_prep.store.shard_counts import INPUT_DIGEST_KEY
+from profit_prep.store.shard_files import (
+    NO_RECORD,
+    encode_shard,
+    footer_figures,
+    rejected_with_newline,
+)
+from profit_prep.store.urls import describe
+
+# What every "this shard cannot go into the manifest" line ends with.
+_RERUN = "rerun the same command: it scores that shard again (finished shards are kept)"
 
 
 class Output(ABC):
@@ -49,9 +61,21 @@ class Output(ABC):
         """(None, record) for a finished, trusted shard; ("", None) for one not written; else
         (why it is not trusted, record)."""
 
-    @abstractmethod
     def input_digest(self, index: int) -> str | None:
-        """The input digest a finished shard was scored from (None when not known)."""
+        """The input digest a finished shard was scored from: its record's, else its footer's
+        (None for outputs that predate it)."""
+        problem, record = self._verdict(index)
+        if problem is None and record is not None and "input_digest" in record:
+            return record["input_digest"]
+        name = f"{shard_name(index)}.parquet"
+        try:
+            with self._open_file("data", name, None) as f:
+                metadata = pq.read_schema(f).metadata or {}
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{self._shown('data', name)} is damaged ({describe(exc)}); "
+                             "delete it and rerun to score that shard again") from None
+        value = metadata.get(INPUT_DIGEST_KEY)
+        return value.decode() if value else None
 
     @abstractmethod
     def _place_shard(self, name: str, data: pa.Buffer, lines: bytes, rows: int,
@@ -62,6 +86,37 @@ class Output(ABC):
     def finalize(self, manifest: dict[str, Any], n_shards: int,
                  end_of_turn_ids: list[int] | None = None) -> dict[str, Any]:
         """Check every shard, gather the rejected rows and write the manifest last."""
+
+    @abstractmethod
+    def _open_file(self, folder: str, name: str,
+                   handle: Any) -> AbstractContextManager[BinaryIO]:
+        """``OUT/folder/name`` open for reading (FileNotFoundError when missing); ``handle``:
+        what the writer's :meth:`finalize` holds open meanwhile (a folder's descriptors), or
+        None."""
+
+    @abstractmethod
+    def _shown(self, folder: str, name: str) -> str:
+        """``OUT/folder/name`` as an error line names it."""
+
+    def _finished_shard(
+        self, index: int, end_of_turn_ids: list[int] | None, handle: Any = None
+    ) -> tuple[str, tuple[int, dict[str, Any], str, tuple[int, int] | None], bytes]:
+        """A finished shard's name, footer figures (:func:`footer_figures`) and rejected lines,
+        for :meth:`finalize`; refused when it changed since it was written."""
+        name = shard_name(index)
+        problem, record = self._verdict(index)
+        if problem not in (None, NO_RECORD):  # NO_RECORD: shards of older versions
+            raise InputError(f"{self._shown('data', f'{name}.parquet')}: "
+                             f"{problem or 'missing'}; {_RERUN}")
+        with self._open_file("data", f"{name}.parquet", handle) as f:
+            figures = footer_figures(f, end_of_turn_ids, record)
+        try:
+            with self._open_file("rejected", f"{name}.jsonl", handle) as f:
+                lines = rejected_with_newline(f.read())
+        except FileNotFoundError:
+            raise InputError(f"{self._shown('rejected', f'{name}.jsonl')} is missing; "
+                             f"{_RERUN}") from None
+        return name, figures, lines
 
     def shard_done(self, index: int) -> bool:
         """True when shard ``index`` is finished and its record vouches for its bytes."""

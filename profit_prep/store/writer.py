@@ -16,10 +16,9 @@ import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
 from profit_prep.store.card import write_card
@@ -45,15 +44,10 @@ from profit_prep.store.safe_files import (
     read_json_object,
     sha256_stream,
 )
-from profit_prep.store.shard_counts import (
-    INPUT_DIGEST_KEY,
-)
 from profit_prep.store.shard_files import (
     NO_RECORD,
     ManifestTotals,
-    footer_figures,
     record_problem,
-    rejected_with_newline,
     shard_record,
 )
 
@@ -270,20 +264,6 @@ class OutputDir(Output):
                 self._run_digest = (key, sha256_stream(f))
         return self._run_digest[1]
 
-    def input_digest(self, index: int) -> str | None:
-        """The input digest stored with a finished shard (None for outputs that predate it)."""
-        problem, record = self._verdict(index)
-        if problem is None and record is not None and "input_digest" in record:
-            return record["input_digest"]
-        path = self.data / f"{shard_name(index)}.parquet"
-        try:
-            metadata = pq.read_schema(path).metadata or {}
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{path} is damaged ({str(exc).splitlines()[0]}); "
-                             "delete it and rerun to score that shard again") from None
-        value = metadata.get(INPUT_DIGEST_KEY)
-        return value.decode() if value else None
-
     def _place_shard(self, name: str, data: pa.Buffer, lines: bytes, rows: int,
                      rejected_rows: int, input_digest: str | None) -> None:
         with self._folders(create=True) as fds:
@@ -314,11 +294,9 @@ class OutputDir(Output):
         with self._folders(create=True) as fds, \
                 atomic_file(fds[""], REJECTED, self.path / REJECTED) as gathered:
             for index in range(n_shards):
-                name = shard_name(index)
-                figures = self._finished_shard(index, fds, end_of_turn_ids)
-                data = self._rejected_lines(name, fds)
-                totals.add(name, figures, data)
-                gathered.write(data)
+                name, figures, lines = self._finished_shard(index, end_of_turn_ids, fds)
+                totals.add(name, figures, lines)
+                gathered.write(lines)
         manifest = totals.manifest(manifest)
         with self._folders() as fds:
             place(fds[""], MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(),
@@ -327,32 +305,19 @@ class OutputDir(Output):
             write_card(fds[""], manifest, self.path)
         return manifest
 
-    def _finished_shard(
-        self, index: int, fds: dict[str, int], end_of_turn_ids: list[int] | None
-    ) -> tuple[int, dict[str, Any], str, tuple[int, int] | None]:
-        """A shard's rows, footer counts, sha256 and (with ``end_of_turn_ids``) end-of-turn
-        tokens and how many were masked; refused when it changed since it was written."""
-        name = shard_name(index)
-        problem, record = self._verdict(index)
-        if problem not in (None, NO_RECORD):  # NO_RECORD: shards of older versions
-            raise InputError(
-                f"{self.data / name}.parquet: {problem or 'missing'}; rerun the same "
-                "command: it scores that shard again (finished shards are kept)")
-        where = self.data / f"{name}.parquet"
-        with os.fdopen(open_regular(f"{name}.parquet", fds["data"], where), "rb") as f:
-            return footer_figures(f, end_of_turn_ids, record)
+    @contextlib.contextmanager
+    def _open_file(self, folder: str, name: str,
+                   handle: dict[str, int] | None) -> Iterator[BinaryIO]:
+        with contextlib.ExitStack() as stack:
+            fds = handle if handle is not None else stack.enter_context(self._folders())
+            where = self.path / folder / name
+            if folder not in fds:
+                raise FileNotFoundError(f"{where} is missing")
+            with os.fdopen(open_regular(name, fds[folder], where), "rb") as f:
+                yield f
 
-    def _rejected_lines(self, name: str, fds: dict[str, int]) -> bytes:
-        """A shard's rejected rows, ending in a newline when there are any."""
-        try:
-            rejected_fd = open_regular(f"{name}.jsonl", fds["rejected"],
-                                       self.rejected / f"{name}.jsonl")
-        except FileNotFoundError:
-            raise InputError(
-                f"{self.rejected / name}.jsonl is missing; rerun the same command: it "
-                "scores that shard again (finished shards are kept)") from None
-        with os.fdopen(rejected_fd, "rb") as f:
-            return rejected_with_newline(f.read())
+    def _shown(self, folder: str, name: str) -> str:
+        return str(self.path / folder / name)
 
 
 

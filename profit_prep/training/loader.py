@@ -49,7 +49,6 @@ from profit_prep.rules.keep import (
     Tokens,
     global_threshold_of,
     kept,
-    needs_threshold,
     resolve,
     with_rule_keywords,
 )
@@ -191,11 +190,10 @@ def _write(
     """Transform the shards one at a time into one Arrow IPC file, streamed into place
     atomically (:func:`profit_prep.store.safe_files.atomic_path_file`)."""
     select = resolved.rule if isinstance(resolved.rule, Select) else None
-    threshold = None
-    if needs_threshold(select):  # one pass over every shard first: the exact k-th value
-        threshold = global_threshold_of(
-            select, (tokens_of(_read(out, s, select, ref), select, ref) for s in manifest["shards"])
-        )
+    # A global top-k rule reads every shard once first, for the exact k-th value.
+    threshold = global_threshold_of(
+        select, (tokens_of(_read(out, s, select, ref), select, ref) for s in manifest["shards"])
+    )
     with atomic_path_file(target) as f:
         writer = None
         for shard in manifest["shards"]:

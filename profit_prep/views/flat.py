@@ -25,7 +25,6 @@ from profit_prep.rules.keep import (
     Tokens,
     global_threshold_of,
     kept,
-    needs_threshold,
     resolve,
     resolve_parsed,
     rule_params,
@@ -333,7 +332,7 @@ def rule_keep(flat: Flat, rule: Rule) -> np.ndarray:
     stored = flat.stored_keep if flat.stored_keep is not None else flat.keep
     tokens = Tokens(flat.input_ids, flat.response, flat.logprobs, flat.lengths, flat.example_ids,
                     stored, signal)
-    threshold = global_threshold_of(rule, [tokens]) if needs_threshold(rule) else None
+    threshold = global_threshold_of(rule, [tokens])
     return kept(resolved, tokens, threshold)
 
 

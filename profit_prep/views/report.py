@@ -372,16 +372,8 @@ def write_report(
     flat = load_flat(out, rule=rule_params(rule, **params), columns=columns)
     if tokenizer is None:
         tokenizer = load_output_tokenizer(out, tokenizer_path)
-    page = build_html(
-        flat,
-        tokenizer,
-        out=out,
-        examples=examples,
-        sample_seed=sample_seed,
-        per_page=per_page,
-        color_by=color_by,
-        compare=compare,
-    )
+    page = build_html(flat, tokenizer, out=out, examples=examples, sample_seed=sample_seed,
+                      per_page=per_page, color_by=color_by, compare=compare)
     if html_path:  # the user's path: a link or device there is written through, never replaced
         target = Path(html_path)
         write_user_file(target, page.encode())
