@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+# The GCS JSON-API test server's fixtures (gcs_server, gcs_env, gcs_bucket).
+from tests.gcs_server import gcs_bucket, gcs_env, gcs_server  # noqa: F401
+
 # The S3-protocol test server's fixtures (s3_server, s3_env, s3_bucket).
 from tests.s3_server import s3_bucket, s3_env, s3_server  # noqa: F401
 
@@ -24,6 +27,10 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # Tests that name no backend score with transformers on every machine: `auto` would pick vLLM
 # on AVX-512 CPUs (an engine start per test). The auto choice and vLLM have tests of their own.
 os.environ.setdefault("PROFIT_PREP_BACKEND", "transformers")
+# gcsfs reads this when first imported (by any test): its default class asks the gRPC Storage
+# Control API for each bucket's type, which the GCS test server does not serve (a 60 s wait per
+# call); false selects the JSON-API class a standard bucket gets. See tests/gcs_server.py.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 # Filled by tests/test_reliability.py, printed at the end of the run.
 RELIABILITY: Counter[str] = Counter()

@@ -125,7 +125,8 @@ class _Conditional:
         from urllib.parse import quote
 
         # gcsfs has no replace-if-generation call: its media upload with the precondition
-        # (a 412 surfaces as FileExistsError). Not run in this project's tests (no GCS server).
+        # (a 412 surfaces as FileExistsError). Not run in this project's tests: their GCS server
+        # (gcp-storage-emulator) reads an application/json body as JSON, not as object bytes.
         path = f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket)}/o"
         try:
             out = self.fs.call("POST", path, uploadType="media", name=self.name,

@@ -132,4 +132,6 @@ def describe(exc: BaseException) -> str:
                 "config file, instance role)")
     elif isinstance(exc, PermissionError):
         text = f"permission denied ({text})"
+    elif isinstance(exc, FileNotFoundError):  # gcsfs's says only the API path (b/BUCKET/o)
+        text = f"not found: no such bucket or object ({text})"
     return redact(text)[:300]
