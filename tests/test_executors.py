@@ -173,3 +173,23 @@ def test_names_moved_by_the_redesign_still_import() -> None:
     from profit_prep.scorers.vllm_server import answer_cap as old_answer_cap
 
     assert old_answer_cap is answer_cap
+
+
+def test_a_rerun_with_nothing_to_score_keeps_the_scorer_description(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """No model loads when every shard is done; the manifest and card still say how the shards
+    were scored (dtype, device), not just the backend's name."""
+    config = ScoreConfig(data=str(DEMO_GSM8K), model=str(tiny_model_dir), out=str(tmp_path / "o"),
+                         prompt_field="question", response_field="answer", limit=3, quiet=True)
+    score(config)
+    first = json.loads((tmp_path / "o" / "manifest.json").read_text())["scorer"]
+    summary = score(config)
+    assert summary["resumed_shards"] == 1
+    again = json.loads((tmp_path / "o" / "manifest.json").read_text())["scorer"]
+    assert again == first and again["dtype"] == "float32" and again["device"] == "cpu"
+    assert "float32" in (tmp_path / "o" / "README.md").read_text()
+    (tmp_path / "o" / "manifest.json").write_text("{damaged")  # rerun is the documented repair
+    score(config)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["scorer"] == {
+        "backend": "transformers"}

@@ -206,6 +206,7 @@ def test_unfinished_uploads_a_killed_run_left_are_aborted_others_kept(
     client, bucket = s3_env.client(), bucket_of(s3_bucket)
     out = f"{s3_bucket}/run"
     score(config(out, tiny_model_dir, limit=3))
+    scorer = json.loads(client.get_object(Bucket=bucket, Key="run/manifest.json")["Body"].read())
     ours = client.create_multipart_upload(Bucket=bucket, Key="run/data/part-00007.parquet")
     theirs = client.create_multipart_upload(Bucket=bucket, Key="run/big-upload.bin")
     beside = client.create_multipart_upload(Bucket=bucket, Key="run2/data/part-00000.parquet")
@@ -213,6 +214,9 @@ def test_unfinished_uploads_a_killed_run_left_are_aborted_others_kept(
     left = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
     assert ours["UploadId"] not in left
     assert {theirs["UploadId"], beside["UploadId"]} <= left
+    # Nothing scored, no model loaded: the manifest still describes the scorer the shards had.
+    again = json.loads(client.get_object(Bucket=bucket, Key="run/manifest.json")["Body"].read())
+    assert again["scorer"] == scorer["scorer"] and again["scorer"]["dtype"] == "float32"
 
 
 def test_a_prefix_holding_foreign_objects_is_refused(

@@ -194,7 +194,7 @@ def run_job(config: ScoreConfig, executor: Executor) -> dict[str, Any]:
             progress = Progress(prepared.n_rows, done_rows, config.quiet)
             scored = executor.run(prepared, out, todo, progress) if todo else Scored.nothing()
             run = run_figures(scored, prepared.n_shards - len(todo), t_start)
-            describe = scored.scorer or {"backend": config.backend}
+            describe = scored.scorer or out.earlier_scorer() or {"backend": config.backend}
             prepared.check_input_unchanged()  # rows of two versions must never be finished
             manifest = out.finalize(
                 {**prepared.manifest, "scorer": describe, "run": run}, prepared.n_shards,

@@ -226,7 +226,6 @@ class ObjectOutput(Output):
             raise InputError(f"{self._url(name)} ({what}) is damaged; {remedy}")
         return value
 
-    @_one_line_errors
     # -- shards -------------------------------------------------------------------------------
 
     @_one_line_errors
@@ -327,7 +326,7 @@ class ObjectOutput(Output):
 
 
     def _open_file(self, folder: str, name: str, handle: Any) -> Any:
-        return self.fs.open(self._key(folder, name), "rb")
+        return self.fs.open(self._key(*filter(None, (folder, name))), "rb")
 
     def _shown(self, folder: str, name: str) -> str:
         return self._url(folder, name)

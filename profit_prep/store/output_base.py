@@ -8,6 +8,7 @@ the writer's own :meth:`Output._place_shard`.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profit_prep.errors import InputError
-from profit_prep.store.names import shard_name
+from profit_prep.store.names import MANIFEST, shard_name
 from profit_prep.store.shard_counts import INPUT_DIGEST_KEY
 from profit_prep.store.shard_files import (
     NO_RECORD,
@@ -90,9 +91,9 @@ class Output(ABC):
     @abstractmethod
     def _open_file(self, folder: str, name: str,
                    handle: Any) -> AbstractContextManager[BinaryIO]:
-        """``OUT/folder/name`` open for reading (FileNotFoundError when missing); ``handle``:
-        what the writer's :meth:`finalize` holds open meanwhile (a folder's descriptors), or
-        None."""
+        """``OUT/folder/name`` (``OUT/name`` for folder "") open for reading
+        (FileNotFoundError when missing); ``handle``: what the writer's :meth:`finalize` holds
+        open meanwhile (a folder's descriptors), or None."""
 
     @abstractmethod
     def _shown(self, folder: str, name: str) -> str:
@@ -117,6 +118,19 @@ class Output(ABC):
             raise InputError(f"{self._shown('rejected', f'{name}.jsonl')} is missing; "
                              f"{_RERUN}") from None
         return name, figures, lines
+
+    def earlier_scorer(self) -> dict[str, Any] | None:
+        """The ``scorer`` section of the manifest an earlier run here finished with, or None.
+
+        A rerun with nothing left to score loads no model, so it keeps this description
+        (dtype, device, engine) rather than write one that says only the backend's name.
+        """
+        try:
+            with self._open_file("", MANIFEST, None) as f:
+                scorer = json.loads(f.read()).get("scorer")
+        except (OSError, ValueError, AttributeError):  # none, unreadable or damaged: no claim
+            return None
+        return scorer if isinstance(scorer, dict) else None
 
     def shard_done(self, index: int) -> bool:
         """True when shard ``index`` is finished and its record vouches for its bytes."""
