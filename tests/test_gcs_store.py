@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from profit_prep import ScoreConfig, load, score
+from profit_prep import load, score
 from profit_prep.cli import main
 from profit_prep.errors import InputError
 from profit_prep.store.lease import Lease
@@ -29,40 +28,18 @@ from profit_prep.store.reader import verify
 from profit_prep.store.urls import filesystem
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 from tests.gcs_server import GCSServer, environ_with
+from tests.store_runs import (
+    assert_same_output,
+    bucket_of,
+    cli_score,
+    config,
+    local_files,
+    under,
+)
 
 PRECONDITIONS = ("gcp-storage-emulator ignores ifGenerationMatch (handlers/objects.py "
                  "_media_upload/_multipart_upload never read it): the lock's exclusivity is "
                  "tested on S3 only")
-
-
-def config(out: str, model: Path, **overrides: object) -> ScoreConfig:
-    return ScoreConfig(**{"data": str(DEMO_GSM8K), "out": out, "model": str(model),
-                          "prompt_field": "question", "response_field": "answer", "limit": 8,
-                          "shard_size": 3, "quiet": True, **overrides})
-
-
-def local_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
-
-def under(objects: dict[str, bytes], prefix: str) -> dict[str, bytes]:
-    return {k[len(prefix) + 1:]: v for k, v in objects.items() if k.startswith(prefix + "/")}
-
-
-def bucket_of(url: str) -> str:
-    return url[len("gs://"):]
-
-
-def assert_same_output(remote: dict[str, bytes], local: Path) -> None:
-    """Every object a local run writes, byte for byte (the manifest: all but its timings)."""
-    mine = local_files(local)
-    assert sorted(remote) == sorted(mine)
-    for name in mine:
-        if name != "manifest.json":  # it holds the run's own timings
-            assert remote[name] == mine[name], name
-    m_remote, m_local = json.loads(remote["manifest.json"]), json.loads(mine["manifest.json"])
-    assert m_remote["counts"] == m_local["counts"] and m_remote["shards"] == m_local["shards"]
 
 
 @pytest.fixture()
@@ -95,11 +72,8 @@ def test_the_cli_scores_to_gcs_in_a_subprocess(
     local = tmp_path / "local"
     score(config(str(local), tiny_model_dir, limit=5))
     out = f"{gcs_bucket}/cli"
-    result = subprocess.run(
-        [sys.executable, "-m", "profit_prep.cli", "score", "--data", str(DEMO_GSM8K), "--out",
-         out, "--model", str(tiny_model_dir), "--prompt-field", "question", "--response-field",
-         "answer", "--limit", "5", "--shard-size", "3", "--quiet"],
-        env=environ_with(gcs_env), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cli_score(out, tiny_model_dir, 5, 3), env=environ_with(gcs_env),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert_same_output(under(gcs_env.objects(bucket_of(gcs_bucket)), "cli"), local)
 
@@ -296,9 +270,7 @@ def test_a_second_gcs_writer_is_refused() -> None:
 
 
 def test_a_missing_gcs_bucket_is_one_error_line(tiny_model_dir: Path, gcs_env: GCSServer) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "profit_prep.cli", "score", "--data", str(DEMO_GSM8K), "--out",
-         "gs://no-such-bucket-pp/run", "--model", str(tiny_model_dir), "--prompt-field",
-         "question", "--response-field", "answer", "--limit", "3", "--quiet"],
-        env=environ_with(gcs_env), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cli_score("gs://no-such-bucket-pp/run", tiny_model_dir, 3, 3),
+                            env=environ_with(gcs_env), capture_output=True, text=True,
+                            timeout=600)
     assert_one_error_line(result, "gs://no-such-bucket-pp/run: not found: no such bucket")

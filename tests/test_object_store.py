@@ -8,47 +8,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from profit_prep import ScoreConfig, score
+from profit_prep import score
 from profit_prep.errors import InputError
 from profit_prep.store.lease import Lease
 from profit_prep.store.urls import filesystem
 from tests.conftest import DEMO_GSM8K, assert_one_error_line
 from tests.s3_server import FAKE_KEY_ID, FAKE_SECRET, S3Server, environ_with
+from tests.store_runs import assert_same_output, bucket_of, cli_score, config, local_files, under
 
 OWN = ("run.json", "manifest.json", "rejected.jsonl")
-
-
-def config(out: str, model: Path, **overrides: object) -> ScoreConfig:
-    return ScoreConfig(**{"data": str(DEMO_GSM8K), "out": out, "model": str(model),
-                          "prompt_field": "question", "response_field": "answer", "limit": 8,
-                          "shard_size": 3, "quiet": True, **overrides})
-
-
-def cli_score(out: str, model: Path, limit: int, shard_size: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "profit_prep.cli", "score", "--data", str(DEMO_GSM8K),
-            "--out", out, "--model", str(model), "--prompt-field", "question",
-            "--response-field", "answer", "--limit", str(limit), "--shard-size",
-            str(shard_size), "--quiet", *extra]
-
-
-def local_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
-
-def under(objects: dict[str, bytes], prefix: str) -> dict[str, bytes]:
-    return {k[len(prefix) + 1:]: v for k, v in objects.items() if k.startswith(prefix + "/")}
-
-
-def bucket_of(url: str) -> str:
-    return url[len("s3://"):]
 
 
 def assert_no_secret(*texts: bytes | str) -> None:
@@ -73,17 +47,11 @@ def test_score_to_s3_writes_the_same_bytes_as_a_local_run(
     printed = capfd.readouterr()
     objects = s3_env.objects(bucket_of(s3_bucket))
     remote = under(objects, "run")
-    mine = local_files(local)
     # Every shard's data, rejected rows and record, and run.json: byte for byte.
-    assert sorted(remote) == sorted(mine)
+    assert_same_output(remote, local)
     assert {k for k in remote if k.startswith("data/")} == {
         "data/part-00000.parquet", "data/part-00001.parquet", "data/part-00002.parquet"}
     assert "README.md" in remote  # the dataset card, written after the manifest as in a folder
-    for name in mine:
-        if name != "manifest.json":  # it holds the run's own timings
-            assert remote[name] == mine[name], name
-    m_remote, m_local = json.loads(remote["manifest.json"]), json.loads(mine["manifest.json"])
-    assert m_remote["counts"] == m_local["counts"] and m_remote["shards"] == m_local["shards"]
     assert summary["out"] == f"{s3_bucket}/run" and summary["scored_rows"] == 8
     assert ".lock" not in remote  # released at the end
     assert_no_secret(printed.out, printed.err, *objects.values())
