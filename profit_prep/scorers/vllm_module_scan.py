@@ -15,6 +15,7 @@ starts and puts them back after: they hold no Triton kernels, so the scan loses 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,17 +23,22 @@ from contextlib import contextmanager
 def unreadable_modules() -> dict[str, object]:
     """Modules holding an attribute for which ``hasattr(value, "__dict__")`` raises."""
     found: dict[str, object] = {}
-    for name, module in list(sys.modules.items()):
-        namespace = getattr(module, "__dict__", None)
-        if not namespace:
-            continue
-        for value in list(namespace.values()):
-            try:
-                hasattr(value, "__dict__")
-            except Exception:  # noqa: BLE001 - any such error stops vLLM's scan, so hide the module
+    with warnings.catch_warnings():  # a probe: deprecated attributes warn when merely looked at
+        warnings.simplefilter("ignore")
+        for name, module in list(sys.modules.items()):
+            if _has_unreadable_attribute(module):
                 found[name] = module
-                break
     return found
+
+
+def _has_unreadable_attribute(module: object) -> bool:
+    namespace = getattr(module, "__dict__", None) or {}
+    for value in list(namespace.values()):
+        try:
+            hasattr(value, "__dict__")
+        except Exception:  # noqa: BLE001 - any such error stops vLLM's scan, so hide the module
+            return True
+    return False
 
 
 @contextmanager
