@@ -387,7 +387,7 @@ def test_demo_gsm8k_rows_render_as_before(
     # And bit for bit what the implementation before the fix gives, where git history has it.
     try:
         source = subprocess.run(
-            ["git", "show", f"{REFERENCE_COMMIT}:profit_prep/rendering/renderer.py"],
+            ["git", "show", f"{REFERENCE_COMMIT}:profit_prep/rendering.py"],  # its path then
             cwd=Path(__file__).parent, capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
