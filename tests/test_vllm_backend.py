@@ -147,6 +147,31 @@ def test_gpu_default_max_num_batched_tokens_reaches_the_engine_and_the_manifest(
     assert scorer.describe()["max_num_batched_tokens_reason"] == "set by the user"
 
 
+def test_an_engine_that_does_not_start_is_one_input_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """vLLM's start-up failure (here a stand-in's, spread over lines) becomes one line with its
+    reason, not vLLM's traceback."""
+    import json
+
+    vllm_logprob_types()  # skips where vllm does not import
+    import vllm
+
+    class FailingLLM:
+        def __init__(self, model: str, **options) -> None:
+            raise RuntimeError("Engine core initialization failed.\n  See root cause above.")
+
+    monkeypatch.setattr(vllm, "LLM", FailingLLM)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152}))
+    from profit_prep.scorers.vllm_engine import VLLMScorer
+
+    with pytest.raises(InputError) as caught:
+        VLLMScorer(tmp_path, dtype="float32", device="cpu")
+    assert str(caught.value) == ("--backend vllm: the engine did not start: Engine core "
+                                 "initialization failed. See root cause above.")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
 # --------------------------------------------------------------------------- real engine
 
 

